@@ -1,0 +1,1 @@
+"""GASP data side: geometry, scene readers, pairs, shard format, synthetic scenes, loader."""

@@ -1,0 +1,197 @@
+"""The Scene API every corpus reader implements (DESIGN §3).
+
+A `Scene` is lazy: constructing it reads only metadata (intrinsics, poses, the file
+list); RGB and depth are read per frame on demand, through fsspec, so local paths
+and s3:// URLs are one code path. Frames with an unusable pose or a missing file are
+dropped at construction and listed in `scene.skipped` as (frame, reason); frames
+whose image turns out broken when read raise `FrameError`, which long jobs count and
+skip.
+"""
+from __future__ import annotations
+
+import abc
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+from PIL import Image
+
+from data import geometry
+
+# A frame with less valid depth than this fraction is skipped ("almost no valid depth").
+MIN_VALID_DEPTH_FRACTION = 0.05
+
+
+class SceneError(Exception):
+    """A scene (or corpus) that cannot be read at all; the message is one line."""
+
+
+class FrameError(Exception):
+    """One frame that cannot be used; carries scene, frame and a short reason."""
+
+    def __init__(self, scene: str, frame: str, reason: str):
+        super().__init__(f"scene {scene} frame {frame}: {reason}")
+        self.scene, self.frame, self.reason = scene, frame, reason
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Metadata of one usable frame. RGB and depth share K and are pixel-aligned."""
+
+    index: int
+    """Position in the scene's full frame order (skipped frames keep their slot)."""
+    name: str
+    K: np.ndarray
+    """(3, 3) intrinsics of the stored RGB and depth (pixel-centre convention)."""
+    cam2world: np.ndarray
+    """(4, 4) OpenCV-axes camera-to-world."""
+    size: tuple[int, int]
+    """Nominal (W, H) of the RGB and depth; `Scene.load` checks the real shapes."""
+    timestamp: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def url_join(root: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL with '/'."""
+    out = root.rstrip("/")
+    for p in parts:
+        out = out + "/" + str(p).strip("/")
+    return out
+
+
+def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for a local path or URL (s3:// through s3fs)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = open_fs(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 (H, W, 3). Raises OSError/ValueError on a broken image."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # forces a full decode: a truncated JPEG fails here
+        return np.asarray(im.convert("RGB"))
+
+
+def decode_depth(data: bytes, name: str, depth_scale: float) -> np.ndarray:
+    """Depth file bytes -> float32 (H, W) metres (or scene units); 0 = invalid.
+
+    `.png`: 16-bit integer image divided by depth_scale. `.npy`: float32 in metres.
+    """
+    if name.endswith(".npy"):
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        if arr.ndim != 2:
+            raise ValueError(f"depth array has shape {arr.shape}, expected (H, W)")
+        arr = arr.astype(np.float32)
+    else:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+                raise ValueError(f"depth PNG has mode {im.mode}, expected 16-bit")
+            arr = np.asarray(im).astype(np.float32) / float(depth_scale)
+    arr = np.where(np.isfinite(arr) & (arr > 0), arr, 0.0).astype(np.float32)
+    return arr
+
+
+class Scene(abc.ABC):
+    """One scene of a corpus: frames in order, lazy RGB and depth."""
+
+    dataset: str = "?"
+
+    def __init__(self, url: str, name: str | None = None):
+        self.url = url.rstrip("/")
+        self.name = name or self.url.split("/")[-1]
+        self.frames: list[Frame] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.metric_depth: bool = True
+        self.source: str = self.url
+
+    # -- readers implement these two ------------------------------------------------
+    @abc.abstractmethod
+    def _read_rgb(self, frame: Frame) -> np.ndarray:
+        """uint8 (H, W, 3), aligned with depth."""
+
+    @abc.abstractmethod
+    def _read_depth(self, frame: Frame) -> np.ndarray:
+        """float32 (H, W) z-depth in metres (scene units if not metric), 0 = invalid."""
+
+    # -- shared ---------------------------------------------------------------------
+    def skip(self, frame: str, reason: str) -> None:
+        self.skipped.append((frame, reason))
+
+    def load(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        """(rgb uint8 (H, W, 3), depth float32 (H, W)) of a frame, checked.
+
+        Raises FrameError (scene, frame, reason) for a broken or missing image, a
+        size mismatch, or almost no valid depth.
+        """
+        try:
+            rgb = self._read_rgb(frame)
+        except FrameError:
+            raise
+        except FileNotFoundError:
+            raise FrameError(self.name, frame.name, "missing rgb file") from None
+        except Exception as e:  # PIL raises several types for broken files
+            raise FrameError(self.name, frame.name, f"unreadable rgb ({type(e).__name__}: {e})") from None
+        try:
+            depth = self._read_depth(frame)
+        except FrameError:
+            raise
+        except FileNotFoundError:
+            raise FrameError(self.name, frame.name, "missing depth file") from None
+        except Exception as e:
+            raise FrameError(self.name, frame.name, f"unreadable depth ({type(e).__name__}: {e})") from None
+        H, W = rgb.shape[:2]
+        if depth.shape != (H, W):
+            raise FrameError(self.name, frame.name,
+                             f"depth is {depth.shape[1]}x{depth.shape[0]}, rgb is {W}x{H}: they must be aligned")
+        if (depth > 0).mean() < MIN_VALID_DEPTH_FRACTION:
+            raise FrameError(self.name, frame.name, "almost no valid depth")
+        return rgb, depth
+
+    def view(self, frame: Frame, max_side: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rgb, depth, K) resized so the longer side is at most max_side (DESIGN §3 rule).
+
+        RGB is resampled with PIL's bicubic filter (area-aware when shrinking), depth
+        with nearest-exact sampling, K with `resize_intrinsics`.
+        """
+        rgb, depth = self.load(frame)
+        size = (rgb.shape[1], rgb.shape[0])
+        if max_side is None or max(size) <= max_side:
+            return rgb, depth, frame.K.copy()
+        new = geometry.fit_size(size, max_side)
+        rgb2 = np.asarray(Image.fromarray(rgb).resize(new, Image.BICUBIC))
+        depth2 = geometry.resize_depth_nearest(depth, new)
+        return rgb2, depth2, geometry.resize_intrinsics(frame.K, size, new)
+
+    def summary(self) -> dict[str, Any]:
+        return {"scene": self.name, "dataset": self.dataset, "frames": len(self.frames),
+                "skipped": len(self.skipped), "metric_depth": self.metric_depth}
+
+
+def parse_matrix(value: Any, shape: tuple[int, int]) -> np.ndarray:
+    """A nested list / flat list / whitespace text to a float64 matrix of `shape`."""
+    if isinstance(value, str):
+        arr = np.array([float(t) for t in value.split()], dtype=np.float64)
+    else:
+        arr = np.asarray(value, dtype=np.float64)
+    if arr.size != shape[0] * shape[1]:
+        raise ValueError(f"has {arr.size} numbers, expected {shape[0]}x{shape[1]}")
+    return arr.reshape(shape)
+
+
+def load_json(url: str) -> Any:
+    try:
+        return json.loads(read_bytes(url).decode("utf-8"))
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise SceneError(f"{url}: not valid JSON ({e})") from None

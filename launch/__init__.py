@@ -1,0 +1,1 @@
+"""Entry points (train, probe, evaluate) and their DeepSpeed configs."""

@@ -1,0 +1,1 @@
+"""VLM family adapters, tiny presets, the fused correspondence head and the VLM wrapper."""

@@ -1,0 +1,1 @@
+"""Ray jobs: corpora to WebDataset shards."""

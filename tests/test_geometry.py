@@ -1,0 +1,170 @@
+"""Geometry core (DESIGN §3): round trips, known motions, resize rule, alignment."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import geometry as g
+
+
+def _K(W=320, H=240, f=260.0):
+    return np.array([[f, 0, (W - 1) / 2], [0, f * 1.01, (H - 1) / 2], [0, 0, 1.0]])
+
+
+def _pose(rvec, t):
+    T = np.eye(4)
+    T[:3, :3] = g.axis_angle_to_matrix(np.asarray(rvec, float))
+    T[:3, 3] = t
+    return T
+
+
+def test_unproject_project_round_trip():
+    rng = np.random.default_rng(0)
+    K = _K()
+    uv = rng.uniform([0, 0], [319, 239], size=(1000, 2))
+    z = rng.uniform(0.3, 12.0, size=1000)
+    uv2, z2 = g.project(g.unproject(uv, z, K), K)
+    assert np.abs(uv2 - uv).max() < 1e-4
+    assert np.abs(z2 - z).max() < 1e-9
+
+
+def test_unproject_depth_matches_pointwise():
+    K = _K(8, 6, 5.0)
+    depth = np.arange(48, dtype=np.float32).reshape(6, 8) / 10 + 1
+    X = g.unproject_depth(depth, K)
+    assert X.shape == (6, 8, 3)
+    # pixel (u=5, v=2): x = (5 - cx) / fx * z
+    z = depth[2, 5]
+    assert np.allclose(X[2, 5], [(5 - K[0, 2]) / K[0, 0] * z, (2 - K[1, 2]) / K[1, 1] * z, z])
+
+
+def test_known_rigid_motion_moves_known_points_to_known_pixels():
+    K = np.array([[100.0, 0, 50], [0, 100, 40], [0, 0, 1]])
+    cam2world_a = np.eye(4)
+    # B is A moved 1 m to the right (x), looking the same way
+    cam2world_b = _pose([0, 0, 0], [1.0, 0, 0])
+    # a point straight ahead of A at 2 m sits at A's principal point ...
+    uv_b, z_b = g.reproject(np.array([[50.0, 40.0]]), np.array([2.0]), K, cam2world_a, K, cam2world_b)
+    # ... and in B at x = -1 m: u = 50 + 100 * (-1) / 2 = 0
+    assert np.allclose(uv_b, [[0.0, 40.0]]) and np.allclose(z_b, [2.0])
+    # C rotated +90 degrees about y: its optical axis (R[:, 2]) is world +x, so (1, 0, 0) is straight ahead
+    cam2world_c = _pose([0, np.pi / 2, 0], [0, 0, 0])
+    assert np.allclose(cam2world_c[:3, 2], [1, 0, 0])
+    uv, z = g.project(g.transform(g.invert_pose(cam2world_c), np.array([[1.0, 0, 0]])), K)
+    assert np.allclose(uv, [[50.0, 40.0]], atol=1e-9) and np.allclose(z, [1.0])
+
+
+def test_points_behind_camera_are_not_projected():
+    uv, z = g.project(np.array([[0.0, 0, -1.0]]), _K())
+    assert np.isnan(uv).all() and z[0] < 0
+
+
+def test_resize_rule_keeps_the_same_surface_point():
+    """A point projected with K and mapped by the resize rule equals projecting with the resized K."""
+    rng = np.random.default_rng(1)
+    K = _K(640, 480, 500.0)
+    X = np.c_[rng.uniform(-1, 1, (200, 2)), rng.uniform(1, 5, 200)]
+    uv, _ = g.project(X, K)
+    for new in [(320, 240), (224, 168), (448, 336), (300, 200)]:
+        K2 = g.resize_intrinsics(K, (640, 480), new)
+        uv2, _ = g.project(X, K2)
+        assert np.abs(g.resize_points(uv, (640, 480), new) - uv2).max() < 1e-9
+    # pixel-centre convention: the centre of the first pixel of a 2x-downsampled image
+    # lies between the first two source pixels
+    assert np.allclose(g.resize_points(np.array([[0.5, 0.5]]), (4, 4), (2, 2)), [[0.0, 0.0]])
+
+
+def test_crop_intrinsics():
+    K = _K()
+    K2 = g.crop_intrinsics(K, 10, 20)
+    X = np.array([[0.2, -0.1, 2.0]])
+    assert np.allclose(g.project(X, K2)[0], g.project(X, K)[0] - [10, 20])
+
+
+def test_nearest_exact_depth_resize_agrees_with_rule_and_pil():
+    rng = np.random.default_rng(2)
+    depth = rng.uniform(0.5, 5, size=(48, 64)).astype(np.float32)
+    for new in [(32, 24), (100, 75), (64, 48), (17, 13)]:
+        out = g.resize_depth_nearest(depth, new)
+        assert out.shape == (new[1], new[0])
+        # every output value is an input value (never interpolated)
+        assert np.isin(out, depth).all()
+        # the rule: output pixel centre u' maps to source (u'+0.5)/sx - 0.5, inside source pixel floor(...+0.5)
+        sx, sy = new[0] / 64, new[1] / 48
+        for v2, u2 in [(0, 0), (new[1] - 1, new[0] - 1), (new[1] // 2, new[0] // 3)]:
+            us = g.pixel_index((u2 + 0.5) / sx - 0.5)
+            vs = g.pixel_index((v2 + 0.5) / sy - 0.5)
+            assert out[v2, u2] == depth[vs, us]
+        # PIL NEAREST agrees except where a destination centre falls exactly on a source
+        # pixel boundary (a tie PIL breaks by accumulated float error)
+        pil = np.asarray(Image.fromarray(depth, mode="F").resize(new, Image.NEAREST))
+        tie_u = np.isclose(((np.arange(new[0]) + 0.5) * 64 / new[0]) % 1, 0)
+        tie_v = np.isclose(((np.arange(new[1]) + 0.5) * 48 / new[1]) % 1, 0)
+        same = out == pil
+        assert same[~tie_v][:, ~tie_u].all()
+
+
+def test_visibility_and_tolerances():
+    K = _K(40, 30, 30.0)
+    depth_b = np.full((30, 40), 2.0, np.float32)
+    uv = np.array([[10.0, 10.0], [10.0, 10.0], [10.0, 10.0], [-3.0, 5.0], [10.0, 10.0]])
+    z = np.array([2.04, 2.2, 1.0, 2.0, -2.0])
+    vis = g.visible_in(uv, z, depth_b, abs_tol=0.05, rel_tol=0.03)
+    assert vis.tolist() == [True, False, False, False, False]
+    # relative tolerance wins at large depth: 3% of 10 m = 0.3 m
+    depth_far = np.full((30, 40), 10.0, np.float32)
+    assert g.visible_in(uv[:1], np.array([10.25]), depth_far).all()
+    # invalid depth (0) in B is never visible
+    assert not g.visible_in(uv[:1], np.array([0.0001]), np.zeros((30, 40), np.float32)).any()
+    # non-metric scenes: 1% of the scene's median depth
+    assert g.visibility_tolerance(False, 7.0) == pytest.approx(0.07)
+    assert g.visibility_tolerance(True) == 0.05
+    with pytest.raises(ValueError):
+        g.visibility_tolerance(False, None)
+
+
+def test_overlap_of_identical_and_disjoint_views():
+    K = _K(40, 30, 30.0)
+    depth = np.full((30, 40), 3.0, np.float32)
+    assert g.overlap(depth, K, np.eye(4), depth, K, np.eye(4)) == 1.0
+    away = _pose([0, np.pi, 0], [0, 0, 0])  # looking backwards
+    assert g.overlap(depth, K, np.eye(4), depth, K, away) == 0.0
+
+
+def test_gl_cv_conversion_is_an_involution_and_flips_y_z():
+    T = _pose([0.1, -0.2, 0.3], [1, 2, 3])
+    assert np.allclose(g.cv_to_gl(g.gl_to_cv(T)), T)
+    T_cv = g.gl_to_cv(T)
+    assert np.allclose(T_cv[:3, 0], T[:3, 0])
+    assert np.allclose(T_cv[:3, 1], -T[:3, 1]) and np.allclose(T_cv[:3, 2], -T[:3, 2])
+    assert np.allclose(T_cv[:3, 3], T[:3, 3])
+
+
+def test_pose_validation():
+    assert g.pose_problem(_pose([0.3, 0.1, 0], [1, 2, 3])) is None
+    bad = np.full((4, 4), -np.inf)
+    assert "finite" in g.pose_problem(bad)
+    shear = np.eye(4)
+    shear[0, 1] = 0.5
+    assert "rigid" in g.pose_problem(shear)
+    mirror = np.diag([1.0, 1, -1, 1])
+    assert "rigid" in g.pose_problem(mirror)
+    assert "shape" in g.pose_problem(np.eye(3))
+
+
+def test_bilinear_sampling_centre_convention():
+    img = np.array([[0.0, 10.0], [20.0, 30.0]])
+    vals, inside = g.sample_bilinear(img, np.array([[0.0, 0.0], [0.5, 0.0], [0.5, 0.5], [1.0, 1.0], [2.0, 0.0]]))
+    assert vals[:4].tolist() == [0.0, 5.0, 15.0, 30.0]
+    assert inside.tolist() == [True, True, True, True, False]
+
+
+def test_homography_alignment_matches_direct_colour_mapping():
+    """Shared centre: colour pixel p_c maps to the depth image by H = K_d inv(K_c)."""
+    K_c = np.array([[1170.0, 0, 647.8], [0, 1170.0, 483.8], [0, 0, 1]])
+    K_d = np.array([[577.6, 0, 318.9], [0, 577.6, 238.7], [0, 0, 1]])
+    Hm = g.color_to_depth_homography(K_c, K_d)
+    X = np.array([[0.3, -0.2, 2.0], [-0.5, 0.4, 3.0]])
+    p_c, _ = g.project(X, K_c)
+    p_d, _ = g.project(X, K_d)
+    ph = (Hm @ np.c_[p_c, np.ones(2)].T).T
+    assert np.allclose(ph[:, :2] / ph[:, 2:], p_d, atol=1e-9)
