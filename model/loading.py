@@ -1,0 +1,229 @@
+"""One way in for every entry point: `--preset NAME` or `--model PATH` (DESIGN §7, §8).
+
+`build_model_and_processor` returns (model, processor, adapter). A preset name builds a
+random-weight model from its config (seeded) and the local tiny processor; a directory
+loads a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint with its own processor files.
+After that both take the same path: device, eval mode, adapter. Anything that cannot
+be loaded fails with one `ModelLoadError` line naming the preset or path.
+
+Attention: `attn_implementation=None` picks `flash_attention_2` when the flash_attn
+package imports, the device is CUDA and the dtype is bf16/fp16; otherwise `sdpa`. The
+choice is logged. An explicit request that cannot be honoured fails.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from model.presets import FAMILIES, PRESETS, Preset, get_preset
+from model.qwen import QwenAdapter, make_processor
+
+log = logging.getLogger(__name__)
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+_HALF = (torch.bfloat16, torch.float16)
+
+
+class ModelLoadError(Exception):
+    """A model or processor could not be built; the message is one line."""
+
+
+def model_class(family: str):
+    """The `...ForConditionalGeneration` class of a supported family ('qwen2_vl', 'qwen2_5_vl')."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    return {"qwen2_vl": Qwen2VLForConditionalGeneration,
+            "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[family]
+
+
+def _flash_attn_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # ImportError, or a broken build (undefined CUDA symbols)
+        return False
+    return True
+
+
+def resolve_attn_implementation(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention implementation to use; ModelLoadError if `requested` cannot be honoured."""
+    on_cuda = device.type == "cuda" and torch.cuda.is_available()
+    if requested is None:
+        if not on_cuda:
+            choice, why = "sdpa", f"device is {device.type}"
+        elif dtype not in _HALF:
+            choice, why = "sdpa", f"dtype {dtype} is not bf16/fp16"
+        elif not _flash_attn_importable():
+            choice, why = "sdpa", "flash_attn is not installed"
+        else:
+            choice, why = "flash_attention_2", "flash_attn found, CUDA, half precision"
+        log.info("attention implementation: %s (automatic: %s)", choice, why)
+        return choice
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise ModelLoadError(f"attn_implementation {requested!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if requested == "flash_attention_2":
+        if not _flash_attn_importable():
+            raise ModelLoadError("attn_implementation 'flash_attention_2' needs the flash_attn package, which "
+                                 "does not import here; use 'sdpa' or leave it automatic")
+        if not on_cuda:
+            raise ModelLoadError(f"attn_implementation 'flash_attention_2' needs a CUDA device, got {device}; "
+                                 "use 'sdpa' or leave it automatic")
+        if dtype not in _HALF:
+            raise ModelLoadError(f"attn_implementation 'flash_attention_2' needs bf16 or fp16, got {dtype}")
+    log.info("attention implementation: %s (requested)", requested)
+    return requested
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Seed torch's RNG (CPU, and the CUDA device if any) inside; restore it after."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _zero3() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+# --------------------------------------------------------------------------- builders
+
+def build_preset_processor(preset: Preset):
+    """The local processor of a preset: tiny tokenizer, PIL image processor, chat template."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from model.tokenizer import CHAT_TEMPLATE, build_tokenizer
+
+    patch, merge, temporal = (preset.vision[k] for k in ("patch_size", "spatial_merge_size", "temporal_patch_size"))
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=preset.min_pixels, max_pixels=preset.max_pixels,
+                                               patch_size=patch, merge_size=merge, temporal_patch_size=temporal)
+    return make_processor(image_processor, build_tokenizer(), CHAT_TEMPLATE, preset.family)
+
+
+def build_preset_model(preset: Preset, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                       device: torch.device | str = "cpu"):
+    """Random-weight model of a preset, initialised under `torch.manual_seed(preset.seed)`."""
+    device = torch.device(device)
+    cls = model_class(preset.family)
+    # under ZeRO-3, deepspeed.zero.Init (inside _from_config) places the weights itself
+    place = contextlib.nullcontext() if _zero3() else torch.device(device)
+    with _seeded(preset.seed, device), place:
+        return cls._from_config(preset.config(), dtype=dtype, attn_implementation=attn_implementation)
+
+
+def _read_chat_template(path: Path, tokenizer) -> str:
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").is_file():
+        return json.loads((path / "chat_template.json").read_text())["chat_template"]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    from model.tokenizer import CHAT_TEMPLATE
+
+    log.warning("%s has no chat template; using the built-in Qwen-style one", path)
+    return CHAT_TEMPLATE
+
+
+def load_processor(path: str | Path, family: str):
+    """A checkpoint's own processor (tokenizer, image processor settings, chat template), video-free."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+    return make_processor(image_processor, tokenizer, _read_chat_template(path, tokenizer), family)
+
+
+def checkpoint_family(path: str | Path) -> str:
+    """`model_type` of a checkpoint directory; ModelLoadError unless it is a supported family."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"{str(path)!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint "
+                             "directory with a config.json")
+    try:
+        family = json.loads(cfg.read_text()).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {cfg}: {_first_line(e)}") from None
+    if family not in FAMILIES:
+        raise ModelLoadError(f"{path}: model_type {family!r} is not supported; supported families: "
+                             f"{', '.join(FAMILIES)}")
+    return family
+
+
+def build_model_and_processor(preset_or_path: str, *, dtype: torch.dtype | str = torch.float32,
+                              attn_implementation: str | None = None, device: torch.device | str = "cpu",
+                              max_pixels: int | None = None):
+    """(model, processor, adapter) for `--preset NAME` or `--model PATH`.
+
+    dtype: weights' dtype (e.g. torch.bfloat16 on GPU). attn_implementation: None for
+    automatic, or one of ATTN_IMPLEMENTATIONS. max_pixels: per-view pixel budget of the
+    adapter's resize (default: the processor's). The model is returned on `device`
+    (left to DeepSpeed under ZeRO-3) and in eval mode. A name in PRESETS is always the
+    preset, even if a directory of that name exists.
+    """
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ModelLoadError(f"dtype {dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
+        dtype = getattr(torch, dtype)
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ModelLoadError(f"bad device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device} requested but CUDA is not available")
+    zero3 = _zero3()
+
+    if preset_or_path in PRESETS:
+        preset = get_preset(preset_or_path)
+        family = preset.family
+        attn = resolve_attn_implementation(attn_implementation, device, dtype)
+        model = build_preset_model(preset, dtype=dtype, attn_implementation=attn, device=device)
+        processor = build_preset_processor(preset)
+        source = f"preset {preset.name}"
+    else:
+        path = Path(preset_or_path)
+        family = checkpoint_family(path)
+        attn = resolve_attn_implementation(attn_implementation, device, dtype)
+        kwargs = dict(dtype=dtype, attn_implementation=attn, local_files_only=True)
+        if device.type != "cpu" and not zero3:
+            kwargs["device_map"] = {"": device}
+        try:
+            model = model_class(family).from_pretrained(path, **kwargs)
+            processor = load_processor(path, family)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load {path}: {_first_line(e)}") from None
+        source = f"checkpoint {path}"
+
+    # ---- one path from here on
+    if not zero3:
+        model.to(device)
+    model.eval()
+    adapter = QwenAdapter(processor, family=family, max_pixels=max_pixels)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full size
+    log.info("model: %s (%s, %.1fM parameters, %s, attention %s, max %d pixels a view)", source, family,
+             n_params / 1e6, dtype, attn, adapter.max_pixels)
+    return model, processor, adapter
+
+
+def save_preset_checkpoint(name: str, out_dir: str | Path) -> Path:
+    """Write preset `name` (weights, config, processor) as a Hugging Face checkpoint folder."""
+    if name not in PRESETS:
+        raise ModelLoadError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    out = Path(out_dir)
+    preset = get_preset(name)
+    model = build_preset_model(preset)
+    model.save_pretrained(out)
+    build_preset_processor(preset).save_pretrained(out)
+    return out

@@ -1,0 +1,194 @@
+"""Qwen2-VL / Qwen2.5-VL family adapter (DESIGN §5) and a torchvision-free processor.
+
+Token order (verified in tests/test_qwen_adapter.py): Qwen's image processor cuts the
+resized view into 14x14 patches and emits them grouped by 2x2 merge block, the blocks
+row-major; the vision tower merges each consecutive group of 4 patches into one token
+(Qwen2.5-VL's window attention permutes the blocks internally and restores the order
+before returning), and the language model fills the `<|image_pad|>` positions with
+those tokens in sequence order; its M-RoPE gives the k-th pad of an image the (row,
+col) = divmod(k, cols). So the k-th `<|image_pad|>` of an image covers the 28x28 cell
+k of the resized view, row-major, and `cell_pos_*[k]` is that token's sequence position.
+
+The prompt is fixed and neutral (`PROMPT`). The text is the processor's chat template
+applied to one user turn [image, image, PROMPT] without a generation prompt; with the
+Qwen template (the tiny tokenizer's, and Qwen2-VL / Qwen2.5-VL-Instruct's own) that is
+the Python string
+
+    "<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n"
+    "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>"
+    "Two views of the same scene.<|im_end|>\\n"
+
+and the processor expands each `<|image_pad|>` to one pad per cell of that view.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import Qwen2VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from transformers.processing_utils import ProcessorMixin
+
+from data.adapter import CellGrid, FamilyAdapter
+
+PROMPT = "Two views of the same scene."
+"""The user turn's text after the two images (no question, no answer)."""
+
+HF_PROCESSOR_CLASS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
+
+
+class QwenVLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL / Qwen2.5-VL processor for images and text only (no video processor).
+
+    Stock `Qwen2VLProcessor` needs a video processor, which needs torchvision; for
+    images the two families' processors behave identically. Saved with
+    `processor_class` = the family's stock class, so stock transformers (with
+    torchvision) loads the saved folder too.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        self.hf_processor_class = HF_PROCESSOR_CLASS["qwen2_vl"]
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["processor_class"] = self.hf_processor_class
+        return out
+
+
+def make_processor(image_processor, tokenizer, chat_template: str, family: str) -> QwenVLProcessor:
+    """A `QwenVLProcessor` that saves as the stock processor class of `family`."""
+    processor = QwenVLProcessor(image_processor, tokenizer, chat_template=chat_template)
+    processor.hf_processor_class = HF_PROCESSOR_CLASS[family]
+    return processor
+
+
+class QwenAdapter(FamilyAdapter):
+    """Family adapter for Qwen2-VL and Qwen2.5-VL (28x28-pixel cells, row-major).
+
+    The adapter resizes each view itself (PIL bicubic) to the size Qwen's `smart_resize`
+    picks for its pixel budget, then runs the image processor with `do_resize=False`, so
+    the resized size, and hence every cell, is known exactly.
+    """
+
+    model_input_names = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    """Keys of a collated batch that the model's forward takes (the rest are labels)."""
+
+    def __init__(self, processor: ProcessorMixin, *, family: str = "qwen2_vl", min_pixels: int | None = None,
+                 max_pixels: int | None = None, prompt: str = PROMPT) -> None:
+        """processor: a Qwen2-VL-style processor (image processor + tokenizer + chat template).
+
+        min_pixels / max_pixels: per-view area budget of the resize; default: the image
+        processor's own (`size['shortest_edge']`, `size['longest_edge']`).
+        """
+        ip = processor.image_processor
+        self.family = family
+        self.processor = processor
+        self.patch_size = int(ip.patch_size)
+        self.merge_size = int(ip.merge_size)
+        self.temporal_patch_size = int(ip.temporal_patch_size)
+        self.cell_px = self.patch_size * self.merge_size
+        self.min_pixels = int(min_pixels or ip.size["shortest_edge"])
+        self.max_pixels = int(max_pixels or ip.size["longest_edge"])
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
+        self.image_token_id = int(processor.image_token_id)
+        tok = processor.tokenizer
+        self.pad_token_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        self.prompt = prompt
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                 {"type": "text", "text": prompt}]}]
+        self.text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        """The chat text with one `<|image_pad|>` per image (the processor expands them)."""
+
+    # ------------------------------------------------------------------ geometry
+
+    def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """(W', H') that Qwen's `smart_resize` gives a view of size (W, H) (multiples of 28)."""
+        W, H = size
+        h, w = smart_resize(H, W, factor=self.cell_px, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return int(w), int(h)
+
+    def grid(self, size: tuple[int, int]) -> CellGrid:
+        W2, H2 = self.resized_size(size)
+        return CellGrid(size=(W2, H2), cell_px=self.cell_px, rows=H2 // self.cell_px, cols=W2 // self.cell_px)
+
+    def resize(self, rgb: np.ndarray) -> Image.Image:
+        """uint8 (H, W, 3) -> PIL image of size `resized_size((W, H))` (bicubic)."""
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"a view must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+        H, W = rgb.shape[:2]
+        img = Image.fromarray(rgb)
+        new = self.resized_size((W, H))
+        return img if new == (W, H) else img.resize(new, Image.BICUBIC)
+
+    # ------------------------------------------------------------------ encoding
+
+    def encode_pair(self, rgb_a: np.ndarray, rgb_b: np.ndarray) -> dict[str, Any]:
+        """Model inputs of one pair, unbatched.
+
+        Returns input_ids, attention_mask, mm_token_type_ids (S,) (1 at image tokens),
+        pixel_values (P, 3 * T * 14 * 14) with P = 4 * (N_a + N_b) patches, image_grid_thw
+        (2, 3) = [[1, 2 rows_a, 2 cols_a], [1, 2 rows_b, 2 cols_b]], and cell_pos_a (N_a,),
+        cell_pos_b (N_b,) LongTensors: the sequence position of each cell's token, row-major.
+        """
+        images = [self.resize(rgb_a), self.resize(rgb_b)]
+        grids = [self.grid((rgb.shape[1], rgb.shape[0])) for rgb in (rgb_a, rgb_b)]
+        out = self.processor(images=images, text=[self.text], do_resize=False, return_tensors="pt")
+        input_ids = out["input_ids"][0]
+        thw = out["image_grid_thw"]
+        expect = torch.tensor([[1, g.rows * self.merge_size, g.cols * self.merge_size] for g in grids])
+        if not torch.equal(thw.cpu(), expect):
+            raise RuntimeError(f"image processor gave grids {thw.tolist()}, expected {expect.tolist()}")
+        pos = torch.nonzero(input_ids == self.image_token_id).squeeze(1)  # (N_a + N_b,)
+        n_a, n_b = grids[0].n_cells, grids[1].n_cells
+        if len(pos) != n_a + n_b:
+            raise RuntimeError(f"{len(pos)} image tokens in the sequence, expected {n_a} + {n_b}")
+        return {
+            "input_ids": input_ids,
+            "attention_mask": out["attention_mask"][0],
+            "mm_token_type_ids": out["mm_token_type_ids"][0],
+            "pixel_values": out["pixel_values"],
+            "image_grid_thw": thw,
+            "cell_pos_a": pos[:n_a].clone(),
+            "cell_pos_b": pos[n_a:].clone(),
+        }
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Right-pad the sequences to (B, S_max); concatenate pixel_values and image_grid_thw.
+
+        input_ids is padded with the pad token, attention_mask and mm_token_type_ids with 0.
+        cell_pos_a / cell_pos_b become lists of B LongTensors (views may differ in cells);
+        right padding leaves them valid. Any other key is gathered into a list.
+        """
+        B = len(items)
+        S = max(int(it["input_ids"].shape[0]) for it in items)
+        input_ids = torch.full((B, S), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, S), dtype=torch.long)
+        mm_token_type_ids = torch.zeros((B, S), dtype=torch.long)
+        for b, it in enumerate(items):
+            n = it["input_ids"].shape[0]
+            input_ids[b, :n] = it["input_ids"]
+            attention_mask[b, :n] = it["attention_mask"]
+            mm_token_type_ids[b, :n] = it["mm_token_type_ids"]
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mm_token_type_ids": mm_token_type_ids,
+            "pixel_values": torch.cat([it["pixel_values"] for it in items], dim=0),  # (sum P, D)
+            "image_grid_thw": torch.cat([it["image_grid_thw"] for it in items], dim=0),  # (2B, 3)
+        }
+        for key in items[0]:
+            if key not in batch:
+                batch[key] = [it[key] for it in items]
+        return batch
+
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The part of a collated batch that goes into the model's forward."""
+        return {k: batch[k] for k in self.model_input_names}

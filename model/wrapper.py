@@ -1,0 +1,264 @@
+"""The VLM wrapper: capture what every LM layer's attention reads, run the fused head.
+
+`GaspVLM` wraps a Hugging Face VLM (any family with an adapter) and the fused head:
+
+- A forward pre-hook on each language-model layer's query projection keeps its
+  input (the hidden state after the layer's input norm) at the vision-token cell
+  positions only: (B, Na + Nb, D) per layer, never a full `output_hidden_states`.
+- `forward(batch)` runs the VLM's base model (no LM head: logits are not needed),
+  stacks the captures to feat_a (L, B, Na, D), feat_b (L, B, Nb, D), applies the
+  fused head and the GASP loss (float32), and returns the loss with its parts.
+- What trains: `heads` (the VLM runs without autograd; only the head learns),
+  `lora` (PEFT LoRA on the LM's linear layers + heads) or `full` (LM + heads). The
+  vision tower is frozen unless asked otherwise; the unused LM head always is.
+- Activation checkpointing (non-reentrant) works with the hooks: a layer's
+  recomputation during backward fires the hook again, which is ignored because
+  that layer's capture of this forward is already held.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from losses.gasp import count_items, gasp_loss_terms, loss_to_backward, combine, similarities
+from losses.metrics import match_stats, raw_similarities
+from model.head import FusedCorrespondenceHead, head_dim_for
+
+log = logging.getLogger(__name__)
+TRAINABLE = ("heads", "lora", "full")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class WrapperError(Exception):
+    """A model that cannot be wrapped (unknown layout); one line."""
+
+
+@dataclass
+class GaspConfig:
+    """How the VLM is wrapped and what trains."""
+
+    trainable: str = "heads"
+    """heads | lora | full"""
+    freeze_vision: bool = True
+    """Keep the vision tower (and projector) frozen."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing of the language model (lora / full)."""
+    head_dim: int = 256
+    """d of the heads (min(d, D) is used)."""
+    tau: float = 0.07
+    lambda_depth: float = 1.0
+    layer_weights: Sequence[float] | None = None
+    """Per-layer loss weights w_l (default all 1)."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"--trainable must be one of {', '.join(TRAINABLE)} (got {self.trainable!r})")
+        if self.tau <= 0:
+            raise ValueError(f"--tau must be > 0 (got {self.tau})")
+
+
+def find_lm_layers(vlm: nn.Module) -> nn.ModuleList:
+    """The decoder layers of the language model (each with `self_attn.q_proj`)."""
+    base = getattr(vlm, "model", vlm)
+    for path in ("language_model.layers", "language_model.model.layers", "model.layers", "layers"):
+        obj: Any = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList) and len(obj) and hasattr(obj[0], "self_attn"):
+            return obj
+    raise WrapperError(f"cannot find the language model's decoder layers in {type(vlm).__name__}")
+
+
+def find_vision_modules(vlm: nn.Module) -> list[nn.Module]:
+    base = getattr(vlm, "model", vlm)
+    return [m for name in ("visual", "vision_tower", "multi_modal_projector", "image_newline")
+            if isinstance(m := getattr(base, name, None), nn.Module)]
+
+
+class GaspVLM(nn.Module):
+    """A VLM plus the fused all-layer correspondence head (see module docstring)."""
+
+    def __init__(self, vlm: nn.Module, cfg: GaspConfig, head: FusedCorrespondenceHead | None = None):
+        super().__init__()
+        self.cfg = cfg
+        text_cfg = getattr(vlm.config, "text_config", vlm.config)
+        self.hidden_size = int(text_cfg.hidden_size)
+        if cfg.trainable == "lora":
+            vlm = _apply_lora(vlm, cfg)
+        self.vlm = vlm
+        self.layers = find_lm_layers(self._base_vlm())
+        self.num_layers = len(self.layers)
+        if head is None:
+            head = FusedCorrespondenceHead(self.num_layers, self.hidden_size,
+                                           head_dim=head_dim_for(self.hidden_size, cfg.head_dim))
+        if head.num_layers != self.num_layers or head.hidden_size != self.hidden_size:
+            from model.head import HeadShapeError
+
+            raise HeadShapeError(f"heads (L={head.num_layers}, D={head.hidden_size}) do not fit this model "
+                                 f"(L={self.num_layers}, D={self.hidden_size})")
+        self.head = head
+        self.register_buffer("layer_weights", None if cfg.layer_weights is None else
+                             torch.as_tensor(list(cfg.layer_weights), dtype=torch.float32), persistent=False)
+        if self.layer_weights is not None and self.layer_weights.shape != (self.num_layers,):
+            raise ValueError(f"--layer-weights needs {self.num_layers} values (one per layer), "
+                             f"got {self.layer_weights.numel()}")
+        self._set_trainable()
+        if cfg.gradient_checkpointing and cfg.trainable != "heads":
+            self._base_vlm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._positions: torch.Tensor | None = None
+        self._captured: dict[int, torch.Tensor] = {}
+        self._hooks = [layer.self_attn.q_proj.register_forward_pre_hook(self._make_hook(l))
+                       for l, layer in enumerate(self.layers)]
+
+    # ------------------------------------------------------------------ set-up
+    def _base_vlm(self) -> nn.Module:
+        """The Hugging Face model under a PEFT wrapper, if any."""
+        v = self.vlm
+        if hasattr(v, "get_base_model"):
+            v = v.get_base_model()
+        return v
+
+    def _set_trainable(self) -> None:
+        base = self._base_vlm()
+        mode = self.cfg.trainable
+        for n, p in self.vlm.named_parameters():
+            if mode == "heads":
+                p.requires_grad_(False)
+            elif mode == "lora":
+                p.requires_grad_("lora_" in n)
+        if mode == "full":
+            for p in base.parameters():
+                p.requires_grad_(False)
+            # every layer but the last feeds some head; of the last, only the input norm does
+            # (its attention and MLP outputs reach no head), so the rest stays frozen
+            for p in self.layers[:-1].parameters():
+                p.requires_grad_(True)
+            for p in self.layers[-1].input_layernorm.parameters():
+                p.requires_grad_(True)
+        if not self.cfg.freeze_vision:
+            for m in find_vision_modules(base):
+                for p in m.parameters():
+                    p.requires_grad_(True)
+        for p in self.head.parameters():
+            p.requires_grad_(True)
+        n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters() if p.requires_grad)
+        n_all = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
+        log.info("trainable: %s (%.2fM of %.2fM parameters)", mode, n_train / 1e6, n_all / 1e6)
+
+    def query_projections(self) -> list[nn.Module]:
+        """Each layer's query projection (the LoRA base layer when wrapped)."""
+        out = []
+        for layer in self.layers:
+            q = layer.self_attn.q_proj
+            out.append(getattr(q, "base_layer", q))
+        return out
+
+    def init_heads(self) -> None:
+        """SVD initialisation of every head from its layer's query projection (DESIGN §6)."""
+        self.head.init_from_query_modules(self.query_projections())
+
+    # ------------------------------------------------------------------ capture
+    def _make_hook(self, l: int):
+        def hook(module: nn.Module, args: tuple[Any, ...]):
+            pos = self._positions
+            x = args[0]  # (B, S, D): the query projection's input
+            if pos is None or pos.shape[0] != x.shape[0] or int(pos.max()) >= x.shape[1]:
+                return None  # not a capturing forward
+            rows = torch.arange(x.shape[0], device=x.device)[:, None]
+            picked = x[rows, pos.to(x.device)]  # (B, Na + Nb, D)
+            # An activation-checkpoint recompute runs this hook again: it must repeat the
+            # same ops (the checkpoint compares saved tensors), but the capture of this
+            # forward is already held, so the result is dropped.
+            if l not in self._captured:
+                self._captured[l] = picked
+            return None
+
+        return hook
+
+    def capture(self, batch: dict[str, Any], model_inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the VLM and return feat_a (L, B, Na, D), feat_b (L, B, Nb, D) in the model dtype."""
+        pos_a, pos_b = batch["cell_pos_a"], batch["cell_pos_b"]
+        Na = pos_a.shape[1]
+        # positions stay set after the forward: a checkpoint recompute during backward needs them
+        self._positions = torch.cat([pos_a, pos_b], 1).long()  # (B, Na + Nb); padding points at 0, masked later
+        self._captured = {}
+        grad = self.cfg.trainable != "heads" and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            base = self._base_vlm()
+            body = getattr(base, "model", base)
+            body(**model_inputs, use_cache=False)
+        if len(self._captured) != self.num_layers:
+            raise WrapperError(f"captured {len(self._captured)} of {self.num_layers} layers: the hooks did not fire")
+        feats = torch.stack([self._captured[l] for l in range(self.num_layers)])  # (L, B, Na + Nb, D)
+        return feats[:, :, :Na], feats[:, :, Na:]
+
+    def release(self) -> None:
+        """Stop capturing (e.g. before using the VLM for generation)."""
+        self._positions = None
+        self._captured = {}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict[str, Any], model_inputs: dict[str, Any], global_counts: torch.Tensor | None = None,
+                grad_accum_steps: int = 1, world_size: int = 1, return_features: bool = False):
+        """Loss of a batch.
+
+        With `global_counts` (3,) the returned loss is the micro-batch loss to hand
+        DeepSpeed's backward (DESIGN §6 scaling); without, the batch's own mean loss.
+        Returns (loss, parts) or, with return_features, (loss, parts, s, feat_a, feat_b).
+        """
+        feat_a, feat_b = self.capture(batch, model_inputs)
+        s = similarities(self.head(feat_a), self.head(feat_b), self.cfg.tau)  # (L, B, Na, Nb) float32
+        terms = gasp_loss_terms(s, batch)
+        if global_counts is None:
+            loss, parts = combine(terms, self.layer_weights, self.cfg.lambda_depth)
+        else:
+            loss, parts = loss_to_backward(terms, global_counts, grad_accum_steps, world_size,
+                                           self.layer_weights, self.cfg.lambda_depth)
+        parts["n_ab"], parts["n_ba"], parts["n_depth"] = terms.counts().tolist()
+        if return_features:
+            return loss, parts, s, feat_a, feat_b
+        return loss, parts
+
+    @torch.no_grad()
+    def match(self, batch: dict[str, Any], model_inputs: dict[str, Any], raw: bool = True):
+        """Per-anchor match statistics through the heads (and raw features): (head_stats, raw_stats | None)."""
+        feat_a, feat_b = self.capture(batch, model_inputs)
+        s_head = similarities(self.head(feat_a), self.head(feat_b), self.cfg.tau)
+        head_stats = match_stats(s_head, batch)
+        raw_stats = match_stats(raw_similarities(feat_a, feat_b, self.cfg.tau), batch) if raw else None
+        return head_stats, raw_stats
+
+
+def batch_counts(batch: dict[str, Any]) -> torch.Tensor:
+    """(3,) [n_ab, n_ba, n_depth] of a batch from its labels (before any forward)."""
+    return count_items(batch)
+
+
+def _apply_lora(vlm: nn.Module, cfg: GaspConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    layers = find_lm_layers(vlm)
+    prefix = None
+    for name, mod in vlm.named_modules():
+        if mod is layers:
+            prefix = name
+            break
+    # only the language model's linear layers (never the vision tower's), and not the last
+    # layer's: its attention and MLP outputs reach no head
+    last = len(layers) - 1
+    idx = "|".join(str(i) for i in range(last)) or "-1"
+    pattern = rf"^{re.escape(prefix)}\.({idx})\..*\b({'|'.join(LORA_TARGETS)})$"
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=pattern, bias="none")
+    return get_peft_model(vlm, lcfg)

@@ -1,0 +1,207 @@
+"""Write a synthetic room (data.synthetic) in each corpus's exact on-disk layout.
+
+Each writer renders one room along its trajectory and encodes it with that corpus's
+own conventions, so a reader test proves the reader undoes exactly those:
+
+- `write_scannet_scene`: SensReader export. Colour and depth are two cameras with
+  different K and sizes (colour ~70 deg wide at 1296x968 or a scaled-down size,
+  depth ScanNet's 577.87 px focal at 640x480), optionally with differing extrinsics;
+  uint16 mm depth PNGs, `%f` text matrices, `-inf` poses where asked.
+- `write_arkit_scene`: raw ARKitScenes. `.traj` rows are WORLD-TO-CAMERA axis-angle
+  + translation, timestamps in seconds; images at 60 fps of which only the posed
+  ones have a `.traj` row nearby; `.pincam` per image.
+- `write_nerfstudio_scene`: transforms.json in OpenGL axes with cx, cy at the +0.5
+  pixel-centre convention, poses already moved by `applied_transform` (as
+  ns-process-data writes them), frames listed out of order; depth through
+  `depth_file_path` or a `depth_root` folder.
+
+Every writer returns a `Truth` with what the reader should give back.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from scipy.spatial.transform import Rotation
+
+from data import geometry, synthetic
+
+SCANNET_COLOR_SIZE = (1296, 968)
+SCANNET_DEPTH_SIZE = (640, 480)
+# ScanNet-like depth camera; a colour camera with a wider view and an off-centre
+# principal point, so that a plain resize of colour onto depth is visibly wrong.
+SCANNET_K_DEPTH = np.array([[577.87, 0.0, 319.5], [0.0, 577.87, 239.5], [0.0, 0.0, 1.0]])
+SCANNET_K_COLOR = np.array([[925.4, 0.0, 650.2], [0.0, 928.2, 478.9], [0.0, 0.0, 1.0]])
+
+
+@dataclass
+class Truth:
+    """What a reader should return for a written scene (per frame, in the stored camera)."""
+
+    path: str
+    room: synthetic.Room
+    K: np.ndarray
+    """(3, 3) K of the stored view, integer pixel centres (ScanNet: the depth camera)."""
+    cam2world: list[np.ndarray]
+    """(4, 4) OpenCV camera-to-world of each stored view, in the world the file uses."""
+    depth: list[np.ndarray]
+    """(H, W) float32 rendered z-depth of each stored view."""
+    rgb: list[np.ndarray]
+    """(H, W, 3) uint8 rendered directly in the stored view's camera."""
+    names: list[str]
+    extra: dict = field(default_factory=dict)
+
+
+def _mat_text(M: np.ndarray) -> str:
+    """SensorData.save_mat_to_file: one row per line, np.savetxt fmt '%f'."""
+    return "".join(" ".join("%f" % x for x in row) + "\n" for row in np.asarray(M, dtype=np.float64))
+
+
+def _save_depth_png(path: pathlib.Path, depth: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(synthetic.depth_to_png_mm(depth)).save(path)
+
+
+def write_scannet_scene(root: str | pathlib.Path, name: str, seed: int, n_frames: int = 4,
+                        color_size: tuple[int, int] = SCANNET_COLOR_SIZE,
+                        depth_size: tuple[int, int] = SCANNET_DEPTH_SIZE, step: float = 0.08,
+                        depth_to_color: np.ndarray | None = None, inf_pose_frames: tuple[int, ...] = (),
+                        first_index: int = 0) -> Truth:
+    """A SensReader export of one synthetic room at root/name.
+
+    Frames are numbered first_index, first_index + 1, ... The depth camera follows the
+    room's trajectory; the colour camera sits at `cam2world_depth @ inv(depth_to_color)`
+    (identity by default: shared centre, as in ScanNet v2), with extrinsic_color = I and
+    extrinsic_depth = depth_to_color. Frames in `inf_pose_frames` (positions) get a pose
+    file of -inf, as SensReader writes for lost tracking.
+    """
+    scene = pathlib.Path(root) / name
+    for sub in ("color", "depth", "pose", "intrinsic"):
+        (scene / sub).mkdir(parents=True, exist_ok=True)
+    room = synthetic.make_room(seed)
+    K_d = geometry.resize_intrinsics(SCANNET_K_DEPTH, SCANNET_DEPTH_SIZE, depth_size)
+    K_c = geometry.resize_intrinsics(SCANNET_K_COLOR, SCANNET_COLOR_SIZE, color_size)
+    d2c = np.eye(4) if depth_to_color is None else np.asarray(depth_to_color, dtype=np.float64)
+    for fname, M in (("intrinsic_color.txt", np.pad(K_c, (0, 1))), ("intrinsic_depth.txt", np.pad(K_d, (0, 1))),
+                     ("extrinsic_color.txt", np.eye(4)), ("extrinsic_depth.txt", d2c)):
+        if fname.startswith("intrinsic"):
+            M[3, 3] = 1.0
+        (scene / "intrinsic" / fname).write_text(_mat_text(M))
+    truth = Truth(str(scene), room, K_d, [], [], [], [], extra={"K_color": K_c, "depth_to_color": d2c})
+    for k, T_d in enumerate(synthetic.make_trajectory(room, n_frames, seed + 1, step=step)):
+        i = first_index + k
+        rgb_d, depth = synthetic.render(room, K_d, T_d, *depth_size)
+        rgb_c, _ = synthetic.render(room, K_c, T_d @ geometry.invert_pose(d2c), *color_size)
+        Image.fromarray(rgb_c).save(scene / "color" / f"{i}.jpg", "JPEG", quality=92)
+        _save_depth_png(scene / "depth" / f"{i}.png", depth)
+        pose = np.full((4, 4), -np.inf) if k in inf_pose_frames else T_d
+        (scene / "pose" / f"{i}.txt").write_text(_mat_text(pose))
+        truth.cam2world.append(T_d)
+        truth.depth.append(depth)
+        truth.rgb.append(rgb_d)
+        truth.names.append(str(i))
+    return truth
+
+
+ARKIT_T0 = 6845.7061  # seconds, like the toolkit's sample timestamps
+
+
+def write_arkit_scene(root: str | pathlib.Path, name: str, seed: int, n_frames: int = 4,
+                      size: tuple[int, int] = (256, 192), step: float = 0.08, pose_jitter: float = 0.002,
+                      unposed_between: bool = True) -> Truth:
+    """A raw ARKitScenes video folder of one synthetic room at root/name (video id = name).
+
+    Posed frames are 0.1 s apart (the 10 Hz `.traj` of the toolkit's sample data); each
+    gets a `.traj` row `pose_jitter` seconds off its image timestamp. With
+    `unposed_between`, an extra 60 fps image (with depth and .pincam) follows each posed
+    one at +1/60 s, with no `.traj` row within a frame interval: readers must skip it.
+    """
+    scene = pathlib.Path(root) / name
+    for sub in ("lowres_wide", "lowres_depth", "lowres_wide_intrinsics"):
+        (scene / sub).mkdir(parents=True, exist_ok=True)
+    room = synthetic.make_room(seed)
+    W, H = size
+    K = synthetic.default_intrinsics(W, H, hfov_deg=62.0)
+    K[0, 2] += 0.6
+    K[1, 2] -= 0.4
+    truth = Truth(str(scene), room, K, [], [], [], [], extra={"unposed": []})
+    rows = []
+    for k, T in enumerate(synthetic.make_trajectory(room, n_frames, seed + 1, step=step)):
+        t = ARKIT_T0 + 0.1 * k
+        rgb, depth = synthetic.render(room, K, T, W, H)
+        stamps = [(f"{t:.3f}", True)] + ([(f"{t + 1 / 60:.3f}", False)] if unposed_between else [])
+        for ts, posed in stamps:
+            stem = f"{name}_{ts}"
+            Image.fromarray(rgb).save(scene / "lowres_wide" / f"{stem}.png")
+            _save_depth_png(scene / "lowres_depth" / f"{stem}.png", depth)
+            (scene / "lowres_wide_intrinsics" / f"{stem}.pincam").write_text(
+                f"{W} {H} {K[0, 0]:.6f} {K[1, 1]:.6f} {K[0, 2]:.6f} {K[1, 2]:.6f}\n")
+            if not posed:
+                truth.extra["unposed"].append(ts)
+        world2cam = geometry.invert_pose(T)
+        rvec = Rotation.from_matrix(world2cam[:3, :3]).as_rotvec()
+        rows.append(" ".join(f"{x:.17g}" for x in [t + pose_jitter, *rvec, *world2cam[:3, 3]]))
+        truth.cam2world.append(T)
+        truth.depth.append(depth)
+        truth.rgb.append(rgb)
+        truth.names.append(f"{t:.3f}")
+    (scene / "lowres_wide.traj").write_text("\n".join(rows) + "\n")
+    return truth
+
+
+# nerfstudio's colmap_to_json world change (COLMAP world -> z up): rows (0, 2, 1), third negated
+NS_APPLIED_TRANSFORM = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
+
+
+def write_nerfstudio_scene(root: str | pathlib.Path, name: str, seed: int, n_frames: int = 4,
+                           size: tuple[int, int] = (320, 240), step: float = 0.08, depth: str | None = "file",
+                           depth_root: str | pathlib.Path | None = None, applied_transform: bool = True,
+                           json_extra: dict | None = None) -> Truth:
+    """A nerfstudio scene folder (transforms.json + images/) of one synthetic room at root/name.
+
+    depth: "file" writes depths/<stem>.png (uint16 mm) named by each frame's
+    depth_file_path; "root" writes <depth_root>/<name>/<stem>.npy (float32); None
+    writes no depth. Poses are OpenGL-axes camera-to-world, moved by nerfstudio's
+    applied_transform when asked (the Truth's cam2world is then in that world too).
+    Frames are listed in reverse order. json_extra is merged into the top level.
+    """
+    scene = pathlib.Path(root) / name
+    (scene / "images").mkdir(parents=True, exist_ok=True)
+    room = synthetic.make_room(seed)
+    W, H = size
+    K = synthetic.default_intrinsics(W, H, hfov_deg=66.0)
+    K[0, 2] -= 1.3
+    K[1, 2] += 0.7
+    A = NS_APPLIED_TRANSFORM if applied_transform else np.eye(4)
+    meta = {"camera_model": "OPENCV", "fl_x": K[0, 0], "fl_y": K[1, 1],
+            "cx": K[0, 2] + 0.5, "cy": K[1, 2] + 0.5,  # nerfstudio: pixel centres at +0.5
+            "w": W, "h": H, "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "frames": []}
+    if applied_transform:
+        meta["applied_transform"] = A[:3].tolist()
+    truth = Truth(str(scene), room, K, [], [], [], [], extra={"applied_transform": A})
+    for k, T in enumerate(synthetic.make_trajectory(room, n_frames, seed + 1, step=step)):
+        stem = f"frame_{k + 1:05d}"
+        rgb, z = synthetic.render(room, K, T, W, H)
+        Image.fromarray(rgb).save(scene / "images" / f"{stem}.png")
+        T_file = A @ T
+        fr = {"file_path": f"images/{stem}.png", "transform_matrix": geometry.cv_to_gl(T_file).tolist(),
+              "colmap_im_id": k + 1}
+        if depth == "file":
+            _save_depth_png(scene / "depths" / f"{stem}.png", z)
+            fr["depth_file_path"] = f"depths/{stem}.png"
+        elif depth == "root":
+            folder = pathlib.Path(depth_root) / name
+            folder.mkdir(parents=True, exist_ok=True)
+            np.save(folder / f"{stem}.npy", z.astype(np.float32))
+        meta["frames"].append(fr)
+        truth.cam2world.append(T_file)
+        truth.depth.append(z)
+        truth.rgb.append(rgb)
+        truth.names.append(stem)
+    meta["frames"].reverse()
+    meta.update(json_extra or {})
+    (scene / "transforms.json").write_text(json.dumps(meta, indent=2))
+    return truth
