@@ -143,3 +143,27 @@ def flat_dict(obj: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + f.name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def parse_overrides(cls: type, argv: list[str] | None, prog: str, description: str,
+                    epilog: str | None = None) -> tuple[dict[str, Any], OneLineParser]:
+    """Only the flags the user gave, as {"a__b": value} (for applying over a preset)."""
+    parser = build_parser(cls, prog, description, epilog)
+    ns = vars(parser.parse_args(argv))
+    ns.pop("_local_rank", None)
+    return ns, parser
+
+
+def apply_overrides(obj: T, values: dict[str, Any]) -> T:
+    """A copy of dataclass `obj` with {"a__b": value} overrides applied (nested), re-validated."""
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, v in values.items():
+        head, _, rest = key.partition("__")
+        if rest:
+            nested.setdefault(head, {})[rest] = v
+        else:
+            changes[head] = v
+    for head, sub in nested.items():
+        changes[head] = apply_overrides(getattr(obj, head), sub)
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,52 @@
+"""Downstream benchmarks of `launch/evaluate.py`: VSI-Bench and All-Angles Bench.
+
+One module per benchmark (`vsibench`, `allangles`), each exposing the same small
+interface that the runner (`runner.py`) drives:
+
+- `NAME`, `DEFAULT_MAX_NEW_TOKENS`, `WHERE` (where the data come from, one line);
+- `load(data, annotations) -> (root, list[Question])`: read and validate the
+  annotations (BenchmarkError, one line, on anything malformed);
+- `missing_media(questions) -> list[str]`: files the selected questions need but lack;
+- `missing_message(root, missing, total) -> str`: the one line telling the user what to get;
+- `visuals(question, loader) -> list[PIL.Image]`: the images fed to the model
+  (`loader.frames(video)` / `loader.image(path)`, resized for the model);
+- `score(record, prediction) -> dict`: per-question score fields (pure, `scoring.py`);
+- `aggregate(rows) -> dict`, `metrics(aggregate) -> dict[str, float]`.
+
+Scoring is pure and lives in `scoring.py` (numpy only); `generation.py` runs the
+model; `video.py` samples frames with PyAV.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+BENCHMARKS = {"vsi-bench": "vsibench", "all-angles": "allangles"}
+"""`--benchmark` name -> module of this package."""
+
+
+class BenchmarkError(Exception):
+    """Missing or malformed benchmark files; the message is one line saying what is expected."""
+
+
+@dataclass
+class Question:
+    """One benchmark question, ready for the model."""
+
+    key: str
+    """Unique id (the resume key in predictions.jsonl)."""
+    prompt: str
+    """The user turn's text (after the images)."""
+    media: list[str]
+    """Files it needs: [video] (VSI-Bench) or the view images (All-Angles)."""
+    record: dict[str, Any] = field(default_factory=dict)
+    """Fields saved with its prediction (ids, type or category, ground truth, ...)."""
+    group: str = ""
+    """Questions of one group share media (same scene video); they run next to each other."""
+
+
+def get(name: str) -> ModuleType:
+    """The module of benchmark `name` (a key of BENCHMARKS)."""
+    return importlib.import_module(f"{__name__}.{BENCHMARKS[name]}")
