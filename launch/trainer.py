@@ -1,8 +1,9 @@
 """GASP training under DeepSpeed (ZeRO-3 by default): the loop and everything around it.
 
-One optimizer step = `grad_accum` micro-batches on each of `world` ranks:
+One optimizer step = `grad_accum` micro-batches on each of `world` ranks (`Trainer.train_step`):
 
-    counts  = labels' item counts of the step's micro-batches, all-reduced   (before any forward)
+    counts  = labels' item counts of the step's micro-batches, all-reduced   (before any forward;
+              the same all-reduce carries the SIGTERM stop flag)
     for each micro-batch:
         loss = GaspVLM(batch, global_counts=counts, GAS, world)   # local_sum * GAS * world / global_count
         engine.backward(loss); engine.step()                      # DeepSpeed: / GAS, mean over ranks
@@ -10,17 +11,28 @@ One optimizer step = `grad_accum` micro-batches on each of `world` ranks:
 so a step equals one process on the union batch (DESIGN §6). Every rank runs every
 head every step, also with no anchors (the loss is then an exact zero in the graph).
 
-Robustness: a non-finite loss or gradient on any rank makes DeepSpeed's global grad
-norm non-finite, which skips the optimizer step on every rank (weights, optimizer
-state and LR schedule untouched); the trainer all-reduces its own flag to count and
-log it, and stops after `--max-bad-steps` in a row. SIGTERM on any rank makes all
-ranks save a checkpoint at the next step boundary and exit 0. Checkpoints hold the
-DeepSpeed state, each rank's loader position and RNG states, and the MLflow run id;
+Bad steps: before the last backward of a step the ranks all-reduce "some loss of this
+step is not finite"; when set, every rank back-propagates a NaN, so DeepSpeed's global
+gradient norm is not finite and DeepSpeed skips the optimizer step on every rank
+(weights, optimizer state and LR schedule untouched; its own check also catches a
+non-finite gradient under a finite loss). The step is counted (`train/skipped_steps`)
+and logged; `--max-bad-steps` in a row stop the run with one line. Testing hook:
+`GASP_FAULT_NONFINITE=STEP:RANK[,STEP:RANK...]` (STEP 1-based as logged, or a range
+`A-B`) poisons that rank's loss at that step.
+
+Preemption: SIGTERM on any rank makes all ranks save a checkpoint at the next step
+boundary and exit 0. Checkpoints hold the DeepSpeed state (weights, optimizer, LR
+schedule), each rank's loader position and RNG states, and the MLflow run id;
 `--resume auto` continues the same run at the next step with the same data.
+
+Run folder: `train_log.jsonl` (rank 0; one line per logged step: losses, lr, grad norm,
+throughput, skipped flag, and each rank's checksum of its share of the trainable
+weights), `checkpoints/`, `export/`, validation plots. `GASP_DEBUG_PARTITION=1` makes
+each rank write `partition_rank{r}.json` (local / full size of every parameter) after
+the engine is built.
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -29,76 +41,19 @@ import random
 import shutil
 import signal
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from data.tracking import MlflowTracker, NullTracker, git_commit
 from launch import distributed as D
-from launch.config import TrainConfig
+from launch.config import TrainConfig, TrainError, fill_ds_config, load_ds_config  # noqa: F401  (re-exported)
 
 log = logging.getLogger("gasp.train")
-FAULT_ENV = "GASP_FAULT_NONFINITE"  # testing: "STEP:RANK" poisons that rank's loss at that step
-
-
-class TrainError(Exception):
-    """A failure to report in one line (config, resume, data, too many bad steps)."""
-
-
-# ---------------------------------------------------------------------- DeepSpeed config
-
-def load_ds_config(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise TrainError(f"--ds-config {path}: no such file (shipped: launch/zero3.json, launch/zero2.json)")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except ValueError as e:
-        raise TrainError(f"--ds-config {path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise TrainError(f"--ds-config {path}: expected a JSON object")
-    return cfg
-
-
-def fill_ds_config(ds: dict[str, Any], cfg: TrainConfig, bf16: bool, on_cuda: bool, hidden: int) -> dict[str, Any]:
-    """Fill DeepSpeed's 'auto' values from the flags; explicit values must agree with them."""
-    ds = copy.deepcopy(ds)
-    want = {
-        ("train_micro_batch_size_per_gpu",): cfg.data.batch_size,
-        ("gradient_accumulation_steps",): cfg.data.grad_accum,
-        ("gradient_clipping",): cfg.optim.grad_clip,
-        ("bf16", "enabled"): bf16,
-        ("optimizer", "params", "lr"): cfg.optim.lr,
-        ("optimizer", "params", "weight_decay"): cfg.optim.weight_decay,
-        ("optimizer", "params", "torch_adam"): not on_cuda,  # FusedAdam cannot build without CUDA
-        ("zero_optimization", "stage3_param_persistence_threshold"): 0 if hidden < 1024 else 10 * hidden,
-    }
-    for path, value in want.items():
-        node = ds
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        have = node.get(path[-1], "auto")
-        if have == "auto":
-            node[path[-1]] = value
-        elif path[-1] in ("torch_adam", "stage3_param_persistence_threshold"):
-            continue  # explicit choices the user may make freely
-        elif have != value and not (isinstance(have, (int, float)) and isinstance(value, (int, float))
-                                    and math.isclose(have, value)):
-            flag = {"train_micro_batch_size_per_gpu": "--batch-size", "gradient_accumulation_steps": "--grad-accum",
-                    "gradient_clipping": "--grad-clip", "enabled": "--precision", "lr": "--lr",
-                    "weight_decay": "--weight-decay"}[path[-1]]
-            raise TrainError(f"--ds-config sets {'.'.join(path)} = {have!r} but {flag} gives {value!r}; "
-                             f"set it to \"auto\" in the JSON or change the flag")
-    if ds.get("fp16", {}).get("enabled") is True:
-        raise TrainError("--ds-config enables fp16; use bf16 (--precision auto/bf16) or fp32")
-    if "scheduler" in ds:
-        raise TrainError("--ds-config has a 'scheduler'; the trainer runs its own warm-up + cosine schedule, "
-                         "remove it (see --warmup-steps, --min-lr-ratio)")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise TrainError(f"--ds-config zero_optimization.stage {stage} is not 0-3")
-    return ds
+FAULT_ENV = "GASP_FAULT_NONFINITE"  # testing: "STEP:RANK[,STEP:RANK]" poisons that rank's loss at that step
+PARTITION_ENV = "GASP_DEBUG_PARTITION"  # testing: "1" writes partition_rank{r}.json after the engine is built
+TRAIN_LOG = "train_log.jsonl"
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -113,6 +68,20 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def parse_fault_spec(spec: str) -> set[tuple[int, int]]:
+    """`GASP_FAULT_NONFINITE` -> {(step, rank)}: "3:1", "3:1,6-8:0" (steps 1-based, as logged)."""
+    out: set[tuple[int, int]] = set()
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        try:
+            steps, rank = item.split(":")
+            lo, _, hi = steps.partition("-")
+            out.update((s, int(rank)) for s in range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise TrainError(f"{FAULT_ENV}={spec!r}: expected STEP:RANK[,STEP:RANK...] with STEP a number or "
+                             f"a range A-B") from None
+    return out
+
+
 # ---------------------------------------------------------------------------- trainer
 
 class Trainer:
@@ -123,11 +92,13 @@ class Trainer:
         self.bad_steps = 0
         self.bad_in_row = 0
         self._stop = False
+        self._it: Iterator[dict[str, Any]] | None = None
         self._hf_ds_config = None  # keeps transformers' ZeRO-3 context alive while models are built
         self.run_dir = cfg.run.output_dir or os.path.join("runs", "train", cfg.run.run_name)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
-        fault = os.environ.get(FAULT_ENV, "")
-        self.fault = tuple(int(x) for x in fault.split(":")) if fault else None
+        self.faults = parse_fault_spec(os.environ.get(FAULT_ENV, ""))
+        # installed first thing, so a SIGTERM during the (long) set-up still ends in a checkpoint
+        signal.signal(signal.SIGTERM, self._on_sigterm)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, ds_config: dict[str, Any]) -> None:
@@ -152,16 +123,24 @@ class Trainer:
         vlm, self.processor, self.adapter = build_model_and_processor(
             source, dtype=self.dtype, attn_implementation=attn, device=self.device,
             max_pixels=cfg.data.max_pixels or None)
+        # ZeRO-3: every weight must already be a partition here (no full copy per rank)
+        self._created_partitioned = (all(hasattr(p, "ds_id") for p in vlm.parameters())
+                                     if self.zero_stage == 3 else None)
         gcfg = GaspConfig(trainable=cfg.model.trainable, freeze_vision=cfg.model.freeze_vision,
                           gradient_checkpointing=cfg.model.gradient_checkpointing, head_dim=cfg.loss.head_dim,
                           tau=cfg.loss.tau, lambda_depth=cfg.loss.lambda_depth, lora_r=cfg.model.lora_r,
                           lora_alpha=cfg.model.lora_alpha)
         text_cfg = getattr(vlm.config, "text_config", vlm.config)
-        gcfg.layer_weights = cfg.loss.layer_weights(int(text_cfg.num_hidden_layers))
+        try:
+            gcfg.layer_weights = cfg.loss.layer_weights(int(text_cfg.num_hidden_layers))
+        except ValueError as e:
+            raise TrainError(str(e)) from None
         self.model = GaspVLM(vlm, gcfg)
         if self.zero_stage != 3:
             self.model.to(self.device)
         self.model.init_heads()  # SVD of each layer's q_proj (gathered under ZeRO-3, a collective)
+        if self.bf16:  # DeepSpeed partitions all trainable params in one dtype (fp32 masters are kept);
+            self.model.head.to(torch.bfloat16)  # the head still computes in float32 (measured on an H200)
         head_params = list(self.model.head.parameters())
         head_ids = {id(p) for p in head_params}
         other = [p for p in self.model.parameters() if p.requires_grad and id(p) not in head_ids]
@@ -174,6 +153,9 @@ class Trainer:
             model=self.model, model_parameters=groups, config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
         self.gas = self.engine.gradient_accumulation_steps()
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if os.environ.get(PARTITION_ENV) == "1":
+            self._dump_partition()
 
         self.train_stream = PairStream(cfg.data.shards, self.adapter, batch_size=cfg.data.batch_size, rank=self.rank,
                                        world_size=self.world, num_workers=cfg.data.num_workers,
@@ -188,12 +170,23 @@ class Trainer:
                                          system_metrics=cfg.run.system_metrics)
             if client is None:
                 self._log_run_start(ds_config)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+            print(f"[train] MLflow run {self.tracker.run_id} ({'resumed' if client is not None else 'new'}) "
+                  f"in experiment {cfg.run.experiment!r}", flush=True)
         D.print0(f"[train] {self.train_stream.describe()}")
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop = True
         log.warning("rank %d: SIGTERM received; checkpointing at the next step boundary", self.rank)
+
+    def _dump_partition(self) -> None:
+        """partition_rank{r}.json: {name: [local elements, full elements, elements held outside the partition]}."""
+        params = {n: [int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel()),
+                      int(getattr(p, "ds_numel", p.numel())), int(p.data.numel())]
+                  for n, p in self.model.named_parameters()}
+        os.makedirs(self.run_dir, exist_ok=True)
+        _atomic_json(os.path.join(self.run_dir, f"partition_rank{self.rank}.json"),
+                     {"rank": self.rank, "world_size": self.world, "zero_stage": self.zero_stage,
+                      "created_partitioned": self._created_partitioned, "params": params})
 
     def _log_run_start(self, ds_config: dict[str, Any]) -> None:
         from data.cli import flat_dict
@@ -248,7 +241,10 @@ class Trainer:
         tag_dir = path if os.path.isdir(path) else os.path.dirname(path)
         with open(os.path.join(tag_dir, f"trainer_rank{self.rank}.json")) as f:
             state = json.load(f)
-        self.train_stream.load_state_dict(state["loader"])
+        try:
+            self.train_stream.load_state_dict(state["loader"])
+        except ValueError as e:
+            raise TrainError(f"checkpoint {tag_dir}: {e}") from None
         self.step, self.bad_steps, self.bad_in_row = state["step"], state["bad_steps"], state["bad_in_row"]
         rng = torch.load(os.path.join(tag_dir, f"rng_rank{self.rank}.pt"), weights_only=False)
         torch.set_rng_state(rng["torch"])
@@ -256,17 +252,24 @@ class Trainer:
         random.setstate(rng["python"])
         if torch.cuda.is_available() and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"])
+        if self.rank == 0:
+            self._truncate_train_log(self.step)
         D.print0(f"[train] resumed from {tag_dir} at step {self.step}")
         return client or {}
 
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self, loader_state: dict[str, Any] | None = None) -> str:
+        """All ranks: DeepSpeed state + each rank's loader position / RNG + (rank 0) trainer_meta.json.
+
+        loader_state: the position to record (default: the stream's now).
+        `trainer_meta.json`, written last, marks the checkpoint complete.
+        """
         tag = f"step{self.step:08d}"
         client = {"step": self.step, "mlflow_run_id": self.tracker.run_id}
         client = D.gather_objects(client)[0]  # rank 0 knows the run id
         self.engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state=client)
         tag_dir = os.path.join(self.ckpt_dir, tag)
         state = {"step": self.step, "bad_steps": self.bad_steps, "bad_in_row": self.bad_in_row,
-                 "loader": self.train_stream.state_dict()}
+                 "loader": loader_state if loader_state is not None else self.train_stream.state_dict()}
         _atomic_json(os.path.join(tag_dir, f"trainer_rank{self.rank}.json"), state)
         torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
@@ -291,57 +294,95 @@ class Trainer:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return out, inputs
 
-    def train(self) -> int:
-        """Run to --steps (or until SIGTERM). Returns the process exit status."""
+    def step_counts(self, micro: list[dict[str, Any]] | None) -> tuple[torch.Tensor, bool]:
+        """All-reduce the step's item counts (3,) and the stop flag in ONE collective (before any forward)."""
         from model.wrapper import batch_counts
 
+        local = torch.zeros(4, device=self.device)  # n_ab, n_ba, n_depth, stop
+        if micro is not None:
+            local[:3] = torch.stack([batch_counts(mb) for mb in micro]).sum(0).to(self.device)
+        local[3] = 1.0 if (self._stop or micro is None) else 0.0
+        D.all_reduce(local)
+        return local[:3], bool(local[3].item() > 0)
+
+    def train_step(self, micro: list[dict[str, Any]], counts: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """One optimizer step over this rank's `micro` batches with the step's global `counts`.
+
+        Returns (sums, skipped): sums (7,) all-reduced over ranks = [total, nce_ab, nce_ba,
+        depth, tokens, bad micro-batches, applied ranks]; skipped: the step left the weights
+        unchanged (the same on every rank).
+        """
+        sums = torch.zeros(7, device=self.device)  # total, nce_ab, nce_ba, depth, tokens, bad, applied
+        bad_local = False
+        for i, mb in enumerate(micro):
+            mb, inputs = self._to_device(mb)
+            loss, parts = self.engine(mb, inputs, global_counts=counts, grad_accum_steps=self.gas,
+                                      world_size=self.world)
+            if (self.step + 1, self.rank) in self.faults:
+                loss = loss * float("nan")
+            finite = bool(torch.isfinite(loss).item())
+            bad_local |= not finite
+            if i == len(micro) - 1:
+                # the skip decision is all-reduced: if any rank saw a non-finite loss in this step,
+                # every rank back-propagates NaN, so DeepSpeed's global grad norm is non-finite and
+                # it skips the optimizer step (and the LR schedule) on every rank
+                flag = D.all_reduce(torch.tensor([1.0 if bad_local else 0.0], device=self.device), "max")
+                if flag.item() > 0:
+                    loss = loss * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()
+            sums += torch.tensor([parts["total"], parts["nce_ab"], parts["nce_ba"], parts["depth"],
+                                  float(inputs["attention_mask"].sum()), float(not finite), 0.0],
+                                 device=self.device)
+        sums[6] = 1.0 if self.engine.was_step_applied() else 0.0
+        D.all_reduce(sums)
+        applied = int(sums[6].item())
+        if sums[5].item() > 0 and applied:
+            raise TrainError("DeepSpeed applied a step with a non-finite loss; the bad-step skip needs DeepSpeed's "
+                             "non-finite gradient-norm check (keep gradient norms on, bf16.check_grad_overflow true)")
+        if applied not in (0, self.world):
+            raise TrainError(f"the optimizer step was applied on {applied} of {self.world} ranks")
+        return sums, applied == 0
+
+    def train(self) -> int:
+        """Run to --steps (or until SIGTERM). Returns the process exit status."""
         cfg = self.cfg
-        it = self.train_stream.forever()
+        self._it = it = self.train_stream.forever()
         self.engine.train()
-        t_last = time.perf_counter()
         if self.step >= cfg.optim.steps:
             D.print0(f"[train] already at step {self.step} of {cfg.optim.steps}; nothing to train")
         while self.step < cfg.optim.steps:
-            if self._should_stop():
-                self.save_checkpoint()
-                D.print0("[train] stopped by SIGTERM after a checkpoint; rerun the same command to resume")
-                return 0
+            loader_state = self.train_stream.state_dict()  # the position before this step's batches
             t0 = time.perf_counter()
-            micro = [next(it) for _ in range(self.gas)]
+            try:
+                micro: list[dict[str, Any]] | None = [next(it) for _ in range(self.gas)]
+            except Exception:
+                if not self._stop:
+                    raise
+                micro = None  # preempted while reading (e.g. a loader worker got the signal first)
             t_data = time.perf_counter() - t0
-            counts = torch.stack([batch_counts(mb) for mb in micro]).sum(0).to(self.device)  # (3,)
-            D.all_reduce(counts)
-            sums = torch.zeros(6, device=self.device)  # total, nce_ab, nce_ba, depth, tokens, bad
-            for mb in micro:
-                mb, inputs = self._to_device(mb)
-                loss, parts = self.engine(mb, inputs, global_counts=counts, grad_accum_steps=self.gas,
-                                          world_size=self.world)
-                if self.fault and self.fault == (self.step, self.rank):
-                    loss = loss * float("nan")
-                bad = not torch.isfinite(loss).item()
-                self.engine.backward(loss)
-                self.engine.step()
-                sums += torch.tensor([parts["total"], parts["nce_ab"], parts["nce_ba"], parts["depth"],
-                                      float(inputs["attention_mask"].sum()), float(bad)], device=self.device)
-            D.all_reduce(sums)
-            bad_step = sums[5].item() > 0 or not self.engine.was_step_applied()
+            counts, stop = self.step_counts(micro)
+            if stop:
+                self.save_checkpoint(loader_state)
+                D.print0(f"[train] stopped by SIGTERM after a checkpoint at step {self.step}; rerun the same "
+                         f"command to resume")
+                return 0
+            sums, skipped = self.train_step(micro, counts)
             self.step += 1
-            if bad_step:
+            dt = time.perf_counter() - t0
+            if skipped:
                 self.bad_steps += 1
                 self.bad_in_row += 1
                 D.print0(f"[train] step {self.step}: non-finite loss or gradient on some rank; step skipped on all "
                          f"ranks (weights unchanged; {self.bad_in_row} in a row)")
-                self.tracker.log_metrics({"train/skipped_steps": self.bad_steps}, step=self.step)
-                if self.bad_in_row >= cfg.optim.max_bad_steps:
-                    raise TrainError(f"{self.bad_in_row} non-finite steps in a row (--max-bad-steps "
-                                     f"{cfg.optim.max_bad_steps}): lower --lr, check the data (manifest flagged "
-                                     f"scenes) or resume from an earlier checkpoint")
             else:
                 self.bad_in_row = 0
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            if self.step % cfg.run.log_every == 0 or self.step == cfg.optim.steps:
-                self._log_step(sums, dt, t_data, bad_step)
+            if skipped or self.step % cfg.run.log_every == 0 or self.step == cfg.optim.steps:
+                self._log_step(sums, counts, dt, t_data, skipped)
+            if skipped and self.bad_in_row >= cfg.optim.max_bad_steps:
+                raise TrainError(f"{self.bad_in_row} non-finite steps in a row at step {self.step} (--max-bad-steps "
+                                 f"{cfg.optim.max_bad_steps}): lower --lr, check the data (manifest flagged "
+                                 f"scenes) or resume from an earlier checkpoint")
             if cfg.run.val_every and self.step % cfg.run.val_every == 0 and self.step < cfg.optim.steps:
                 self.validate()
             if cfg.run.save_every and self.step % cfg.run.save_every == 0 and self.step < cfg.optim.steps:
@@ -350,29 +391,55 @@ class Trainer:
         self.save_checkpoint()
         return 0
 
-    def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
-        return D.all_reduce(flag, "max").item() > 0
+    def param_checksums(self) -> list[list[float]]:
+        """Per rank [sum, sum of squares] of its share of the trainable weights (float64; a collective)."""
+        local = torch.zeros(self.world, 2, dtype=torch.float64, device=self.device)
+        for p in self._trainable:
+            t = (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().double()
+            local[self.rank, 0] += t.sum()
+            local[self.rank, 1] += (t * t).sum()
+        return D.all_reduce(local).tolist()
 
-    def _log_step(self, sums: torch.Tensor, dt: float, t_data: float, bad: bool) -> None:
+    def _log_step(self, sums: torch.Tensor, counts: torch.Tensor, dt: float, t_data: float, skipped: bool) -> None:
         total, ab, ba, dep, tokens = (float(x) for x in sums[:5])
+        checksums = self.param_checksums()  # every rank takes part
         samples = self.cfg.data.batch_size * self.gas * self.world
         lr = self.scheduler.get_last_lr()
         gn = self.engine.get_global_grad_norm()
+        gn = float(gn) if gn is not None and math.isfinite(float(gn)) and not skipped else None
         m = {"train/loss": total, "train/nce_ab": ab, "train/nce_ba": ba, "train/nce": 0.5 * (ab + ba),
              "train/depth": dep, "train/lr": lr[-1], "train/lr_heads": lr[0],
              "train/samples_per_s": samples / max(dt, 1e-9), "train/tokens_per_s": tokens / max(dt, 1e-9),
              "train/data_wait_s": t_data, "train/data_wait_share": t_data / max(dt, 1e-9),
-             "train/step_time_s": dt, "train/skipped_steps": self.bad_steps}
-        if gn is not None and math.isfinite(float(gn)):
-            m["train/grad_norm"] = float(gn)
-        bad_data = self.train_stream.stats()
-        m["train/bad_samples"] = bad_data["skipped"]
-        self.tracker.log_metrics(m, step=self.step)
+             "train/step_time_s": dt, "train/skipped_steps": self.bad_steps,
+             "train/anchors": float(counts[0])}
+        if gn is not None:
+            m["train/grad_norm"] = gn
+        m["train/bad_samples"] = self.train_stream.stats()["skipped"]
+        self.tracker.log_metrics({k: v for k, v in m.items() if math.isfinite(v)}, step=self.step)
+        if self.rank == 0:
+            row = {"step": self.step, "skipped": skipped, **{k.split("/", 1)[1]: (v if math.isfinite(v) else None)
+                                                             for k, v in m.items()},
+                   "checksums": checksums, "time": time.time()}
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, TRAIN_LOG), "a") as f:
+                f.write(json.dumps(row) + "\n")
         D.print0(f"[train] step {self.step}/{self.cfg.optim.steps} loss {total:.4f} (nce {0.5 * (ab + ba):.4f}, "
-                 f"depth {dep:.4f}) lr {lr[-1]:.2e} grad {float(gn) if gn is not None else float('nan'):.3f} "
+                 f"depth {dep:.4f}) lr {lr[-1]:.2e} grad {gn if gn is not None else float('nan'):.3f} "
                  f"{samples / max(dt, 1e-9):.2f} pairs/s data-wait {100 * t_data / max(dt, 1e-9):.0f}%"
-                 + (" SKIPPED" if bad else ""))
+                 + (" SKIPPED" if skipped else ""))
+
+    def _truncate_train_log(self, step: int) -> None:
+        """On resume: drop the log lines of steps after the checkpoint (they are redone)."""
+        path = os.path.join(self.run_dir, TRAIN_LOG)
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -386,7 +453,7 @@ class Trainer:
             stream = PairStream(self.val_sources, self.adapter, batch_size=cfg.data.batch_size, rank=self.rank,
                                 world_size=self.world, num_workers=0, seed=0, split="val",
                                 batches_per_epoch=cfg.run.val_batches)
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             D.print0(f"[val] skipped: {e}")
             return None
         t0 = time.perf_counter()
@@ -429,6 +496,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ end
     def finish(self, status: str = "FINISHED") -> None:
+        if self._it is not None:
+            self._it.close()  # stops the loader's worker processes now
+            self._it = None
         self.tracker.end(status)
 
 

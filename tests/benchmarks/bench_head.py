@@ -1,0 +1,206 @@
+"""Cost of the GASP head and losses on top of the VLM (issue [5 of 10] speed; run by hand).
+
+    python tests/benchmarks/bench_head.py                      # CPU: 8 layers x 512, two 224x224 frames
+    python tests/benchmarks/bench_head.py --device cuda --shape 7b   # GPU: 7B layer shape, bf16, LoRA + heads
+
+Forward + backward time and peak memory of
+  (a) the VLM alone (its LM forward; backward of a plain loss on the vision-token states),
+  (b) the VLM with the fused all-layer head and both GASP losses (what trains),
+  (c) the same with the per-layer `nn.Linear` loop (the reference).
+Goal: (b) <= 1.10 x (a) in time and memory, (b) no slower than (c).
+Self-contained: needs only torch, transformers and peft plus this repository (no network,
+random weights built from config classes). Prints a table; `--json PATH` writes it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import numpy as np
+import torch
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype, trainable: str):
+    from model.head import PerLayerHeads
+    from model.loading import build_preset_model, build_preset_processor
+    from model.presets import get_preset
+    from model.qwen import QwenAdapter
+    from model.wrapper import GaspConfig, GaspVLM
+
+    if shape == "small":  # issue 5: 8 layers, hidden 512, two 224x224 frames
+        base = get_preset("tiny")
+        preset = dataclasses.replace(
+            base, name="bench-small",
+            text={**base.text, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8,
+                  "num_attention_heads": 8, "num_key_value_heads": 4,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}},
+            vision={**base.vision, "depth": 4, "embed_dim": 128, "hidden_size": 512, "num_heads": 4},
+            max_pixels=224 * 224, min_pixels=224 * 224)
+        size = (224, 224)
+    else:  # 7B layer shape (Qwen2.5-VL-7B), 8 of its 28 layers so one card holds it quickly
+        base = get_preset("qwen2.5-vl-7b")
+        preset = dataclasses.replace(base, name="bench-7b-layers",
+                                     text={**base.text, "num_hidden_layers": 8, "max_window_layers": 8},
+                                     vision={**base.vision, "depth": 8, "fullatt_block_indexes": [3, 7]},
+                                     max_pixels=448 * 336, min_pixels=448 * 336)
+        size = (448, 336)
+    attn = "sdpa"
+    vlm = build_preset_model(preset, dtype=dtype, attn_implementation=attn, device=device)
+    proc = build_preset_processor(preset)
+    adapter = QwenAdapter(proc, family=preset.family, max_pixels=preset.max_pixels, min_pixels=preset.min_pixels)
+    gasp = GaspVLM(vlm, GaspConfig(trainable=trainable)).to(device)
+    gasp.init_heads()
+    loop = PerLayerHeads.from_fused(gasp.head).to(device)
+    return gasp, adapter, loop, size
+
+
+def make_batch(adapter, size, n_pairs: int, device, dtype, seed=0):
+    from model.wrapper import GaspVLM  # noqa: F401
+
+    rng = np.random.default_rng(seed)
+    W, H = size
+    items = [adapter.encode_pair(rng.integers(0, 255, (H, W, 3), dtype=np.uint8),
+                                 rng.integers(0, 255, (H, W, 3), dtype=np.uint8)) for _ in range(n_pairs)]
+    b = adapter.collate(items)
+    B = n_pairs
+    pa, pb = torch.stack(b["cell_pos_a"]), torch.stack(b["cell_pos_b"])
+    Na, Nb = pa.shape[1], pb.shape[1]
+    M = min(Na, 150)
+    g = adapter.grid(size)
+    batch = {**b, "cell_pos_a": pa, "cell_pos_b": pb,
+             "cell_mask_a": torch.ones(B, Na, dtype=torch.bool), "cell_mask_b": torch.ones(B, Nb, dtype=torch.bool),
+             "anchor_a": torch.stack([torch.randperm(Na)[:M] for _ in range(B)]),
+             "target_b": torch.randint(0, Nb, (B, M)), "anchor_mask": torch.ones(B, M, dtype=torch.bool),
+             "z_b": torch.rand(B, M) * 3 + 1, "depth_b": torch.rand(B, Nb) * 3 + 1,
+             "depth_b_valid": torch.ones(B, Nb, dtype=torch.bool),
+             "grid_a": torch.tensor([[g.rows, g.cols]] * B), "grid_b": torch.tensor([[g.rows, g.cols]] * B),
+             "gap": torch.arange(B)}
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    inputs = adapter.model_inputs(batch)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return batch, inputs
+
+
+def variant_fn(name: str, gasp, loop, batch, inputs):
+    fused = gasp.head
+
+    def vlm_alone():
+        base = gasp._base_vlm()
+        body = getattr(base, "model", base)
+        gasp.release()
+        out = body(**inputs, use_cache=False).last_hidden_state  # (B, S, D)
+        pos = torch.cat([batch["cell_pos_a"], batch["cell_pos_b"]], 1)
+        rows = torch.arange(out.shape[0], device=out.device)[:, None]
+        return out[rows, pos].float().square().mean()
+
+    def with_head(head):
+        def f():
+            gasp.head = head
+            try:
+                loss, _ = gasp(batch, inputs)
+            finally:
+                gasp.head = fused
+            return loss
+        return f
+
+    return {"a_vlm": vlm_alone, "b_fused": with_head(fused), "c_loop": with_head(loop)}[name]
+
+
+def time_variant(fn, device, warmup: int, iters: int, params) -> tuple[float, float]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn().backward()
+        for p in params:
+            p.grad = None
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    else:
+        import resource
+
+        base_mem = 0
+    times = []
+    peak_cpu = 0.0
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn().backward()
+        sync()
+        times.append(time.perf_counter() - t)
+        for p in params:
+            p.grad = None
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+    else:
+        peak = _cpu_peak_gib(fn, params)
+    return float(np.median(times)), peak
+
+
+def _cpu_peak_gib(fn, params) -> float:
+    """Peak extra memory of one step on CPU, from the torch profiler's memory accounting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn().backward()
+    for p in params:
+        p.grad = None
+    # running total of allocations, in event order: its maximum is the step's peak
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in events:
+        cur += e.cpu_memory_usage
+        peak = max(peak, cur)
+    return peak / 2**30
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", default=None, choices=["small", "7b"], help="default: small on CPU, 7b on CUDA")
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--trainable", default=None, help="default: full on CPU small, lora on 7b")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    shape = args.shape or ("7b" if device.type == "cuda" else "small")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    trainable = args.trainable or ("lora" if shape == "7b" else "full")
+    torch.manual_seed(0)
+    gasp, adapter, loop, size = build(shape, device, dtype, trainable)
+    gasp.train()
+    batch, inputs = make_batch(adapter, size, args.pairs, device, dtype)
+    params = [p for p in list(gasp.parameters()) + list(loop.parameters()) if p.requires_grad]
+    rows = {}
+    for name in ("a_vlm", "b_fused", "c_loop"):
+        rows[name] = time_variant(variant_fn(name, gasp, loop, batch, inputs), device, args.warmup, args.iters, params)
+    a_t, a_m = rows["a_vlm"]
+    seq = int(inputs["input_ids"].shape[1])
+    L = gasp.num_layers
+    print(f"\nGASP head cost: {shape} shape ({L} layers, D={gasp.hidden_size}, d={gasp.head.head_dim}), "
+          f"{args.pairs} pairs of {size[0]}x{size[1]}, seq {seq}, {dtype}, trainable={trainable}, {device}")
+    print(f"{'variant':<34}{'fwd+bwd ms':>12}{'x (a)':>8}{'peak GiB':>10}{'x (a)':>8}")
+    labels = {"a_vlm": "(a) VLM alone", "b_fused": "(b) + fused head + losses", "c_loop": "(c) + per-layer loop"}
+    for k, (t, m) in rows.items():
+        print(f"{labels[k]:<34}{1e3 * t:>12.1f}{t / a_t:>8.3f}{m:>10.3f}{(m / a_m if a_m > 0 else float('nan')):>8.3f}")
+    b_t, c_t = rows["b_fused"][0], rows["c_loop"][0]
+    print(f"goal: (b) <= 1.10 x (a) time [{'met' if b_t <= 1.10 * a_t else 'NOT met'}] and memory "
+          f"[{'met' if rows['b_fused'][1] <= 1.10 * a_m else 'NOT met'}]; (b) no slower than (c) "
+          f"[{'met' if b_t <= c_t * 1.02 else 'NOT met'}]")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": shape, "device": str(device), "dtype": str(dtype), "pairs": args.pairs, "seq": seq,
+                       "layers": L, "rows": {k: {"ms": 1e3 * t, "peak_gib": m} for k, (t, m) in rows.items()}},
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
