@@ -81,6 +81,9 @@ def build_parser(cls: type, prog: str, description: str, epilog: str | None = No
     parser = OneLineParser(prog=prog, description=description, epilog=epilog,
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f, tp, path in _fields(cls):
+        if tp is bool and f.name.startswith("no_"):
+            raise TypeError(f"{cls.__name__}.{f.name}: a bool field must not start with 'no_' "
+                            f"(its flag would clash with --no-{f.name[3:].replace('_', '-')})")
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         conv, extra = _converter(tp)
         kw: dict[str, Any] = dict(extra)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import re
 from typing import Any
 
@@ -59,7 +60,15 @@ class MlflowTracker(NullTracker):
         import mlflow
 
         self._mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri())
+        uri = tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        if mlflow.get_experiment_by_name(experiment) is None and uri.startswith("sqlite:///"):
+            # keep artifacts beside the sqlite store (not in ./mlruns of whatever the cwd is)
+            root = os.path.join(os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])), "mlartifacts")
+            try:
+                mlflow.create_experiment(experiment, artifact_location=pathlib.Path(root).as_uri())
+            except Exception:  # created meanwhile by another process
+                pass
         mlflow.set_experiment(experiment)
         kw: dict[str, Any] = {"log_system_metrics": system_metrics}
         if run_id:

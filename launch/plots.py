@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -23,6 +24,7 @@ def pck_by_layer(results: dict[str, dict[str, Any]], path: str, title: str = "PC
         chance = res.get("chance1")
     if chance is not None:
         ax.axhline(chance, color="grey", lw=1, ls=":", label="chance (PCK@1)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("language-model layer")
     ax.set_ylabel("fraction of anchors")
     ax.set_ylim(0, 1)

@@ -176,5 +176,5 @@ def flatten_metrics(result: dict[str, Any], prefix: str) -> dict[str, float]:
                 flat[f"{prefix}/{key}/layer_{l:02d}"] = float(d[key])
         for lab, v in zip(labels, d["pck1_by_gap"]):
             if v is not None:
-                flat[f"{prefix}/pck1_gap_{lab}/layer_{l:02d}"] = float(v)
+                flat[f"{prefix}/pck1_gap_{lab.replace('+', 'plus')}/layer_{l:02d}"] = float(v)  # MLflow names: no "+"
     return flat

@@ -2,7 +2,9 @@
 
 `build_model_and_processor` returns (model, processor, adapter). A preset name builds a
 random-weight model from its config (seeded) and the local tiny processor; a directory
-loads a Hugging Face Qwen2-VL / Qwen2.5-VL checkpoint with its own processor files.
+loads a Hugging Face checkpoint of a supported family (Qwen2-VL, Qwen2.5-VL,
+LLaVA-OneVision, LLaVA-NeXT-Video: `model.presets.FAMILIES`) with its own processor files.
+The family (`model_type` of config.json) picks the model class, processor and adapter.
 After that both take the same path: device, eval mode, adapter. Anything that cannot
 be loaded fails with one `ModelLoadError` line naming the preset or path.
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from model.presets import FAMILIES, PRESETS, Preset, get_preset
+from model.presets import FAMILIES, LLAVA_FAMILIES, PRESETS, Preset, get_preset
 from model.qwen import QwenAdapter, make_processor
 
 log = logging.getLogger(__name__)
@@ -33,11 +35,14 @@ class ModelLoadError(Exception):
 
 
 def model_class(family: str):
-    """The `...ForConditionalGeneration` class of a supported family ('qwen2_vl', 'qwen2_5_vl')."""
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    """The `...ForConditionalGeneration` class of a supported family (one of FAMILIES)."""
+    from transformers import (LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
+                              Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
 
     return {"qwen2_vl": Qwen2VLForConditionalGeneration,
-            "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[family]
+            "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+            "llava_onevision": LlavaOnevisionForConditionalGeneration,
+            "llava_next_video": LlavaNextVideoForConditionalGeneration}[family]
 
 
 def _flash_attn_importable() -> bool:
@@ -103,12 +108,34 @@ def build_preset_processor(preset: Preset):
     """The local processor of a preset: tiny tokenizer, PIL image processor, chat template."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if preset.family in LLAVA_FAMILIES:
+        return _build_llava_preset_processor(preset)
+
     from model.tokenizer import CHAT_TEMPLATE, build_tokenizer
 
     patch, merge, temporal = (preset.vision[k] for k in ("patch_size", "spatial_merge_size", "temporal_patch_size"))
     image_processor = Qwen2VLImageProcessorPil(min_pixels=preset.min_pixels, max_pixels=preset.max_pixels,
                                                patch_size=patch, merge_size=merge, temporal_patch_size=temporal)
     return make_processor(image_processor, build_tokenizer(), CHAT_TEMPLATE, preset.family)
+
+
+def _build_llava_preset_processor(preset: Preset):
+    """LLaVA preset: the tiny LLaVA tokenizer; base patch = the tower's S x S input."""
+    from model import llava
+    from model.llava_tokenizer import CHAT_TEMPLATE, build_tokenizer
+
+    cfg = preset.config()
+    vc = cfg.vision_config
+    S, p = int(vc.image_size), int(vc.patch_size)
+    image_processor = llava.build_image_processor(preset.family, S, cfg.image_grid_pinpoints)
+    strategy = cfg.vision_feature_select_strategy
+    if preset.family == "llava_onevision":
+        settings = dict(num_image_tokens=(S // p) ** 2, vision_feature_select_strategy=strategy,
+                        vision_aspect_ratio=cfg.vision_aspect_ratio)
+    else:
+        settings = dict(patch_size=p, vision_feature_select_strategy=strategy,
+                        num_additional_image_tokens=1 if vc.model_type == "clip_vision_model" else 0)
+    return llava.make_processor(preset.family, image_processor, build_tokenizer(), CHAT_TEMPLATE, **settings)
 
 
 def build_preset_model(preset: Preset, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
@@ -122,16 +149,20 @@ def build_preset_model(preset: Preset, *, dtype: torch.dtype = torch.float32, at
         return cls._from_config(preset.config(), dtype=dtype, attn_implementation=attn_implementation)
 
 
-def _read_chat_template(path: Path, tokenizer) -> str:
+def _read_chat_template(path: Path, tokenizer, family: str = "qwen2_vl") -> str:
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text()
     if (path / "chat_template.json").is_file():
         return json.loads((path / "chat_template.json").read_text())["chat_template"]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.chat_template
-    from model.tokenizer import CHAT_TEMPLATE
+    if family in LLAVA_FAMILIES:
+        from model.llava_tokenizer import CHAT_TEMPLATE
+    else:
+        from model.tokenizer import CHAT_TEMPLATE
 
-    log.warning("%s has no chat template; using the built-in Qwen-style one", path)
+    log.warning("%s has no chat template; using the built-in %s-style one", path,
+                "LLaVA-OneVision" if family in LLAVA_FAMILIES else "Qwen")
     return CHAT_TEMPLATE
 
 
@@ -142,6 +173,10 @@ def load_processor(path: str | Path, family: str):
 
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if family in LLAVA_FAMILIES:
+        from model import llava
+
+        return llava.load_processor(path, family, tokenizer, _read_chat_template(path, tokenizer, family))
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
     return make_processor(image_processor, tokenizer, _read_chat_template(path, tokenizer), family)
 
@@ -169,7 +204,8 @@ def build_model_and_processor(preset_or_path: str, *, dtype: torch.dtype | str =
 
     dtype: weights' dtype (e.g. torch.bfloat16 on GPU). attn_implementation: None for
     automatic, or one of ATTN_IMPLEMENTATIONS. max_pixels: per-view pixel budget of the
-    adapter's resize (default: the processor's). The model is returned on `device`
+    adapter's resize (default: the processor's); LLaVA families ignore it (each view is
+    resized to the vision tower's square input, see model/llava.py). The model is returned on `device`
     (left to DeepSpeed under ZeRO-3) and in eval mode. A name in PRESETS is always the
     preset, even if a directory of that name exists.
     """
@@ -210,11 +246,27 @@ def build_model_and_processor(preset_or_path: str, *, dtype: torch.dtype | str =
     if not zero3:
         model.to(device)
     model.eval()
-    adapter = QwenAdapter(processor, family=family, max_pixels=max_pixels)
+    try:
+        adapter = make_adapter(family, processor, model.config, max_pixels=max_pixels)
+    except ValueError as e:
+        raise ModelLoadError(f"{source}: {_first_line(e)}") from None
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full size
     log.info("model: %s (%s, %.1fM parameters, %s, attention %s, max %d pixels a view)", source, family,
              n_params / 1e6, dtype, attn, adapter.max_pixels)
     return model, processor, adapter
+
+
+def make_adapter(family: str, processor, config, *, max_pixels: int | None = None):
+    """The family adapter (`data.adapter.FamilyAdapter`) of a model's processor and config."""
+    if family in LLAVA_FAMILIES:
+        from model.llava import LlavaAdapter
+
+        adapter = LlavaAdapter(processor, config)
+        if max_pixels is not None and max_pixels != adapter.max_pixels:
+            log.info("max_pixels %d ignored: %s views are resized to the vision tower's %dx%d", max_pixels, family,
+                     adapter.image_size, adapter.image_size)
+        return adapter
+    return QwenAdapter(processor, family=family, max_pixels=max_pixels)
 
 
 def save_preset_checkpoint(name: str, out_dir: str | Path) -> Path:

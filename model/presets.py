@@ -1,4 +1,4 @@
-"""Named model presets: random-weight Qwen2-VL / Qwen2.5-VL models built from a config.
+"""Named model presets: random-weight Qwen2-VL / Qwen2.5-VL / LLaVA models built from a config.
 
 `--preset NAME` (DESIGN §7) means one of `PRESETS`. A preset is a plain dataclass:
 the family, the text and vision config values, the processor's pixel budget and the
@@ -12,6 +12,17 @@ init seed. Nothing is downloaded: the tokenizer is the tiny local one
   28 heads, 4 KV heads, vocabulary 152064, 32-block vision tower) with random weights,
   for GPU benchmarks. Only the special-token ids differ from the published ones (they
   are the local tokenizer's); the embedding table keeps the real 152064 rows.
+- `tiny-llava-ov` (LLaVA-OneVision: SigLIP tower + Qwen2 LM) and `tiny-llava-next-video`
+  (LLaVA-NeXT-Video: CLIP tower + Llama LM): the `tiny` LM size, a 2-layer tower on
+  118 x 118 pixels = 8 x 8 patches of 14 (plus a 6-pixel margin no patch covers, as
+  384 = 27 x 14 + 6 in the real model), 64 cells a view. Their tokenizer is
+  `model.llava_tokenizer`: the same tiny vocabulary, `<image>` / `<video>` in the
+  image / video placeholder slots.
+- `llava-onevision-qwen2-7b` and `llava-next-video-7b`: the architecture of
+  llava-hf/llava-onevision-qwen2-7b-ov-hf (Qwen2-7B LM, vocabulary 152128, 26-layer
+  SigLIP-so400m at 384) and llava-hf/LLaVA-NeXT-Video-7B-hf (Vicuna-7B LM, vocabulary
+  32064, CLIP ViT-L/14 at 336) with random weights, for GPU benchmarks; special-token ids
+  are the local tokenizer's, as for the Qwen ones.
 """
 from __future__ import annotations
 
@@ -21,7 +32,9 @@ from typing import Any, Callable
 
 from model.tokenizer import VOCAB_SIZE, config_token_ids
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+LLAVA_FAMILIES = ("llava_onevision", "llava_next_video")
+FAMILIES = QWEN_FAMILIES + LLAVA_FAMILIES
 """Supported `model_type`s (Hugging Face config families)."""
 
 
@@ -32,15 +45,20 @@ class Preset:
     name: str
     """The `--preset` name."""
     family: str
-    """Hugging Face `model_type`: 'qwen2_vl' or 'qwen2_5_vl'."""
+    """Hugging Face `model_type`: one of FAMILIES."""
     text: dict[str, Any] = field(default_factory=dict)
-    """Language-model config values (Qwen2VLTextConfig / Qwen2_5_VLTextConfig fields)."""
+    """Language-model config values (Qwen2VLTextConfig / Qwen2_5_VLTextConfig fields; for LLaVA the
+    text config's, with its `model_type`, e.g. 'qwen2' or 'llama')."""
     vision: dict[str, Any] = field(default_factory=dict)
-    """Vision-tower config values (Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig fields)."""
+    """Vision-tower config values (Qwen2VLVisionConfig / Qwen2_5_VLVisionConfig fields; for LLaVA the
+    tower config's, with its `model_type`, e.g. 'siglip_vision_model' or 'clip_vision_model')."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further top-level config values (LLaVA: vision_feature_select_strategy, vision_feature_layer,
+    image_grid_pinpoints, ...)."""
     min_pixels: int = 56 * 56
-    """The processor's smallest resized image area (pixels)."""
+    """The processor's smallest resized image area (pixels). Qwen only: LLaVA views are S x S."""
     max_pixels: int = 28 * 28 * 1280
-    """The processor's largest resized image area (pixels): the per-view budget."""
+    """The processor's largest resized image area (pixels): the per-view budget. Qwen only."""
     seed: int = 0
     """Seed of the random init (the same preset gives the same weights on one device)."""
     tie_word_embeddings: bool = False
@@ -49,15 +67,20 @@ class Preset:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"preset {self.name!r}: family {self.family!r} is not one of {FAMILIES}")
+        if self.family in LLAVA_FAMILIES:
+            return
         head_dim = self.text["hidden_size"] // self.text["num_attention_heads"]
         section = self.text["rope_parameters"]["mrope_section"]
         if 2 * sum(section) != head_dim:
             raise ValueError(f"preset {self.name!r}: mrope_section {section} must sum to head_dim/2 = {head_dim // 2}")
 
     def config(self):
-        """The Hugging Face config (`Qwen2VLConfig` or `Qwen2_5_VLConfig`) of this preset."""
+        """The Hugging Face config (`Qwen2VLConfig`, `Qwen2_5_VLConfig`, `LlavaOnevisionConfig`,
+        `LlavaNextVideoConfig`) of this preset."""
         from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
+        if self.family in LLAVA_FAMILIES:
+            return self._llava_config()
         ids = config_token_ids()
         text_ids = {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
         cls = Qwen2VLConfig if self.family == "qwen2_vl" else Qwen2_5_VLConfig
@@ -69,6 +92,23 @@ class Preset:
             vision_start_token_id=ids["vision_start_token_id"],
             vision_end_token_id=ids["vision_end_token_id"],
             tie_word_embeddings=self.tie_word_embeddings,
+        )
+
+    def _llava_config(self):
+        from transformers import LlavaNextVideoConfig, LlavaOnevisionConfig
+
+        from model.llava_tokenizer import config_token_ids as llava_token_ids
+
+        ids = llava_token_ids()
+        text_ids = {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        cls = LlavaOnevisionConfig if self.family == "llava_onevision" else LlavaNextVideoConfig
+        return cls(
+            text_config={**self.text, **text_ids},
+            vision_config=dict(self.vision),
+            image_token_index=ids["image_token_id"],
+            video_token_index=ids["video_token_id"],
+            tie_word_embeddings=self.tie_word_embeddings,
+            **self.extra,
         )
 
     def n_params(self) -> int:
@@ -148,11 +188,91 @@ def qwen25_vl_7b() -> Preset:
     )
 
 
+def tiny_llava_ov() -> Preset:
+    """LLaVA-OneVision, random weights: the `tiny` LM as Qwen2, SigLIP 2 layers x 32 on 118 px, 8 x 8 cells."""
+    lm = tiny().text
+    S = 118  # 8 x 14 + 6: like 384 = 27 x 14 + 6, the last 6 pixel rows / columns feed no patch
+    return Preset(
+        name="tiny-llava-ov",
+        family="llava_onevision",
+        text=dict(model_type="qwen2", vocab_size=VOCAB_SIZE, hidden_size=lm["hidden_size"],
+                  intermediate_size=lm["intermediate_size"], num_hidden_layers=lm["num_hidden_layers"],
+                  num_attention_heads=lm["num_attention_heads"], num_key_value_heads=lm["num_key_value_heads"],
+                  max_position_embeddings=32768, rms_norm_eps=1e-6, max_window_layers=lm["num_hidden_layers"],
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        vision=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, image_size=S, patch_size=14, vision_use_head=False),
+        extra=dict(vision_feature_select_strategy="full", vision_feature_layer=-1, vision_aspect_ratio="anyres_max_9",
+                   image_grid_pinpoints=[[S, S], [S, 2 * S], [2 * S, S], [2 * S, 2 * S]]),
+        seed=2,
+    )
+
+
+def tiny_llava_next_video() -> Preset:
+    """LLaVA-NeXT-Video, random weights: the `tiny` LM as Llama, CLIP 2 layers x 32 on 118 px, 8 x 8 cells.
+
+    Its images go through any-resolution: the grid pinpoints (as the real model's, in tower
+    tiles) hold no 1 x 1 tile, so a square view gets the base patch and 2 crops.
+    """
+    base = tiny_llava_ov()
+    S = base.vision["image_size"]
+    text = {k: v for k, v in base.text.items() if k not in ("model_type", "max_window_layers")}
+    return dataclasses.replace(
+        base, name="tiny-llava-next-video", family="llava_next_video",
+        text={**text, "model_type": "llama", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+        vision=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, image_size=S, patch_size=14, projection_dim=32),
+        extra=dict(vision_feature_select_strategy="default", vision_feature_layer=-2,
+                   image_grid_pinpoints=[[S, 2 * S], [2 * S, S], [2 * S, 2 * S], [3 * S, S], [S, 3 * S]]),
+        seed=3,
+    )
+
+
+def llava_onevision_qwen2_7b() -> Preset:
+    """Architecture of llava-hf/llava-onevision-qwen2-7b-ov-hf (config.json), random weights."""
+    return Preset(
+        name="llava-onevision-qwen2-7b",
+        family="llava_onevision",
+        text=dict(model_type="qwen2", vocab_size=152128, hidden_size=3584, intermediate_size=18944,
+                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                  max_position_embeddings=32768, rms_norm_eps=1e-6, max_window_layers=28, hidden_act="silu",
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+        vision=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                    num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14,
+                    vision_use_head=False),
+        extra=dict(vision_feature_select_strategy="full", vision_feature_layer=-1,
+                   vision_aspect_ratio="anyres_max_9"),  # image_grid_pinpoints: the config's default (384 tiles)
+        seed=0,
+    )
+
+
+def llava_next_video_7b() -> Preset:
+    """Architecture of llava-hf/LLaVA-NeXT-Video-7B-hf (config.json), random weights."""
+    return Preset(
+        name="llava-next-video-7b",
+        family="llava_next_video",
+        text=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                  max_position_embeddings=4096, rms_norm_eps=1e-5, hidden_act="silu",
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+        vision=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                    num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14,
+                    projection_dim=768, hidden_act="quick_gelu"),
+        extra=dict(vision_feature_select_strategy="default", vision_feature_layer=-2,
+                   image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+        seed=0,
+    )
+
+
 PRESETS: dict[str, Callable[[], Preset]] = {
     "tiny": tiny,
     "tiny-qwen2.5": tiny_qwen25,
     "qwen2-vl-7b": qwen2_vl_7b,
     "qwen2.5-vl-7b": qwen25_vl_7b,
+    "tiny-llava-ov": tiny_llava_ov,
+    "tiny-llava-next-video": tiny_llava_next_video,
+    "llava-onevision-qwen2-7b": llava_onevision_qwen2_7b,
+    "llava-next-video-7b": llava_next_video_7b,
 }
 
 

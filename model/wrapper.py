@@ -150,6 +150,9 @@ class GaspVLM(nn.Module):
             for m in find_vision_modules(base):
                 for p in m.parameters():
                     p.requires_grad_(True)
+            newline = getattr(getattr(base, "model", base), "image_newline", None)  # LLaVA: a bare parameter
+            if isinstance(newline, nn.Parameter):
+                newline.requires_grad_(True)
         for p in self.head.parameters():
             p.requires_grad_(True)
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters() if p.requires_grad)

@@ -3,8 +3,9 @@
 One module per benchmark (`vsibench`, `allangles`), each exposing the same small
 interface that the runner (`runner.py`) drives:
 
-- `NAME`, `DEFAULT_MAX_NEW_TOKENS`, `WHERE` (where the data come from, one line);
-- `load(data, annotations) -> (root, list[Question])`: read and validate the
+- `NAME`, `DEFAULT_MAX_NEW_TOKENS`, `WHERE` (where the data come from, one line),
+  `REFERENCE` (the reference code followed);
+- `load(data, annotations) -> (root, annotation file, list[Question])`: read and validate the
   annotations (BenchmarkError, one line, on anything malformed);
 - `missing_media(questions) -> list[str]`: files the selected questions need but lack;
 - `missing_message(root, missing, total) -> str`: the one line telling the user what to get;

@@ -17,7 +17,8 @@ Prompt: the authors evaluate with their VLMEvalKit fork; for Qwen2-VL / Qwen2.5-
 VLMEvalKit builds multiple-choice prompts with `Qwen2VLPromptMixin._build_mcq_prompt`
 (open-compass/VLMEvalKit vlmeval/vlm/qwen2_vl/prompt.py): the view images, then
 
-    "Question: {question}\\nOptions:\\nA. {A}\\nB. {B}\\nC. {C}\\nPlease select the correct answer from the options above."
+    "Question: {question}\\nOptions:\\nA. {A}\\nB. {B}\\nC. {C}\\n"
+    "Please select the correct answer from the options above."
 
 (the Chinese instruction when the text holds CJK characters, trailing whitespace
 stripped). Scoring: `scoring.score_allangles` (VLMEvalKit `can_infer`, exact matching).
@@ -36,6 +37,8 @@ NAME = "all-angles"
 DEFAULT_MAX_NEW_TOKENS = 32
 HF_URL = "https://huggingface.co/datasets/ch-chenyu/All-Angles-Bench"
 REPO_URL = "https://github.com/Chenyu-Wang567/All-Angles-Bench"
+REFERENCE = ("open-compass/VLMEvalKit vlmeval/vlm/qwen2_vl/prompt.py (MCQ prompt) + vlmeval/utils/matching_util.py "
+             "(can_infer, exact matching); pair consistency: this project (CC/WW/IC of the All-Angles paper)")
 FIELDS = ("index", "category", "image_path", "question", "A", "B", "C", "answer")
 ALL_FIELDS = ("index", "folder", "category", "pair_idx", "sourced_dataset", "image_path", "question", "A", "B",
               "C", "answer")
@@ -86,8 +89,8 @@ def _pair(value: Any) -> str | None:
     return str(value).strip()
 
 
-def load(data: str, annotations: str = "") -> tuple[str, list[Question]]:
-    """(image root, questions in file order) for `--data` / `--annotations`."""
+def load(data: str, annotations: str = "") -> tuple[str, str, list[Question]]:
+    """(image root, annotation file, questions in file order) for `--data` / `--annotations`."""
     root, path = find_annotations(data, annotations)
     records = read_records(path, NAME)
     require_fields(records, FIELDS, path, NAME, EXPECTED)
@@ -118,7 +121,7 @@ def load(data: str, annotations: str = "") -> tuple[str, list[Question]]:
                   "image_path": images, "question": r["question"], "options": dict(options), "answer": answer}
         questions.append(Question(key=key, prompt=build_prompt(r["question"], options), media=media,
                                   record=record, group=str(r.get("folder") or os.path.dirname(images[0]))))
-    return root, questions
+    return root, path, questions
 
 
 def missing_media(questions: list[Question]) -> list[str]:
@@ -152,7 +155,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     scored = []
     for r in rows:
         _, hit = scoring.score_allangles(r["prediction"], r["options"], r["answer"])
-        scored.append({"index": r["index"], "category": r["category"], "pair_idx": r.get("pair_idx"), "hit": hit})
+        scored.append({"index": r["key"], "category": r["category"], "pair_idx": r.get("pair_idx"), "hit": hit})
     return scoring.aggregate_allangles(scored)
 
 

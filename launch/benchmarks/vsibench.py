@@ -17,8 +17,10 @@ i.e. a question's video is `ROOT/<dataset>/<scene_name>.mp4`, as in lmms-eval's
 Prompts are that task's `vsibench_doc_to_text` with its default kwargs
 (lmms_eval/tasks/vsibench/vsibench.yaml: pre_prompt "" -> "These are frames of a video."):
 
-    numerical:        "These are frames of a video.\\n{question}\\nPlease answer the question using a single word or phrase."
-    multiple choice:  "These are frames of a video.\\n{question}\\nOptions:\\n{options joined by \\n}\\nAnswer with the option's letter from the given choices directly."
+    numerical:        "These are frames of a video.\\n{question}\\n"
+                      "Please answer the question using a single word or phrase."
+    multiple choice:  "These are frames of a video.\\n{question}\\nOptions:\\n{options joined by \\n}\\n"
+                      "Answer with the option's letter from the given choices directly."
 
 The sampled frames go in as images (one `{"type": "image"}` each, before the text):
 this project's processor has no video path. Scoring: `scoring.score_vsi`,
@@ -41,6 +43,8 @@ DEFAULT_MAX_NEW_TOKENS = 16
 DEFAULT_NUM_FRAMES = 32
 """Frames per video: lmms-eval's default video budget (`max_num_frames` / `max_frames_num` 32)."""
 HF_URL = "https://huggingface.co/datasets/nyu-visionx/VSI-Bench"
+REFERENCE = ("EvolvingLMMs-Lab/lmms-eval lmms_eval/tasks/vsibench/utils.py + vsibench.yaml "
+             "(= vision-x-nyu/thinking-in-space lmms_eval/tasks/vsibench/utils.py)")
 DATASETS = ("arkitscenes", "scannet", "scannetpp")
 FIELDS = ("id", "dataset", "scene_name", "question_type", "question", "options", "ground_truth")
 ANNOTATION_NAMES = ("test-00000-of-00001.parquet", "test.parquet", "test.jsonl", "test.json",
@@ -95,8 +99,8 @@ def _options(value: Any, qtype: str, rec_id: Any, path: str) -> list[str] | None
     return [str(o) for o in value]
 
 
-def load(data: str, annotations: str = "") -> tuple[str, list[Question]]:
-    """(video root, questions in file order) for `--data` / `--annotations`."""
+def load(data: str, annotations: str = "") -> tuple[str, str, list[Question]]:
+    """(video root, annotation file, questions in file order) for `--data` / `--annotations`."""
     root, path = find_annotations(data, annotations)
     records = read_records(path, NAME)
     require_fields(records, FIELDS, path, NAME, EXPECTED)
@@ -128,7 +132,7 @@ def load(data: str, annotations: str = "") -> tuple[str, list[Question]]:
                   "ground_truth": gt}
         questions.append(Question(key=key, prompt=build_prompt(qtype, str(r["question"]), options), media=[video],
                                   record=record, group=video))
-    return root, questions
+    return root, path, questions
 
 
 def missing_media(questions: list[Question]) -> list[str]:

@@ -1,0 +1,213 @@
+"""Token labels of a frame pair (DESIGN §5): anchors, targets, z_b and the cell depths D_b.
+
+Everything is computed from a decoded `PairSample` and the `CellGrid` of each view
+(from the family adapter), with vectorised numpy (bincount / lexsort / one sort per
+cell block), never a Python loop over cells or pixels.
+
+- A point at stored pixel (u, v) of a view of stored size (W, H) moves to the resized
+  image by the §3 rule (`geometry.resize_points`), `u' = (u + 0.5) W'/W - 0.5`, and lies
+  in cell `(row, col) = (floor((v' + 0.5) / cell_px), floor((u' + 0.5) / cell_px))`,
+  numbered row-major (`row * cols + col`). A point outside the grid has no cell.
+- A correspondence counts when both its ends have a cell.
+- Anchor: a cell of A with at least `min_corr` (4) correspondences of which MORE than
+  half land in one cell of B; that cell is its target.
+- z_b: median depth in B's camera of the 3D points of that majority (A's pixel
+  unprojected with A's stored depth at the pixel containing it and K_a, moved by T_wa,
+  then world-to-B). Correspondences without depth in A do not count; an anchor none of
+  whose majority has depth gets z_b = 0 (the depth loss ignores z_b <= 0).
+- D_b: for each cell of B, the median of the valid (> 0) depths of the stored-resolution
+  pixels whose centres fall in that cell (same mapping rule); the cell is valid when at
+  least half of its pixels have depth. An invalid cell gets depth 0.
+
+Medians are the mean of the two middle values for an even count (`np.median`),
+computed in float64 and returned as float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from data import geometry
+from data.adapter import CellGrid
+from data.shardformat import PairSample
+
+MIN_CORR = 4
+"""A cell of A needs at least this many correspondences to be an anchor."""
+
+
+@dataclass
+class PairLabels:
+    """Labels of one pair; cell indices are row-major in each view's grid."""
+
+    anchor_a: np.ndarray
+    """(M,) int64 cell of A of each anchor, ascending."""
+    target_b: np.ndarray
+    """(M,) int64 target cell of B of each anchor."""
+    z_b: np.ndarray
+    """(M,) float32 median depth in B's camera of the anchor's majority points (0: none had depth)."""
+    depth_b: np.ndarray
+    """(N_b,) float32 median valid depth of each cell of B (0 where the cell is invalid)."""
+    depth_b_valid: np.ndarray
+    """(N_b,) bool: at least half of the cell's pixels have depth."""
+    grid_a: tuple[int, int]
+    """(rows, cols) of A's grid."""
+    grid_b: tuple[int, int]
+    """(rows, cols) of B's grid."""
+    gap: int
+    """Frame gap index_b - index_a of the pair."""
+
+    @property
+    def n_anchors(self) -> int:
+        return int(len(self.anchor_a))
+
+
+# ------------------------------------------------------------------------- cells
+
+def point_cells(uv: np.ndarray, size: tuple[int, int], grid: CellGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Cell of each stored-pixel point of a view of stored size (W, H).
+
+    uv (N, 2) -> cell index (N,) int64 (row-major; -1 outside the grid), inside (N,) bool.
+    """
+    uv2 = geometry.resize_points(uv, size, grid.size)  # (N, 2) resized pixels
+    with np.errstate(invalid="ignore"):
+        col = np.floor((uv2[:, 0] + 0.5) / grid.cell_px)
+        row = np.floor((uv2[:, 1] + 0.5) / grid.cell_px)
+    inside = np.isfinite(col) & np.isfinite(row) & (col >= 0) & (col < grid.cols) & (row >= 0) & (row < grid.rows)
+    idx = np.where(inside, row * grid.cols + col, -1)
+    return idx.astype(np.int64), inside
+
+
+def _axis_cells(n: int, n_new: int, cell_px: int, n_cells: int) -> np.ndarray:
+    """Cell index along one axis of each stored pixel centre 0..n-1 (-1 outside). (n,) int64."""
+    centres = np.zeros((n, 2))
+    centres[:, 0] = np.arange(n)
+    moved = geometry.resize_points(centres, (n, 1), (n_new, 1))[:, 0]  # (n,) resized coordinate
+    c = np.floor((moved + 0.5) / cell_px).astype(np.int64)
+    return np.where((c >= 0) & (c < n_cells), c, -1)
+
+
+def cell_depth(depth: np.ndarray, grid: CellGrid) -> tuple[np.ndarray, np.ndarray]:
+    """D_b: median valid depth per cell and its validity.
+
+    depth (H, W) float (0 = invalid) at the stored resolution -> (N,) float32, (N,) bool.
+
+    The cell of a pixel is separable (column from u, row from v) and monotone in each, so
+    each cell is a rectangular block of pixels. The blocks are gathered into one padded
+    (N, bh * bw) array (padding and invalid pixels = +inf), sorted along the block, and the
+    median read at the middle of each row's valid count.
+    """
+    H, W = depth.shape
+    col_of_u = _axis_cells(W, grid.size[0], grid.cell_px, grid.cols)  # (W,)
+    row_of_v = _axis_cells(H, grid.size[1], grid.cell_px, grid.rows)  # (H,)
+    widths = np.bincount(col_of_u[col_of_u >= 0], minlength=grid.cols)  # (cols,) pixels per cell column
+    heights = np.bincount(row_of_v[row_of_v >= 0], minlength=grid.rows)  # (rows,)
+    # first pixel of each cell column / row (monotone map: in-grid pixels are contiguous)
+    u_first = np.argmax(col_of_u >= 0) if (col_of_u >= 0).any() else 0
+    v_first = np.argmax(row_of_v >= 0) if (row_of_v >= 0).any() else 0
+    u0 = u_first + np.concatenate([[0], np.cumsum(widths)[:-1]])  # (cols,)
+    v0 = v_first + np.concatenate([[0], np.cumsum(heights)[:-1]])  # (rows,)
+    bw, bh = max(int(widths.max(initial=0)), 1), max(int(heights.max(initial=0)), 1)
+    u_idx = u0[:, None] + np.arange(bw)[None, :]  # (cols, bw)
+    v_idx = v0[:, None] + np.arange(bh)[None, :]  # (rows, bh)
+    u_in = np.arange(bw)[None, :] < widths[:, None]  # (cols, bw) real pixel of the block
+    v_in = np.arange(bh)[None, :] < heights[:, None]  # (rows, bh)
+    blocks = depth[np.minimum(v_idx, H - 1)[:, :, None, None], np.minimum(u_idx, W - 1)[None, None, :, :]]
+    real = v_in[:, :, None, None] & u_in[None, None, :, :]  # (rows, bh, cols, bw)
+    ok = real & (blocks > 0) & np.isfinite(blocks)
+    vals = np.where(ok, blocks, np.inf)  # sorted in the stored dtype; the middle pair is averaged in float64
+    vals = vals.transpose(0, 2, 1, 3).reshape(grid.n_cells, bh * bw)  # (N, bh * bw) per cell
+    n_pix = (heights[:, None] * widths[None, :]).reshape(-1)  # (N,)
+    n_valid = ok.transpose(0, 2, 1, 3).reshape(grid.n_cells, bh * bw).sum(1)  # (N,)
+    vals.sort(axis=1)
+    lo = np.clip((n_valid - 1) // 2, 0, None)
+    hi = np.clip(n_valid // 2, 0, bh * bw - 1)
+    med = 0.5 * (np.take_along_axis(vals, lo[:, None], 1)[:, 0].astype(np.float64)
+                 + np.take_along_axis(vals, hi[:, None], 1)[:, 0].astype(np.float64))
+    valid = (n_pix > 0) & (n_valid > 0) & (2 * n_valid >= n_pix)
+    return np.where(valid, med, 0.0).astype(np.float32), valid
+
+
+# ----------------------------------------------------------------------- anchors
+
+def _group_median(groups: np.ndarray, values: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Median of `values` per group id in [0, n_groups). -> (n_groups,) float64, count (n_groups,)."""
+    order = np.lexsort((values, groups))  # by group, then value
+    g, v = groups[order], values[order].astype(np.float64)
+    count = np.bincount(g, minlength=n_groups)  # (G,)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])  # (G,)
+    has = count > 0
+    lo = np.where(has, start + (count - 1) // 2, 0)
+    hi = np.where(has, start + count // 2, 0)
+    med = np.zeros(n_groups)
+    if len(v):
+        med = np.where(has, 0.5 * (v[lo] + v[hi]), 0.0)
+    return med, count
+
+
+def anchors(corr: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int], grid_a: CellGrid,
+            grid_b: CellGrid, min_corr: int = MIN_CORR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Anchor cells of A, their targets in B, and which correspondences are each anchor's majority.
+
+    corr (N, 4) uA, vA, uB, vB in stored pixels -> anchor_a (M,), target_b (M,) int64 (anchor
+    ascending), majority (N,) int64: the anchor slot m of each correspondence that belongs
+    to anchor m's majority, else -1.
+    """
+    corr = np.asarray(corr, dtype=np.float64).reshape(-1, 4)
+    ca, in_a = point_cells(corr[:, :2], size_a, grid_a)  # (N,)
+    cb, in_b = point_cells(corr[:, 2:], size_b, grid_b)  # (N,)
+    keep = in_a & in_b
+    Nb = grid_b.n_cells
+    pair = ca[keep] * Nb + cb[keep]  # (K,) joint code of (cell A, cell B)
+    codes, counts = np.unique(pair, return_counts=True)  # sorted codes, (U,)
+    cell_a, cell_b = codes // Nb, codes % Nb
+    total = np.bincount(ca[keep], minlength=grid_a.n_cells)  # (Na,) correspondences per cell of A
+    # the most populated B cell of each A cell: sort by (A cell, count), take each group's last
+    order = np.lexsort((counts, cell_a))
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = cell_a[order][1:] != cell_a[order][:-1]
+    best = order[last]  # (distinct A cells,) index into codes
+    best_a, best_b, best_n = cell_a[best], cell_b[best], counts[best]
+    is_anchor = (total[best_a] >= min_corr) & (2 * best_n > total[best_a])
+    anchor_a, target_b = best_a[is_anchor], best_b[is_anchor]  # ascending in A (codes were sorted)
+    # slot of each correspondence in its anchor's majority
+    slot_of_code = np.full(grid_a.n_cells, -1, dtype=np.int64)
+    slot_of_code[anchor_a] = np.arange(len(anchor_a))
+    majority = np.full(len(corr), -1, dtype=np.int64)
+    idx = np.nonzero(keep)[0]
+    m = slot_of_code[ca[idx]]  # (K,)
+    hit = (m >= 0)
+    hit[hit] = target_b[m[hit]] == cb[idx[hit]]
+    majority[idx[hit]] = m[hit]
+    return anchor_a.astype(np.int64), target_b.astype(np.int64), majority
+
+
+def points_in_b(sample: PairSample, uv_a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """z-depth in B's camera of A's pixels moved with A's stored depth.
+
+    uv_a (N, 2) -> z_b (N,) float64, has_depth (N,) bool (A has depth at the pixel).
+    """
+    z_a, inside = geometry.sample_nearest(sample.depth_a, uv_a)
+    z_a = z_a.astype(np.float64)
+    has = inside & (z_a > 0) & np.isfinite(z_a)
+    X_a = geometry.unproject(uv_a[has], z_a[has], sample.K_a)  # (n, 3) in A's camera
+    X_b = geometry.transform(geometry.invert_pose(sample.T_wb), geometry.transform(sample.T_wa, X_a))
+    z_b = np.zeros(len(uv_a))
+    z_b[has] = X_b[:, 2]
+    return z_b, has
+
+
+def pair_labels(sample: PairSample, grid_a: CellGrid, grid_b: CellGrid, min_corr: int = MIN_CORR) -> PairLabels:
+    """All labels of one pair (see the module docstring)."""
+    size_a = (sample.rgb_a.shape[1], sample.rgb_a.shape[0])
+    size_b = (sample.rgb_b.shape[1], sample.rgb_b.shape[0])
+    corr = np.asarray(sample.corr, dtype=np.float64).reshape(-1, 4)
+    anchor_a, target_b, majority = anchors(corr, size_a, size_b, grid_a, grid_b, min_corr)
+    # z_b: median over each anchor's majority points that have depth in A
+    sel = np.nonzero(majority >= 0)[0]
+    z, has = points_in_b(sample, corr[sel, :2])
+    z_med, _ = _group_median(majority[sel][has], z[has], len(anchor_a))  # (M,)
+    depth_b, depth_b_valid = cell_depth(sample.depth_b, grid_b)
+    return PairLabels(anchor_a=anchor_a, target_b=target_b, z_b=z_med.astype(np.float32),
+                      depth_b=depth_b, depth_b_valid=depth_b_valid, grid_a=(grid_a.rows, grid_a.cols),
+                      grid_b=(grid_b.rows, grid_b.cols), gap=int(sample.meta.get("gap", 0)))

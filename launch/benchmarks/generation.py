@@ -1,0 +1,63 @@
+"""Greedy generation for a batch of (images, text) questions with the model's chat template.
+
+As lmms-eval's Qwen2.5-VL model (EvolvingLMMs-Lab/lmms-eval
+lmms_eval/models/simple/qwen2_5_vl.py) does: one user turn whose content is the
+images (`{"type": "image"}` each) followed by the text, `apply_chat_template(...,
+add_generation_prompt=True)` (the template's default system turn "You are a helpful
+assistant."), left padding, `generate(do_sample=False, num_beams=1,
+max_new_tokens=N, eos_token_id=tokenizer.eos_token_id)`, the new tokens decoded with
+`skip_special_tokens=True, clean_up_tokenization_spaces=False` and cut at the decoded
+end-of-turn token. Images are resized by the family adapter (Qwen's smart_resize,
+bicubic) to the `--max-pixels` budget before the processor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class Request:
+    """One question for the model: its images, in order, and its text."""
+
+    images: list
+    text: str
+
+
+def chat_text(processor, n_images: int, text: str) -> str:
+    """The templated prompt of one user turn [image x n, text] plus the generation prompt."""
+    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+    content.append({"type": "text", "text": text})
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode(processor, requests: Sequence[Request], resized: bool) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs of a batch (all images of all requests, in order)."""
+    texts = [chat_text(processor, len(r.images), r.text) for r in requests]
+    images = [im for r in requests for im in r.images]
+    kwargs: dict[str, Any] = dict(text=texts, padding=True, padding_side="left", return_tensors="pt")
+    if images:
+        kwargs["images"] = images
+        if resized:
+            kwargs["do_resize"] = False
+    return dict(processor(**kwargs))
+
+
+@torch.no_grad()
+def generate_batch(model, processor, requests: Sequence[Request], *, max_new_tokens: int,
+                   device: torch.device | str, resized: bool = True) -> list[str]:
+    """Greedy answers of a batch of requests (decoded new tokens, one string each)."""
+    tok = processor.tokenizer
+    inputs = encode(processor, requests, resized)
+    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                         temperature=None, top_p=None, top_k=None,
+                         eos_token_id=tok.eos_token_id, pad_token_id=pad_id)
+    new_tokens = out[:, inputs["input_ids"].shape[1]:]  # (B, <= max_new_tokens), left padding: prompt ends together
+    answers = processor.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    until = tok.decode([tok.eos_token_id]) if tok.eos_token_id is not None else ""
+    return [a.split(until)[0] if until else a for a in answers]

@@ -1,0 +1,255 @@
+"""The evaluation loop: resumable predictions, batched generation, progress, results, MLflow.
+
+Output folder (one per benchmark x model x settings):
+
+    OUT/run.json            the settings the predictions were made with; a rerun with other
+                            settings is refused (unless --overwrite), so answers never mix
+    OUT/predictions.jsonl   one JSON line per answered question, appended and fsync'ed after
+                            every batch; a rerun skips the questions it holds (a torn last
+                            line from a crash is dropped)
+    OUT/results.json        scores recomputed from predictions.jsonl (written atomically)
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from launch.benchmarks import BenchmarkError, Question
+from launch.benchmarks import generation
+from launch.benchmarks.video import FrameCache, VideoError, sample_frames
+
+RUN_FILE, PREDICTIONS, RESULTS = "run.json", "predictions.jsonl", "results.json"
+RUN_VERSION = 1
+
+
+class MediaError(Exception):
+    """An image or video that cannot be read mid-run; one line naming the file."""
+
+
+# ------------------------------------------------------------------ output folder
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_output(out: str, signature: dict[str, Any], overwrite: bool) -> None:
+    """Create OUT and its run.json; BenchmarkError if OUT holds predictions of other settings."""
+    os.makedirs(out, exist_ok=True)
+    run_path = os.path.join(out, RUN_FILE)
+    old = None
+    if os.path.isfile(run_path):
+        try:
+            with open(run_path, encoding="utf-8") as f:
+                old = json.load(f).get("signature")
+        except (OSError, ValueError):
+            old = None
+    has_preds = os.path.isfile(os.path.join(out, PREDICTIONS))
+    if (old is not None and old != signature) or (old is None and has_preds):
+        if not overwrite:
+            diff = sorted(k for k in set(old or {}) | set(signature) if (old or {}).get(k) != signature.get(k))
+            raise BenchmarkError(f"{out} holds predictions made with other settings ({', '.join(diff)} differ); "
+                                 f"use another --output or pass --overwrite to discard them")
+        for name in (PREDICTIONS, RESULTS):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        old = None
+    if old is None:
+        _write_atomic(run_path, json.dumps({"version": RUN_VERSION, "signature": signature,
+                                            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1) + "\n")
+
+
+class PredictionStore:
+    """OUT/predictions.jsonl: load what is there (repairing a torn tail), append batches durably."""
+
+    def __init__(self, out: str):
+        self.path = os.path.join(out, PREDICTIONS)
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """{key: row} of the saved predictions (first occurrence of a key wins)."""
+        if not os.path.isfile(self.path):
+            return {}
+        with open(self.path, encoding="utf-8") as f:
+            text = f.read()
+        rows: dict[str, dict[str, Any]] = {}
+        bad = 0
+        lines = text.split("\n")
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                key = str(row["key"])
+                _ = row["prediction"]
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+                continue
+            rows.setdefault(key, row)
+        n_lines = sum(1 for ln in lines if ln.strip())
+        if bad or len(rows) != n_lines or (text and not text.endswith("\n")):
+            # a crash mid-write leaves a torn last line: rewrite the file with the whole rows only
+            _write_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows.values()))
+            if bad:
+                print(f"[eval] dropped {bad} incomplete line(s) of {self.path}", file=sys.stderr, flush=True)
+        return rows
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ------------------------------------------------------------------ media
+
+class MediaLoader:
+    """Images for the model: video frames (sampled, cached per video) and view images, resized."""
+
+    def __init__(self, resize: Callable[[np.ndarray], Any], num_frames: int, cache_videos: int = 4):
+        self.resize, self.num_frames = resize, num_frames
+        self._videos = FrameCache(self._load_video, size=cache_videos)
+
+    def _load_video(self, path: str, num: int) -> list:
+        try:
+            return [self.resize(f) for f in sample_frames(path, num)]
+        except VideoError as e:
+            raise MediaError(str(e)) from None
+
+    def frames(self, path: str) -> list:
+        return self._videos.get(path, self.num_frames)
+
+    def image(self, path: str):
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise MediaError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        return self.resize(rgb)
+
+
+# ------------------------------------------------------------------ progress
+
+class Progress:
+    """Prints `[eval] done/total questions (rate/s, ETA)` at most every `every` seconds."""
+
+    def __init__(self, total: int, quiet: bool = False, every: float = 5.0, stream=None):
+        self.total, self.quiet, self.every = total, quiet, every
+        self.stream = stream or sys.stdout
+        self.t0 = self.last = time.time()
+        self.done = 0
+
+    def step(self, n: int) -> None:
+        self.done += n
+        now = time.time()
+        if self.quiet or (now - self.last < self.every and self.done < self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        print(f"[eval] {self.done}/{self.total} questions ({rate:.2f}/s, ETA {_dur(eta)})", file=self.stream,
+              flush=True)
+
+
+def _dur(s: float) -> str:
+    if not np.isfinite(s):
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ------------------------------------------------------------------ the loop
+
+def order_by_group(questions: Sequence[Question]) -> list[Question]:
+    """Questions sharing media next to each other (groups in order of first appearance, stable)."""
+    first: dict[str, int] = {}
+    for i, q in enumerate(questions):
+        first.setdefault(q.group, i)
+    return sorted(questions, key=lambda q: first[q.group])
+
+
+def batches(items: Sequence[Any], size: int) -> Iterable[list[Any]]:
+    for i in range(0, len(items), size):
+        yield list(items[i:i + size])
+
+
+def run(pending: Sequence[Question], bench, model, processor, loader: MediaLoader, store: PredictionStore, *,
+        batch_size: int, max_new_tokens: int, device, resized: bool, progress: Progress) -> int:
+    """Answer `pending` in batches, appending each batch to the store. Returns the number answered.
+
+    The media of the next batch are decoded in a background thread while the model
+    generates the current one.
+    """
+    todo = list(batches(order_by_group(pending), batch_size))
+    if not todo:
+        return 0
+
+    def visuals(batch: list[Question]) -> list[list]:
+        return [bench.visuals(q, loader) for q in batch]
+
+    n = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(visuals, todo[0])
+        for i, batch in enumerate(todo):
+            images = nxt.result()
+            if i + 1 < len(todo):
+                nxt = pool.submit(visuals, todo[i + 1])
+            requests = [generation.Request(images=ims, text=q.prompt) for q, ims in zip(batch, images)]
+            answers = generation.generate_batch(model, processor, requests, max_new_tokens=max_new_tokens,
+                                                device=device, resized=resized)
+            rows = []
+            for q, ims, ans in zip(batch, images, answers):
+                row = {"key": q.key, **q.record, "prompt": q.prompt, "n_images": len(ims), "prediction": ans}
+                row.update(bench.score(q.record, ans))
+                rows.append(row)
+            store.append(rows)
+            n += len(rows)
+            progress.step(len(rows))
+    return n
+
+
+# ------------------------------------------------------------------ results and tracking
+
+def write_results(out: str, results: dict[str, Any]) -> str:
+    path = os.path.join(out, RESULTS)
+    _write_atomic(path, json.dumps(results, indent=1, ensure_ascii=False, default=str) + "\n")
+    return path
+
+
+_METRIC_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_name(key: str) -> str:
+    """A key MLflow accepts (alphanumerics, _ - . space : /)."""
+    return _METRIC_BAD.sub("_", key)
+
+
+def log_mlflow(params: dict[str, Any], metrics: dict[str, float], artifacts: Sequence[str], *, run_name: str,
+               experiment: str, tags: dict[str, Any]) -> str:
+    """One MLflow run in the shared store (MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db); its id."""
+    from data.tracking import MlflowTracker
+
+    tracker = MlflowTracker(run_name=run_name, experiment=experiment, tags=tags)
+    status = "FAILED"
+    try:
+        tracker.log_params(params)
+        tracker.log_metrics({metric_name(k): v for k, v in metrics.items()})
+        for path in artifacts:
+            tracker.log_artifact(path)
+        status = "FINISHED"
+        return tracker.run_id
+    finally:
+        tracker.end(status)

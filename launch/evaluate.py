@@ -1,0 +1,319 @@
+"""Score a model on VSI-Bench or All-Angles Bench, as their reference code scores (DESIGN §7).
+
+    python launch/evaluate.py --benchmark vsi-bench  --data ROOT --model PATH
+    python launch/evaluate.py --benchmark all-angles --data ROOT --preset tiny --limit 20
+
+Reads the user's benchmark files (never downloads; docs/evaluate.md gives the
+layouts), answers every question greedily with the model's chat template, appends each
+answer to OUT/predictions.jsonl as it comes (a rerun resumes), and writes
+OUT/results.json and one MLflow run. The benchmarks live in `launch/benchmarks/`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # `python launch/evaluate.py`: make the repo importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from data.cli import flat_dict, opt, parse_into
+from launch.benchmarks import BENCHMARKS, BenchmarkError, Question
+
+PROG = "launch/evaluate.py"
+DEFAULT_ROOT = os.path.join("runs", "eval")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+"""Model families evaluate.py runs (Qwen2-VL chat template, smart_resize image path)."""
+PROMPT_VERSION = 1
+"""Bumped when prompts or decoding change, so old predictions are not resumed into new ones."""
+log = logging.getLogger("evaluate")
+
+
+@dataclass
+class EvalArgs:
+    """Flags of launch/evaluate.py."""
+
+    benchmark: str = opt("", "which benchmark (required)", choices=sorted(BENCHMARKS))
+    data: str = opt("", "the benchmark folder you downloaded (required; layouts in docs/evaluate.md)")
+    annotations: str = opt("", "annotation file; empty: found in --data (VSI-Bench test-00000-of-00001.parquet, "
+                               "test.parquet, test.jsonl or test.json; All-Angles data.json)")
+    preset: str = opt("", "random-weight model preset (tiny, tiny-qwen2.5, qwen2-vl-7b, qwen2.5-vl-7b)")
+    model: str = opt("", "a Hugging Face checkpoint directory (Qwen2-VL / Qwen2.5-VL)")
+    output: str = opt("", "output folder; empty: runs/eval/<benchmark>-<model name>")
+    num_frames: int = opt(32, "VSI-Bench: frames sampled uniformly from each video (lmms-eval's default 32)")
+    batch_size: int = opt(1, "questions per generate() call (left-padded)")
+    max_new_tokens: int = opt(0, "longest answer in tokens (0: the benchmark's default, VSI-Bench 16 as "
+                                 "lmms-eval, All-Angles 32)")
+    max_pixels: int = opt(0, "pixel budget of each image or frame after resizing (0: the processor's own)")
+    limit: int = opt(0, "evaluate only the first N questions of the file (0: all)")
+    skip_missing: bool = opt(False, "evaluate only the questions whose videos / images exist (results are "
+                                    "marked incomplete) instead of failing")
+    overwrite: bool = opt(False, "discard predictions in --output that were made with other settings")
+    device: str = opt("auto", "cpu, cuda or cuda:N (auto: cuda when available)")
+    precision: str = opt("auto", "weights' dtype (auto: bf16 on GPU, fp32 on CPU)",
+                         choices=["auto", "bf16", "fp16", "fp32"])
+    attn: str = opt("auto", "attention implementation", choices=["auto", "sdpa", "eager", "flash_attention_2"])
+    mlflow: bool = opt(True, "log params, metrics and artifacts to MLflow (MLFLOW_TRACKING_URI, else "
+                             "sqlite:///runs/mlflow.db); --no-mlflow to skip")
+    experiment: str = opt("gasp", "MLflow experiment")
+    run_name: str = opt("", "MLflow run name; empty: eval-<benchmark>-<model name>")
+    quiet: bool = opt(False, "no progress lines")
+
+    def __post_init__(self) -> None:
+        if not self.benchmark:
+            raise ValueError(f"--benchmark is required: {' or '.join(sorted(BENCHMARKS))}")
+        if not self.data:
+            raise ValueError("--data is required: the folder holding the benchmark files (see docs/evaluate.md)")
+        if self.preset and self.model:
+            raise ValueError("give --preset NAME or --model PATH, not both")
+        if not self.preset and not self.model:
+            raise ValueError("give the model to evaluate: --model PATH (a Hugging Face checkpoint directory) or "
+                             "--preset NAME")
+        if self.preset:
+            from model.presets import PRESETS, get_preset
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"--preset {self.preset!r} is not one of {', '.join(PRESETS)}")
+            family = get_preset(self.preset).family
+            if family not in FAMILIES:
+                raise ValueError(f"--preset {self.preset} is a {family} model; evaluate.py runs "
+                                 f"{' / '.join(FAMILIES)} models (the Qwen chat template and image path)")
+        if self.model:
+            family = checkpoint_model_type(self.model)
+            if family not in FAMILIES:
+                raise ValueError(f"--model {self.model}: model_type {family!r}; evaluate.py runs "
+                                 f"{' / '.join(FAMILIES)} checkpoints")
+        for flag, value, low in (("--num-frames", self.num_frames, 1), ("--batch-size", self.batch_size, 1),
+                                 ("--max-new-tokens", self.max_new_tokens, 0), ("--max-pixels", self.max_pixels, 0),
+                                 ("--limit", self.limit, 0)):
+            if value < low:
+                raise ValueError(f"{flag} must be >= {low} (got {value})")
+        if 0 < self.max_pixels < 56 * 56:
+            raise ValueError(f"--max-pixels must be 0 (the processor's) or at least 3136, Qwen's smallest image "
+                             f"(got {self.max_pixels})")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+
+    @property
+    def model_name(self) -> str:
+        """The preset name, or the checkpoint folder's name (its parent's too when that is generic)."""
+        if self.preset:
+            return self.preset
+        path = os.path.normpath(os.path.abspath(self.model))
+        name = os.path.basename(path)
+        if re.fullmatch(r"(checkpoint|ckpt|step|final|hf|model|best|last)[-_\d]*", name, re.I):
+            name = f"{os.path.basename(os.path.dirname(path))}-{name}"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def checkpoint_model_type(path: str) -> str | None:
+    """`model_type` of a checkpoint's config.json; ValueError (one line) when there is none."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        raise ValueError(f"--model {path}: not a checkpoint directory (no config.json there)")
+    try:
+        with open(cfg, encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {path}: cannot read config.json ({e})") from None
+
+
+class ArgError(Exception):
+    """A flag that is wrong for this machine (device); one line."""
+
+
+def resolve_device(spec: str):
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArgError(f"--device {spec}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ArgError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def resolve_dtype(precision: str, device):
+    import torch
+
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def model_fingerprint(args: EvalArgs) -> Any:
+    """What identifies the weights: the preset name, or the checkpoint's path and weight files."""
+    if args.preset:
+        return {"preset": args.preset}
+    path = os.path.abspath(args.model)
+    files = []
+    for name in sorted(os.listdir(path)):
+        if name == "config.json" or name.endswith((".safetensors", ".bin", ".pt")):
+            st = os.stat(os.path.join(path, name))
+            files.append([name, st.st_size, st.st_mtime_ns])
+    return {"path": path, "files": files}
+
+
+def signature(args: EvalArgs, annotations: str, max_new_tokens: int, dtype) -> dict[str, Any]:
+    """The settings predictions depend on (run.json); a rerun must match them to resume."""
+    sig = {"benchmark": args.benchmark, "annotations_sha256": _sha256(annotations),
+           "model": model_fingerprint(args), "max_new_tokens": max_new_tokens, "max_pixels": args.max_pixels,
+           "dtype": str(dtype).replace("torch.", ""), "prompt_version": PROMPT_VERSION}
+    if args.benchmark == "vsi-bench":
+        sig["num_frames"] = args.num_frames
+    return sig
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def select(bench, questions: list[Question], args: EvalArgs, root: str) -> tuple[list[Question], int]:
+    """The questions to score (--limit, then --skip-missing) and how many were skipped for missing media."""
+    selected = questions[:args.limit] if args.limit else list(questions)
+    missing = bench.missing_media(selected)
+    if not missing:
+        return selected, 0
+    if not args.skip_missing:
+        raise BenchmarkError(bench.missing_message(root, missing, bench.media_count(selected)))
+    gone = set(missing)
+    kept = [q for q in selected if not any(m in gone for m in q.media)]
+    if not kept:
+        raise BenchmarkError(f"{args.benchmark}: none of the {len(selected)} questions has its media under {root}; "
+                             f"get them from {bench.WHERE}")
+    return kept, len(selected) - len(kept)
+
+
+def print_summary(results: dict[str, Any]) -> None:
+    scores = results["scores"]
+    w = max([len(k) for k in scores] + [10])
+    print("=" * (w + 22))
+    print(f"{results['benchmark']}  model {results['model']}  {results['n_answered']}/{results['n_questions']} "
+          f"questions{'' if results['complete'] else '  (INCOMPLETE: ' + results['incomplete_reason'] + ')'}")
+    for k, v in scores.items():
+        n = results["counts"].get(re.sub(r"_(accuracy|MRA:.*)$", "", k), "")
+        print(f"  {k:<{w}}  {100 * v:7.2f}  {n}")
+    pairs = results.get("pairs")
+    if pairs and pairs.get("n_pairs"):
+        print(f"  {'pair_consistency (CC)':<{w}}  {100 * pairs['pair_consistency']:7.2f}  {pairs['n_pairs']} pairs "
+              f"(WW {100 * pairs['WW_rate']:.1f}, IC {100 * pairs['IC_rate']:.1f})")
+    print("=" * (w + 22), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_into(EvalArgs, argv, PROG, "Score a checkpoint on VSI-Bench or All-Angles Bench (reference "
+                      "scoring).", epilog="Expected data layouts and scoring details: docs/evaluate.md")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from launch import benchmarks
+    from launch.benchmarks import runner
+
+    t0 = time.time()
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.precision, device)
+        bench = benchmarks.get(args.benchmark)
+        max_new_tokens = args.max_new_tokens or bench.DEFAULT_MAX_NEW_TOKENS
+        root, annotations, questions = bench.load(args.data, args.annotations)
+        selected, n_skipped = select(bench, questions, args, root)
+        out = args.output or os.path.join(DEFAULT_ROOT, f"{args.benchmark}-{args.model_name}")
+        runner.prepare_output(out, signature(args, annotations, max_new_tokens, dtype), args.overwrite)
+        store = runner.PredictionStore(out)
+        done = store.load()
+        pending = [q for q in selected if q.key not in done]
+    except (BenchmarkError, ArgError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+    if not args.quiet:
+        print(f"[eval] {args.benchmark}: {len(selected)} questions ({len(selected) - len(pending)} answered before, "
+              f"{len(pending)} to go{f', {n_skipped} skipped for missing media' if n_skipped else ''}); "
+              f"model {args.model_name}; output {out}", flush=True)
+    if pending:
+        from model.loading import ModelLoadError, build_model_and_processor
+
+        try:
+            model, processor, adapter = build_model_and_processor(
+                args.model or args.preset, dtype=dtype, device=device, max_pixels=args.max_pixels or None,
+                attn_implementation=None if args.attn == "auto" else args.attn)
+        except (ModelLoadError, ValueError) as e:
+            print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
+        resize = getattr(adapter, "resize", None)
+        loader = runner.MediaLoader(resize or _to_pil, num_frames=args.num_frames)
+        progress = runner.Progress(len(pending), quiet=args.quiet)
+        try:
+            runner.run(pending, bench, model, processor, loader, store, batch_size=args.batch_size,
+                       max_new_tokens=max_new_tokens, device=device, resized=resize is not None, progress=progress)
+        except runner.MediaError as e:
+            print(f"{PROG}: error: {e} (answered questions are kept in {store.path}; rerun to resume)",
+                  file=sys.stderr)
+            return 1
+        done = store.load()
+
+    rows = [done[q.key] for q in selected]
+    agg = bench.aggregate(rows)
+    reasons = []
+    if args.limit and args.limit < len(questions):
+        reasons.append(f"--limit {args.limit} of {len(questions)}")
+    if n_skipped:
+        reasons.append(f"{n_skipped} questions skipped for missing media")
+    if agg.get("complete_levels") is False:
+        reasons.append("not all object_rel_direction levels present")
+    results = {
+        "benchmark": args.benchmark, "model": args.model_name, "model_source": args.model or f"preset {args.preset}",
+        "scores": agg["scores"], "counts": agg["counts"],
+        **{k: v for k, v in agg.items() if k not in ("scores", "counts", "complete_levels")},
+        "n_questions": len(selected), "n_answered": len(rows), "n_in_file": len(questions),
+        "n_skipped_missing_media": n_skipped, "complete": not reasons, "incomplete_reason": "; ".join(reasons),
+        "scale": "fractions in [0, 1] (the reference's; papers print x100)",
+        "reference": bench.REFERENCE,
+        "config": flat_dict(args), "annotations": os.path.abspath(annotations), "seconds": round(time.time() - t0, 1),
+    }
+    results_path = runner.write_results(out, results)
+    if not args.quiet:
+        print_summary(results)
+        print(f"[eval] wrote {results_path} and {store.path}", flush=True)
+    if args.mlflow:
+        try:
+            params = {**flat_dict(args), "model_name": args.model_name, "n_questions": len(selected),
+                      "max_new_tokens_used": max_new_tokens, "output": os.path.abspath(out)}
+            run_id = runner.log_mlflow(
+                params, bench.metrics(agg), [store.path, results_path],
+                run_name=args.run_name or f"eval-{args.benchmark}-{args.model_name}", experiment=args.experiment,
+                tags={"kind": "eval", "benchmark": args.benchmark, "model": args.model_name,
+                      "complete": results["complete"]})
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"{PROG}: error: MLflow logging failed ({type(e).__name__}: {msg}); results are in {results_path}",
+                  file=sys.stderr)
+            return 1
+        if not args.quiet:
+            print(f"[mlflow] run {run_id} in experiment {args.experiment!r}", flush=True)
+    return 0
+
+
+def _to_pil(rgb):
+    from PIL import Image
+
+    return Image.fromarray(rgb)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
