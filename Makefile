@@ -16,7 +16,7 @@ venv: $(STAMP)
 
 # Main job on its embedded default (see README "Quick start").
 demo: $(STAMP)
-	$(BIN)/python -m launch.demo
+	$(BIN)/python -m launch.demo $(DEMO_ARGS)
 
 # The whole test suite (what .ci/run runs).
 test: $(STAMP)

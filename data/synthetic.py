@@ -577,9 +577,13 @@ def depth_to_png_mm(depth: np.ndarray) -> np.ndarray:
 
 
 def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 60, width: int = 320,
-                height: int = 240, depth_format: str = "png", lookalikes: bool = True) -> str:
+                height: int = 240, depth_format: str = "png", lookalikes: bool = True,
+                step: float | None = None) -> str:
     """Render one room along its trajectory into the `posed` layout (DESIGN section 3)
-    at root/name; cameras.json is written last. Returns the scene path."""
+    at root/name; cameras.json is written last. Returns the scene path.
+
+    step: metres the camera moves per frame (default random 3-5 cm); its turning rate
+    scales with it (a faster camera gives wider-baseline pairs at the same frame gap)."""
     if depth_format not in ("png", "npy"):
         raise ValueError(f"depth_format must be 'png' or 'npy', got {depth_format!r}")
     scene = pathlib.Path(root) / name
@@ -589,7 +593,7 @@ def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 6
     traj_seed = _derive_seed(seed, 1)
     K = default_intrinsics(width, height)
     frames = []
-    for i, cam2world in enumerate(make_trajectory(room, n_frames, traj_seed)):
+    for i, cam2world in enumerate(make_trajectory(room, n_frames, traj_seed, step=step)):
         rgb, depth = render(room, K, cam2world, width, height)
         fname = f"{i:06d}"
         Image.fromarray(rgb).save(scene / "rgb" / f"{fname}.jpg", "JPEG", quality=95)
@@ -601,7 +605,7 @@ def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 6
                        "K": K.tolist(), "cam2world": cam2world.tolist()})
     meta = {"depth_scale": 1000.0, "metric_depth": True, "frames": frames,
             "synthetic": {"seed": int(seed), "generator": GENERATOR, "lookalikes": bool(lookalikes),
-                          "trajectory_seed": traj_seed}}
+                          "trajectory_seed": traj_seed, "step": step}}
     (scene / "cameras.json").write_text(json.dumps(meta, indent=1))
     return str(scene)
 

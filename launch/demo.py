@@ -1,0 +1,187 @@
+"""The demo (`make demo`): from nothing to a trained model and its diagnostic in MLflow.
+
+    python -m launch.demo [--small] [--fresh]
+
+1. build a synthetic corpus (procedural rooms, exact depth and poses)   runs/demo/synthetic
+2. shard it with the Ray job (pipeline/shard.py, in-process Ray)         runs/demo/shards
+3. probe the untrained tiny VLM (layer-wise PCK, raw and SVD-init heads)
+4. train it with `deepspeed` on 2 CPU ranks (ZeRO-3), export the result   runs/demo/train
+5. probe the trained model with its trained heads
+6. print the per-layer PCK table (before / after) and the `mlflow ui` line.
+
+Everything lands in one MLflow experiment (`gasp-demo`) of the local store
+`sqlite:///runs/mlflow.db` (or MLFLOW_TRACKING_URI): the shard job, the training run
+and both probes. Steps whose output exists are reused (the shard job and training
+resume); `--fresh` starts over.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+from data.cli import opt, parse_into
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# camera speed of the demo rooms (m/frame): fast enough that pairs a few frames apart move by cells
+SYNTHETIC_STEP = 0.10
+
+
+@dataclass
+class DemoArgs:
+    output: str = opt(os.path.join("runs", "demo"), "demo folder")
+    experiment: str = opt("gasp-demo", "MLflow experiment holding the shard job, the training run and both probes")
+    scenes: int = opt(12, "synthetic scenes (a quarter held out for validation)")
+    frames: int = opt(60, "frames per scene")
+    pairs_per_scene: int = opt(48, "pairs per scene")
+    steps: int = opt(300, "training steps")
+    batch_size: int = opt(2, "pairs per micro-batch per rank")
+    ranks: int = opt(2, "DeepSpeed ranks (CPU processes, or GPUs when there are)")
+    max_pixels: int = opt(448 * 336, "per-view pixel budget (448x336 = 16x12 cells for Qwen)")
+    preset: str = opt("tiny", "model preset")
+    small: bool = opt(False, "CI-sized run: 4 scenes x 40 frames, 30 steps")
+    fresh: bool = opt(False, "delete the demo folder first")
+
+    def __post_init__(self) -> None:
+        if self.small:
+            self.scenes, self.frames, self.pairs_per_scene, self.steps = 4, 40, 16, 30
+        if self.scenes < 2:
+            raise ValueError("--scenes must be >= 2 (one is held out)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stage:
+    def __init__(self, n: int):
+        self.n, self.i, self.t0 = n, 0, time.time()
+
+    def __call__(self, title: str) -> None:
+        self.i += 1
+        print(f"\n=== [{self.i}/{self.n}] {title}  (demo time {time.time() - self.t0:.0f}s)", flush=True)
+
+
+def run(cmd: list[str], env: dict | None = None) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise SystemExit(f"demo: step failed (exit {rc}): {' '.join(cmd)}")
+
+
+def comparison_table(before: dict, after: dict) -> str:
+    def col(res, kind, key):
+        if not res or not res.get(kind):
+            return {}
+        return {d["layer"]: d[key] for d in res[kind]["layers"]}
+
+    cols = [("raw PCK@1", col(before, "raw", "pck1"), col(after, "raw", "pck1")),
+            ("head PCK@1", col(before, "head", "pck1"), col(after, "head", "pck1")),
+            ("head PCK@0", col(before, "head", "pck0"), col(after, "head", "pck0"))]
+    layers = sorted(cols[0][1])
+    head = f"{'layer':>5}  " + "  ".join(f"{n + ' before':>19}{n + ' after':>18}" for n, _, _ in cols)
+    lines = [head, "-" * len(head)]
+    for l in layers:
+        cells = []
+        for _, b, a in cols:
+            cells.append(f"{_f(b.get(l)):>19}{_f(a.get(l)):>18}")
+        lines.append(f"{l:>5}  " + "  ".join(cells))
+    ch = after.get("chance", {}) if after else {}
+    lines.append(f"chance: PCK@0 {_f(ch.get('pck0'))}  PCK@1 {_f(ch.get('pck1'))}; same-cell baseline PCK@1 "
+                 f"{_f((after.get('baselines') or {}).get('same_cell', {}).get('pck1'))}")
+    for name, res in (("before", before), ("after", after)):
+        best = (res.get("best") or {}).get("head") or {}
+        lines.append(f"{name}: best head layer {best.get('layer')} PCK@1 {_f(best.get('pck1'))}, "
+                     f"confidence-accuracy corr {_f(best.get('conf_acc_corr'))}, temporal robustness "
+                     f"{_f(best.get('temporal_robustness'))}")
+    return "\n".join(lines)
+
+
+def _f(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_into(DemoArgs, argv, "python -m launch.demo", "GASP demo: corpus -> shards -> train -> probes.")
+    from launch.probe_lib import ProbeArgs, format_table, run_probe
+
+    out = os.path.abspath(args.output)
+    if args.fresh and os.path.isdir(out):
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONPATH", ROOT)
+    py = sys.executable
+    stage = Stage(6)
+    corpus, shards, train_dir = (os.path.join(out, x) for x in ("synthetic", "shards", "train"))
+
+    stage(f"synthetic corpus: {args.scenes} rooms x {args.frames} frames -> {corpus}")
+    from data import synthetic
+
+    t0 = time.time()
+    for i in range(args.scenes):
+        name = f"scene_{i:04d}"
+        if not os.path.isfile(os.path.join(corpus, name, "cameras.json")):
+            synthetic.write_scene(corpus, name, seed=2000 + i, n_frames=args.frames, step=SYNTHETIC_STEP)
+        print(f"[synthetic] {i + 1}/{args.scenes} scenes ({time.time() - t0:.0f}s)", flush=True)
+
+    stage(f"shard job (Ray) -> {shards}")
+    run([py, os.path.join(ROOT, "pipeline", "shard.py"), "--input", corpus, "--format", "synthetic",
+         "--output", shards, "--pairs-per-scene", str(args.pairs_per_scene), "--min-gap", "2", "--max-gap", "30",
+         "--gap-buckets", "2,6,15", "--val-fraction", "0.25", "--samples-per-shard", "64", "--mlflow",
+         "--experiment", args.experiment], env)
+
+    common = dict(shards=[shards], max_pixels=args.max_pixels, experiment=args.experiment, batch_size=4)
+    stage("probe before training (random-weight tiny VLM, untrained SVD-init heads)")
+    before = run_probe(ProbeArgs(preset=args.preset, run_name="demo-probe-before",
+                                 output=os.path.join(out, "probe-before"), **common))
+    print(format_table(before), flush=True)
+
+    stage(f"training: deepspeed, {args.ranks} ranks, ZeRO-3, {args.steps} steps -> {train_dir}")
+    run([os.path.join(os.path.dirname(py), "deepspeed"), "--num_gpus", str(args.ranks), "--master_port",
+         str(_free_port()), os.path.join(ROOT, "launch", "train.py"), "--ds_config",
+         os.path.join(ROOT, "launch", "zero3.json"), "--preset", args.preset, "--shards", shards,
+         "--max-pixels", str(args.max_pixels), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+         "--warmup-steps", str(max(1, args.steps // 20)), "--val-every", str(max(10, args.steps // 3)),
+         "--val-batches", "12", "--log-every", str(max(1, args.steps // 30)), "--run-name", "demo-train",
+         "--output-dir", train_dir, "--experiment", args.experiment, "--no-build-shards"], env)
+
+    stage("probe after training (trained model + trained heads)")
+    export = os.path.join(train_dir, "export")
+    after = run_probe(ProbeArgs(model=os.path.join(export, "model"), heads=export, run_name="demo-probe-after",
+                                output=os.path.join(out, "probe-after"), **common))
+    print(format_table(after), flush=True)
+
+    stage("summary")
+    table = comparison_table(before, after)
+    with open(os.path.join(out, "summary.txt"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({"before": before.get("best"), "after": after.get("best"), "args": vars(args)}, f, indent=1)
+    print(table)
+    from data.tracking import tracking_uri
+
+    uri = tracking_uri()
+    print(f"\nMLflow experiment {args.experiment!r} holds the shard job, the training run and both probes. Open it with:")
+    if uri.startswith("sqlite:///"):
+        print(f"  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   # then http://127.0.0.1:5000")
+    else:
+        print(f"  your tracking server: {uri}")
+    print(f"demo done in {time.time() - stage.t0:.0f}s; files under {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
