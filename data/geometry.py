@@ -273,6 +273,35 @@ def align_color_to_depth(rgb: np.ndarray, K_color: np.ndarray, K_depth: np.ndarr
     through 3D (unproject with depth, move, project into colour); pixels without depth
     fall back to the rotation-only homography (the plane at infinity).
     """
+    if depth_to_color is None:
+        return _align_homography_pil(rgb, K_color, K_depth, depth_size)
+    return align_color_to_depth_reference(rgb, K_color, K_depth, depth_size, depth, depth_to_color)
+
+
+def _align_homography_pil(rgb: np.ndarray, K_color: np.ndarray, K_depth: np.ndarray,
+                          depth_size: tuple[int, int]) -> np.ndarray:
+    """Shared-centre alignment as one PIL perspective warp (bilinear, in C; ~6x the numpy path).
+
+    PIL puts pixel i on [i, i + 1), our convention on [i - 0.5, i + 0.5): the homography is
+    conjugated by that half-pixel shift. Agrees with `align_color_to_depth_reference` within
+    one grey level (rounding).
+    """
+    from PIL import Image
+
+    Hinv = K_color @ np.linalg.inv(K_depth)  # depth pixel -> colour pixel (our pixel centres)
+    S = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])  # ours -> PIL's coordinates
+    M = S @ Hinv @ np.linalg.inv(S)
+    M = M / M[2, 2]
+    img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    out = img.transform(tuple(int(x) for x in depth_size), Image.Transform.PERSPECTIVE, tuple(M.ravel()[:8]),
+                        Image.Resampling.BILINEAR)
+    return np.asarray(out)
+
+
+def align_color_to_depth_reference(rgb: np.ndarray, K_color: np.ndarray, K_depth: np.ndarray,
+                                   depth_size: tuple[int, int], depth: np.ndarray | None = None,
+                                   depth_to_color: np.ndarray | None = None) -> np.ndarray:
+    """numpy implementation of `align_color_to_depth` (both paths; the reference in tests)."""
     Wd, Hd = depth_size
     v, u = np.mgrid[0:Hd, 0:Wd]
     pix = np.stack([u.ravel(), v.ravel(), np.ones(u.size)], axis=0).astype(np.float64)  # (3, N)

@@ -5,8 +5,11 @@
     ray job submit --address URL --working-dir . -- python pipeline/shard.py --input s3://... --output s3://...
 
 Stages (each a Ray workload): scan (one task per scene) -> plan (driver, written to
-plan.json) -> write (one task per shard; tar, then stats.json) -> manifest.json.
-A rerun with the same arguments reuses plan.json and writes only missing shards.
+plan.json) -> write (one task per shard; tar, then stats.json) -> manifest.json and a
+one-screen summary. A rerun with the same arguments reuses plan.json and writes only
+the shards that have no stats.json yet; the shards come out byte-identical.
+Exit status: 0 done, 1 the job ran but failed (shards failed after retries, too many
+broken frames, no pair at all), 2 bad arguments (checked before Ray starts).
 """
 from __future__ import annotations
 
@@ -17,11 +20,13 @@ if __package__ in (None, ""):  # `python pipeline/shard.py`: make the repo impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import collections
-import dataclasses
 import json
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from data.cli import flat_dict, opt, parse_into
 from data.pairs import DEFAULT_GAP_BUCKETS, PairConfig
@@ -33,6 +38,11 @@ DEFAULT_ROOT = "runs"
 DEFAULT_SYNTHETIC = os.path.join(DEFAULT_ROOT, "synthetic")
 DEFAULT_OUTPUT = os.path.join(DEFAULT_ROOT, "shards")
 MANIFEST_VERSION = 1
+PROG = "pipeline/shard.py"
+EPILOG = ("Storage: --input/--output take local paths or s3:// URLs (s3fs); the endpoint comes from "
+          "AWS_ENDPOINT_URL, credentials from the standard AWS variables or profile. Ray: RAY_ADDRESS "
+          "(or `ray job submit`) joins a cluster, else Ray starts in this process on 127.0.0.1. "
+          "Exit status: 0 done, 1 the job failed (see the last lines), 2 bad arguments.")
 
 
 @dataclass
@@ -56,14 +66,16 @@ class ShardArgs:
     max_corr: int = opt(4096, "most correspondences stored per pair")
     depth_root: str = opt("", "nerfstudio/DL3DV only: folder of per-scene depth maps (see README)")
     overwrite: bool = opt(False, "replace an output written with different arguments")
-    max_broken_fraction: float = opt(0.5, "fail (exit 1) when more than this fraction of all frames is broken")
-    retries: int = opt(2, "times a failed shard task is retried by the driver")
+    max_broken_fraction: float = opt(0.5, "exit 1 when more than this fraction of all frames is broken "
+                                          "(broken frames are always skipped and counted)")
+    retries: int = opt(2, "times a failed shard or scene task is resubmitted by the driver "
+                          "(a task whose worker dies is also retried by Ray itself)")
     num_cpus: int = opt(0, "CPUs of the local in-process Ray (0: all); ignored when joining a cluster")
     synthetic_scenes: int = opt(8, "embedded default only: scenes in the synthetic corpus")
     synthetic_frames: int = opt(60, "embedded default only: frames per synthetic scene")
     mlflow: bool = opt(False, "record the job in MLflow (MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     experiment: str = opt("gasp", "MLflow experiment name")
-    quiet: bool = opt(False, "less progress output")
+    quiet: bool = opt(False, "no progress lines (the summary is still printed)")
 
     def __post_init__(self) -> None:
         PairConfig(min_gap=self.min_gap, max_gap=self.max_gap, min_overlap=self.min_overlap,
@@ -73,325 +85,398 @@ class ShardArgs:
             raise ValueError(f"--samples-per-shard must be >= 1 (got {self.samples_per_shard})")
         if self.max_side < 16:
             raise ValueError(f"--max-side must be >= 16 (got {self.max_side})")
+        if self.max_corr < 1:
+            raise ValueError(f"--max-corr must be >= 1 (got {self.max_corr})")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
-        if not 0.0 < self.max_broken_fraction <= 1.0:
-            raise ValueError(f"--max-broken-fraction must be in (0, 1] (got {self.max_broken_fraction})")
+        if not 0.0 <= self.max_broken_fraction <= 1.0:
+            raise ValueError(f"--max-broken-fraction must be in [0, 1] (got {self.max_broken_fraction})")
+        if self.retries < 0 or self.num_cpus < 0:
+            raise ValueError("--retries and --num-cpus must be >= 0")
+        if self.synthetic_scenes < 1 or self.synthetic_frames < 2:
+            raise ValueError("--synthetic-scenes must be >= 1 and --synthetic-frames >= 2")
 
     def job_config(self) -> stages.JobConfig:
         pc = PairConfig(min_gap=self.min_gap, max_gap=self.max_gap, min_overlap=self.min_overlap,
                         max_overlap=self.max_overlap, gap_buckets=self.gap_buckets,
                         pairs_per_scene=self.pairs_per_scene, max_corr=self.max_corr)
-        return stages.JobConfig(input=self.input, format=self.format, output=self.output.rstrip("/"), pairs=pc,
-                                samples_per_shard=self.samples_per_shard, max_side=self.max_side,
-                                val_fraction=self.val_fraction, seed=self.seed,
-                                depth_root=self.depth_root or None)
+        return stages.JobConfig(input=self.input.rstrip("/"), format=self.format, output=self.output.rstrip("/"),
+                                pairs=pc, samples_per_shard=self.samples_per_shard, max_side=self.max_side,
+                                val_fraction=self.val_fraction, seed=self.seed, depth_root=self.depth_root or None)
 
 
 class JobError(Exception):
-    """A user-facing failure of the job: printed as one line, exit status 1."""
+    """A user-facing failure: printed as one line."""
 
 
-# ----------------------------------------------------------------------- progress
-
-class Progress:
-    """Prints `stage done/total (rate/s, ETA)` at most every `every` seconds."""
-
-    def __init__(self, stage: str, total: int, unit: str, quiet: bool = False, every: float = 2.0):
-        self.stage, self.total, self.unit, self.quiet, self.every = stage, total, unit, quiet, every
-        self.t0 = self.last = time.time()
-        self.done = 0
-
-    def step(self, n: int = 1, extra: str = "") -> None:
-        self.done += n
-        now = time.time()
-        if self.quiet or (now - self.last < self.every and self.done < self.total):
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        print(f"[{self.stage}] {self.done}/{self.total} {self.unit} ({rate:.2f}/s, ETA {eta:.0f}s){extra}",
-              flush=True)
+def _err(msg: str) -> None:
+    print(f"{PROG}: error: {stages.one_line(msg, 400)}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------ checks
 
+def _is_url(p: str) -> bool:
+    return "://" in p
+
+
 def check_args(args: ShardArgs) -> None:
-    """Everything that can be checked before Ray starts: input, format, output."""
-    fs, path = open_fs(args.input)
+    """Everything that can be checked before Ray starts: input, depth root, output writable."""
+    for flag in ("input", "output", "depth_root"):
+        v = getattr(args, flag)
+        if v and not _is_url(v):
+            setattr(args, flag, os.path.abspath(v))  # Ray workers may run elsewhere
     try:
+        fs, path = open_fs(args.input)
         exists = fs.exists(path)
     except Exception as e:
-        raise JobError(f"--input {args.input}: cannot be reached ({type(e).__name__}: {e})") from None
+        raise JobError(f"--input {stages.public_url(args.input)}: cannot be reached "
+                       f"({type(e).__name__}: {e})") from None
     if not exists:
-        raise JobError(f"--input {args.input}: no such file or folder")
-    if args.format == "nerfstudio" and args.depth_root:
+        raise JobError(f"--input {stages.public_url(args.input)}: no such file or folder")
+    if args.depth_root:
+        if args.format != "nerfstudio":
+            raise JobError("--depth-root is only for --format nerfstudio")
         dfs, dpath = open_fs(args.depth_root)
         if not dfs.exists(dpath):
-            raise JobError(f"--depth-root {args.depth_root}: no such folder")
+            raise JobError(f"--depth-root {stages.public_url(args.depth_root)}: no such folder")
     ofs, opath = open_fs(args.output)
     probe = url_join(args.output, f".write-test-{os.getpid()}")
     try:
         if stages.is_local(ofs):
+            if os.path.exists(opath) and not os.path.isdir(opath):
+                raise NotADirectoryError(f"{opath} is a file")
             os.makedirs(opath, exist_ok=True)
         _, ppath = open_fs(probe)
         with ofs.open(ppath, "wb") as f:
             f.write(b"ok")
         ofs.rm(ppath)
     except Exception as e:
-        raise JobError(f"--output {args.output}: not writable ({type(e).__name__}: {e})") from None
+        raise JobError(f"--output {stages.public_url(args.output)}: not writable ({type(e).__name__}: {e}); "
+                       f"choose a folder you can write to") from None
 
 
-def ensure_default_corpus(args: ShardArgs) -> None:
-    """The embedded default: a synthetic corpus under runs/synthetic (built once)."""
-    from data import synthetic
-    from data.scenes.posed import list_posed_scenes
+def default_corpus_todo(args: ShardArgs) -> tuple[str, list[str]]:
+    """The embedded default corpus (runs/synthetic): its root and the scenes still to render."""
+    root = os.path.abspath(DEFAULT_SYNTHETIC)
+    todo = [f"scene_{i:04d}" for i in range(args.synthetic_scenes)
+            if not os.path.exists(os.path.join(root, f"scene_{i:04d}", "cameras.json"))]  # written last
+    return root, todo
 
-    root = DEFAULT_SYNTHETIC
-    have = list_posed_scenes(root) if os.path.isdir(root) else []
-    if len(have) >= args.synthetic_scenes:
-        args.input = root
-        return
-    print(f"[synthetic] building {args.synthetic_scenes} scenes x {args.synthetic_frames} frames in {root}",
-          flush=True)
-    t0 = time.time()
+
+def build_default_corpus(args: ShardArgs, root: str, todo: list[str]) -> None:
+    """Render the missing synthetic scenes, one Ray task each (seed 1000 + i for scene i)."""
+    from pipeline import ray_tasks
+
+    print(f"[synthetic] rendering {len(todo)} scenes x {args.synthetic_frames} frames into {root}", flush=True)
     os.makedirs(root, exist_ok=True)
-    for i in range(args.synthetic_scenes):
-        name = f"scene_{i:04d}"
-        if os.path.exists(os.path.join(root, name, "cameras.json")):
-            continue
-        synthetic.write_scene(root, name, seed=1000 + i, n_frames=args.synthetic_frames)
-        print(f"[synthetic] {i + 1}/{args.synthetic_scenes} scenes ({time.time() - t0:.0f}s)", flush=True)
-    args.input = root
+    prog = ray_tasks.Progress("synthetic", len(todo), "scenes", args.quiet)
+    out = ray_tasks.run_tasks(ray_tasks.synthetic_task, todo,
+                              lambda n: (root, n, 1000 + int(n.split("_")[1]), args.synthetic_frames), prog,
+                              args.retries, label=lambda n: n, name="synthetic_scene")
+    bad = [r for _, r, _ in out if not r.get("ok")]
+    if bad:
+        raise JobError(f"could not render the embedded synthetic corpus: {bad[0].get('error')}")
 
 
-# ------------------------------------------------------------------------- ray
+def prepare(args: ShardArgs) -> tuple[stages.JobConfig, list[str], dict[str, Any] | None, list[str]]:
+    """Checks and plan.json look-up, all before Ray. Raises JobError / SceneError (one line).
 
-def start_ray(num_cpus: int, quiet: bool) -> str:
-    """Join RAY_ADDRESS (cluster or `ray job submit`), else start Ray in-process on loopback."""
-    import ray
-
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=not quiet)
-        return f"cluster {address}"
-    # in-process: keep every Ray process on 127.0.0.1
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    kw: dict[str, Any] = {"include_dashboard": False, "_node_ip_address": "127.0.0.1",
-                          "logging_level": "ERROR", "log_to_driver": not quiet}
-    if num_cpus:
-        kw["num_cpus"] = num_cpus
-    ray.init(**kw)
-    return f"local ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
-
-
-def run_tasks(fn, items: list[Any], cfg: stages.JobConfig, progress: Progress, retries: int,
-              label: Any) -> list[dict[str, Any]]:
-    """Run `fn(item, cfg)` as Ray tasks; resubmit failed statuses up to `retries` times.
-
-    A task whose worker dies (SIGKILL, OOM) is retried by Ray itself (max_retries);
-    a task that returns {"ok": False} with an unexpected error is retried here.
+    Returns (config, scene URLs, plan.json of an earlier run or None, synthetic scenes to render
+    first: the embedded default builds its corpus with Ray, then lists it).
     """
-    import ray
+    synthetic_todo: list[str] = []
+    if not args.input:
+        if args.format != "synthetic":
+            raise JobError(f"--input is required with --format {args.format}")
+        args.input, synthetic_todo = default_corpus_todo(args)
+        os.makedirs(args.input, exist_ok=True)
+    check_args(args)
+    cfg = args.job_config()
+    scenes = [] if synthetic_todo else list_scenes(cfg.input, cfg.format)  # listed after rendering
+    plan_url = url_join(cfg.output, "plan.json")
+    try:
+        old_plan = stages.read_json(plan_url)
+    except ValueError:
+        old_plan = {"content_hash": "unreadable"}
+    if old_plan is not None and (old_plan.get("content_hash") != cfg.content_hash()
+                                 or old_plan.get("plan_version") != stages.PLAN_VERSION):
+        if not args.overwrite:
+            raise JobError(f"{stages.public_url(cfg.output)} holds shards made with different arguments "
+                           f"(plan.json differs); use another --output or pass --overwrite")
+        n = clear_output(cfg.output)
+        print(f"[overwrite] removed {n} files of the earlier job from {stages.public_url(cfg.output)}", flush=True)
+        old_plan = None
+    return cfg, scenes, old_plan, synthetic_todo
 
-    remote = ray.remote(fn).options(max_retries=4, retry_exceptions=True, num_cpus=1)
-    cfg_ref = ray.put(cfg)
-    pending = {remote.remote(it, cfg_ref): (it, 0) for it in items}
-    results: list[dict[str, Any]] = []
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1, timeout=5.0)
-        for ref in done:
-            it, tries = pending.pop(ref)
-            try:
-                res = ray.get(ref)
-            except Exception as e:  # retries exhausted inside Ray
-                res = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                       "retryable": True, "name": label(it)}
-            if not res.get("ok") and res.get("retryable", "trace" in res) and tries < retries:
-                pending[remote.remote(it, cfg_ref)] = (it, tries + 1)
-                print(f"[retry] {label(it)}: {res.get('error')}", flush=True)
-                continue
-            results.append(res)
-            progress.step()
-    return results
+
+def clear_output(output: str) -> int:
+    """Remove what a shard job wrote (shards, stats, plan, manifest, leftovers); returns the count."""
+    fs, path = stages.fresh_fs(output)
+    n = 0
+    for name in sorted(stages.list_names(output)):
+        if (name.endswith((".tar", ".stats.json", stages.PART_SUFFIX)) and name.startswith(("train-", "val-", ".")))\
+                or name in ("plan.json", "manifest.json"):
+            fs.rm(path.rstrip("/") + "/" + name)
+            n += 1
+    return n
 
 
 # ------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_into(ShardArgs, argv, "pipeline/shard.py", "Corpora -> WebDataset shards of frame pairs (Ray).")
+    args = parse_into(ShardArgs, argv, PROG, "Corpora -> WebDataset shards of frame pairs (Ray).", EPILOG)
     t_start = time.time()
     try:
-        if not args.input:
-            if args.format != "synthetic":
-                raise JobError("--input is required with --format " + args.format)
-            ensure_default_corpus(args)
-        check_args(args)
-        cfg = args.job_config()
-        scenes = list_scenes(cfg.input, cfg.format)
-        plan_url = url_join(cfg.output, "plan.json")
-        old_plan = stages.read_json(plan_url)
-        if old_plan is not None and old_plan.get("content_hash") != cfg.content_hash():
-            if not args.overwrite:
-                raise JobError(f"{cfg.output} holds shards made with different arguments (plan.json differs); "
-                               f"use another --output or pass --overwrite")
-            _clear_output(cfg.output)
-            old_plan = None
+        cfg, scenes, old_plan, synthetic_todo = prepare(args)
     except (JobError, SceneError) as e:
-        print(f"pipeline/shard.py: error: {e}", file=sys.stderr)
+        _err(str(e))
         return 2
 
-    where = start_ray(args.num_cpus, args.quiet)
-    print(f"[ray] {where}; input {stages._public_url(cfg.input)} ({cfg.format}, {len(scenes)} scenes) -> "
-          f"{stages._public_url(cfg.output)}", flush=True)
+    from pipeline import ray_tasks
+
+    where, started = ray_tasks.start_ray(args.num_cpus, args.quiet)
+    try:
+        print(f"[ray] {where}", flush=True)
+        if synthetic_todo:
+            build_default_corpus(args, cfg.input, synthetic_todo)
+            scenes = list_scenes(cfg.input, cfg.format)
+        print(f"[job] input {stages.public_url(cfg.input)} ({cfg.format}, {len(scenes)} scenes) -> "
+              f"{stages.public_url(cfg.output)}", flush=True)
+        return run_job(args, cfg, scenes, old_plan, t_start)
+    except (JobError, SceneError) as e:
+        _err(str(e))
+        return 1
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan: dict[str, Any] | None,
+            t_start: float) -> int:
     import ray
 
-    try:
-        # ---- scan + plan (reused on rerun)
-        t0 = time.time()
-        if old_plan is not None:
-            plan = old_plan
-            print(f"[plan] reusing {plan_url} ({len(plan['shards'])} shards)", flush=True)
-        else:
-            prog = Progress("scan", len(scenes), "scenes", args.quiet)
-            scans = run_tasks(stages.scan_scene, scenes, cfg, prog, args.retries, label=lambda u: u)
-            plan = stages.make_plan(scans, cfg)
-            plan["scan"] = {s["scene"]: {k: s.get(k) for k in ("ok", "url", "frames", "usable", "skipped",
-                                                               "skipped_frames", "tested", "passed", "yield",
-                                                               "error", "metric_depth", "median_depth",
-                                                               "by_bucket")}
-                            for s in scans}
-            stages.write_json(plan_url, plan)
-            print(f"[plan] {sum(len(s['pairs']) for s in plan['shards'])} pairs in {len(plan['shards'])} "
-                  f"shards ({time.time() - t0:.1f}s)", flush=True)
-        t_scan = time.time() - t0
+    from pipeline import ray_tasks
 
-        # ---- write the shards that have no stats.json yet
-        t0 = time.time()
-        todo = [e for e in plan["shards"] if stages.read_json(_stats_url(cfg, e)) is None]
-        if len(todo) < len(plan["shards"]):
-            print(f"[write] {len(plan['shards']) - len(todo)} shards already done; writing {len(todo)}",
-                  flush=True)
-        prog = Progress("write", len(todo), "shards", args.quiet)
-        results = run_tasks(stages.write_shard, todo, cfg, prog, args.retries, label=lambda e: e["name"])
-        failed = [r for r in results if not r.get("ok")]
-        t_write = time.time() - t0
+    if len(ray.nodes()) > 1 and stages.is_local(open_fs(cfg.output)[0]):
+        print(f"[warning] {len(ray.nodes())} Ray nodes write to the local path {cfg.output}: it must be a "
+              f"shared file system (else use s3://)", flush=True)
+    cfg_ref = ray.put(cfg)
+    times: dict[str, float] = {}
 
-        manifest = build_manifest(plan, cfg, args)
-        stages.write_json(url_join(cfg.output, "manifest.json"), manifest)
-        print_summary(manifest, t_scan, t_write, time.time() - t_start)
-        if args.mlflow:
-            record_mlflow(manifest, args, cfg)
-        if failed:
-            for r in failed:
-                print(f"pipeline/shard.py: error: shard {r.get('name')} failed: {r.get('error')}", file=sys.stderr)
-            return 1
-        frac = manifest["counts"]["frames_broken_fraction"]
-        if frac > args.max_broken_fraction:
-            print(f"pipeline/shard.py: error: {frac:.0%} of all frames are broken (more than "
-                  f"--max-broken-fraction {args.max_broken_fraction:.0%}); see skipped_by_reason in manifest.json",
-                  file=sys.stderr)
-            return 1
-        return 0
-    finally:
-        ray.shutdown()
+    # ---- scan + plan (a rerun reuses plan.json)
+    t0 = time.time()
+    shells: dict[str, Any] = {}
+    plan_url = url_join(cfg.output, "plan.json")
+    if old_plan is not None:
+        plan = old_plan
+        print(f"[plan] reusing {stages.public_url(plan_url)} ({len(plan['shards'])} shards)", flush=True)
+    else:
+        prog = ray_tasks.Progress("scan", len(scenes), "scenes", args.quiet)
+        out = ray_tasks.run_tasks(ray_tasks.scan_task, scenes, lambda u: (u, cfg_ref), prog, args.retries,
+                                  label=lambda u: stages.scene_key(u, cfg.input), name="scan_scene", num_returns=2)
+        scans = []
+        for url, res, shell_ref in out:
+            res.setdefault("scene", stages.scene_key(url, cfg.input))
+            scans.append(res)
+            if res.get("ok") and res.get("pairs") and shell_ref is not None:
+                shells[res["scene"]] = shell_ref
+        times["scan"] = time.time() - t0
+        t1 = time.time()
+        plan = stages.make_plan(scans, cfg)
+        stages.write_json(plan_url, plan)
+        times["plan"] = time.time() - t1
+        n_val = sum(1 for s in plan["scenes"].values() if s == "val")
+        print(f"[plan] {sum(len(s['pairs']) for s in plan['shards'])} pairs in {len(plan['shards'])} shards; "
+              f"{len(plan['scenes']) - n_val} train / {n_val} val scenes -> {stages.public_url(plan_url)}",
+              flush=True)
+
+    # ---- write the shards that are not done yet
+    t0 = time.time()
+    done = stages.done_shards(cfg, plan)
+    todo = [e for e in plan["shards"] if e["name"] not in done]
+    if done:
+        print(f"[write] {len(done)} of {len(plan['shards'])} shards already done; writing {len(todo)}", flush=True)
+    folder, local = stages.part_dir(cfg.output)
+    if local:  # leftovers of killed attempts (no task of this job runs yet)
+        stages.sweep_parts(folder, [e["name"] for e in todo])
+
+    run_id = uuid.uuid4().hex
+
+    def write_args(e: dict[str, Any]) -> tuple:
+        refs = {k: shells[k] for k in {it["scene"] for it in e["pairs"]} if k in shells}
+        return e, cfg_ref, refs or None, run_id
+
+    prog = ray_tasks.Progress("write", len(todo), "shards", args.quiet, rate_unit="pairs")
+    results = ray_tasks.run_tasks(ray_tasks.write_task, todo, write_args, prog, args.retries,
+                                  label=lambda e: e["name"], name="write_shard",
+                                  amount=lambda r: int(r.get("samples") or 0))
+    if local:
+        stages.sweep_parts(folder, [e["name"] for e in plan["shards"]])
+    failed = [r for _, r, _ in results if not r.get("ok")]
+    written = {r["name"]: r for _, r, _ in results if r.get("ok")}
+    times["write"] = time.time() - t0
+    shells.clear()
+
+    stats = {**done, **{k: {kk: vv for kk, vv in v.items() if kk != "ok"} for k, v in written.items()}}
+    manifest = build_manifest(plan, stats, cfg, args, failed)
+    stages.write_json(url_join(cfg.output, "manifest.json"), manifest)
+    times["total"] = time.time() - t_start
+    new_pairs = sum(int(r.get("samples") or 0) for r in written.values())
+    print_summary(manifest, times, new_pairs, len(written), cfg)
+    code = 0
+    if args.mlflow:
+        try:
+            record_mlflow(manifest, args, cfg, times, new_pairs)
+        except Exception as e:  # the shards are fine; say what went wrong with the record
+            _err(f"--mlflow: could not record the job ({type(e).__name__}: {e})")
+            code = 1
+    for r in failed[:5]:
+        _err(f"shard {r.get('name')} failed after {args.retries} retries: {r.get('error')}")
+        code = 1
+    if len(failed) > 5:
+        _err(f"{len(failed) - 5} more shards failed (failed_shards in manifest.json); rerun to retry them")
+    frac = manifest["counts"]["frames_skipped_fraction"]
+    if frac > args.max_broken_fraction:
+        _err(f"{frac:.1%} of all frames are broken (more than --max-broken-fraction {args.max_broken_fraction:g}); "
+             f"see skipped_by_reason in manifest.json")
+        code = 1
+    if not failed and manifest["counts"]["pairs"] == 0:
+        _err("no pair was written: no scene has a pair that passes the gap and overlap filters "
+             "(see flagged_scenes in manifest.json)")
+        code = 1
+    return code
 
 
-def _stats_url(cfg: stages.JobConfig, entry: dict[str, Any]) -> str:
-    return url_join(cfg.output, entry["name"][: -len(".tar")] + ".stats.json")
+# ---------------------------------------------------------------------- manifest
 
+def build_manifest(plan: dict[str, Any], stats: dict[str, dict[str, Any]], cfg: stages.JobConfig,
+                   args: ShardArgs, failed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Counts, shards (size, sha256), gap buckets, skipped-by-reason, per-scene self-check, flags, config.
 
-def _clear_output(output: str) -> None:
-    fs, path = open_fs(output)
-    for p in fs.glob(path.rstrip("/") + "/*"):
-        name = p.rsplit("/", 1)[-1]
-        if name.endswith((".tar", ".stats.json")) or name in ("plan.json", "manifest.json"):
-            fs.rm(p)
-
-
-def build_manifest(plan: dict[str, Any], cfg: stages.JobConfig, args: ShardArgs) -> dict[str, Any]:
-    """Counts, shards (size, sha256), gap buckets, skipped-by-reason, flagged scenes, config."""
+    Built from plan.json and the shards' stats.json only, so a rerun gives the same manifest.
+    """
     scan = plan.get("scan", {})
-    skipped = collections.Counter()
-    frames = usable = 0
+    skipped: collections.Counter = collections.Counter()
+    skipped_pairs: collections.Counter = collections.Counter()
+    planned: collections.Counter = collections.Counter()
+    for e in plan["shards"]:
+        for it in e["pairs"]:
+            planned[it["scene"]] += 1
+    agg: dict[str, dict[str, Any]] = {}
+    shards = []
+    by_bucket = np.zeros(len(cfg.pairs.gap_buckets), dtype=np.int64)
+    for e in plan["shards"]:
+        st = stats.get(e["name"])
+        if st is None:
+            continue
+        shards.append({k: st[k] for k in ("name", "split", "samples", "bytes", "sha256")})
+        skipped_pairs.update(st.get("skipped_pairs") or {})
+        if st.get("by_bucket") and len(st["by_bucket"]) == len(by_bucket):
+            by_bucket += np.asarray(st["by_bucket"], dtype=np.int64)
+        for sc, a in (st.get("scenes") or {}).items():
+            acc = agg.setdefault(sc, {"pairs": 0, "checked": 0, "photo_err": 0.0, "photo_err_shuffled": 0.0,
+                                      "ratios": []})
+            for k in ("pairs", "checked", "photo_err", "photo_err_shuffled"):
+                acc[k] += a.get(k, 0)
+            acc["ratios"] += a.get("ratios", [])
+    scenes_info: dict[str, Any] = {}
     flagged: dict[str, str] = {}
-    scene_info: dict[str, Any] = {}
-    for name, s in sorted(scan.items()):
+    frames = usable = 0
+    for key, s in sorted(scan.items()):
         frames += s.get("frames") or 0
         usable += s.get("usable") or 0
         skipped.update(s.get("skipped") or {})
-        info = {"split": plan["scenes"].get(name), "frames": s.get("frames"), "usable": s.get("usable"),
-                "pair_yield": s.get("yield"), "skipped": s.get("skipped"), "metric_depth": s.get("metric_depth")}
+        a = agg.get(key)
+        info = {"split": plan["scenes"].get(key), "frames": s.get("frames"), "usable": s.get("usable"),
+                "skipped": s.get("skipped") or {}, "pair_yield": s.get("yield"),
+                "candidates_tested": s.get("tested"), "pairs_planned": planned.get(key, 0),
+                "pairs": a["pairs"] if a else 0, "metric_depth": s.get("metric_depth")}
+        if a and a["checked"]:
+            info["photo_err"] = round(a["photo_err"] / a["checked"], 3)
+            info["photo_err_shuffled"] = round(a["photo_err_shuffled"] / a["checked"], 3)
+            info["photo_ratio_median"] = round(float(np.median(a["ratios"])), 4)
+            info["pairs_failing_check"] = int(sum(r > stages.PHOTO_FLAG_RATIO for r in a["ratios"]))
         if not s.get("ok"):
             info["error"] = s.get("error")
-            flagged[name] = "unreadable: " + str(s.get("error"))
-        elif s.get("tested") and (s.get("yield") or 0) < stages.MIN_PAIR_YIELD:
-            flagged[name] = f"pair yield collapsed ({s.get('passed')}/{s.get('tested')} candidates pass the overlap filter)"
-        scene_info[name] = info
-    shards, per_scene = [], collections.defaultdict(lambda: [0, 0.0, 0.0])
-    skipped_pairs = collections.Counter()
-    for e in plan["shards"]:
-        st = stages.read_json(_stats_url(cfg, e))
-        if st is None:
-            continue
-        shards.append({"name": st["name"], "split": st["split"], "samples": st["samples"], "bytes": st["bytes"],
-                       "sha256": st["sha256"]})
-        skipped_pairs.update(st.get("skipped_pairs") or {})
-        for sc, (n, err, err_sh) in st.get("scenes", {}).items():
-            acc = per_scene[sc]
-            acc[0] += n
-            acc[1] += err
-            acc[2] += err_sh
-    for sc, (n, err, err_sh) in per_scene.items():
-        if n == 0:
-            continue
-        info = scene_info.setdefault(sc, {})
-        info["photo_err"] = round(err / n, 3)
-        info["photo_err_shuffled"] = round(err_sh / n, 3)
-        if err / n > stages.PHOTO_FLAG_RATIO * (err_sh / n):
-            flagged.setdefault(sc, f"photometric self-check failed (photo_err {err / n:.1f} vs shuffled "
-                                   f"{err_sh / n:.1f}): wrong pose convention?")
+        why = stages.scene_verdict(s, a)
+        if why:
+            flagged[key] = why
+            info["flag"] = why
+        scenes_info[key] = info
     broken = frames - usable
+    pairs_written = sum(s["samples"] for s in shards)
     counts = {"scenes": len(scan), "scenes_readable": sum(1 for s in scan.values() if s.get("ok")),
-              "frames": frames, "frames_usable": usable, "frames_broken": broken,
-              "frames_broken_fraction": round(broken / frames, 4) if frames else 0.0,
-              "pairs": sum(s["samples"] for s in shards),
-              "pairs_planned": sum(len(e["pairs"]) for e in plan["shards"]),
-              "shards": len(shards), "shards_planned": len(plan["shards"]),
+              "scenes_flagged": len(flagged), "frames": frames, "frames_usable": usable, "frames_skipped": broken,
+              "frames_skipped_fraction": round(broken / frames, 4) if frames else 0.0,
+              "pairs": pairs_written, "pairs_planned": sum(len(e["pairs"]) for e in plan["shards"]),
+              "pairs_skipped": sum(skipped_pairs.values()),
+              "shards": len(shards), "shards_planned": len(plan["shards"]), "shards_failed": len(failed or []),
               "bytes": sum(s["bytes"] for s in shards)}
     for split in ("train", "val"):
         counts[f"pairs_{split}"] = sum(s["samples"] for s in shards if s["split"] == split)
-    cfg_public = plan["config"].copy()
-    cfg_public["input"] = stages._public_url(cfg.input)
+        counts[f"scenes_{split}"] = sum(1 for v in plan["scenes"].values() if v == split)
+    public_cfg = dict(plan["config"])
+    public_cfg["output"] = stages.public_url(cfg.output)
     return {"version": MANIFEST_VERSION, "format_version": plan["format_version"],
-            "content_hash": plan["content_hash"], "counts": counts, "shards": shards,
-            "gap_buckets": list(cfg.pairs.gap_buckets), "skipped_by_reason": dict(skipped),
-            "skipped_pairs_by_reason": dict(skipped_pairs), "flagged_scenes": flagged, "scenes": scene_info,
-            "config": cfg_public}
+            "content_hash": plan["content_hash"], "complete": len(shards) == len(plan["shards"]),
+            "counts": counts, "shards": shards,
+            "gap_buckets": list(cfg.pairs.gap_buckets), "pairs_by_gap_bucket": [int(x) for x in by_bucket],
+            "skipped_by_reason": dict(sorted(skipped.items())),
+            "skipped_pairs_by_reason": dict(sorted(skipped_pairs.items())),
+            "flagged_scenes": flagged,
+            "splits": {sp: sorted(k for k, v in plan["scenes"].items() if v == sp) for sp in ("train", "val")},
+            "scenes": scenes_info,
+            "failed_shards": sorted(r.get("name") for r in failed or []),
+            "config": public_cfg}
 
 
-def print_summary(m: dict[str, Any], t_scan: float, t_write: float, t_total: float) -> None:
+def print_summary(m: dict[str, Any], times: dict[str, float], new_pairs: int, new_shards: int,
+                  cfg: stages.JobConfig) -> None:
+    """The one-screen table: scenes, frames, skipped by reason, pairs, shards, bytes, pairs/s, flags."""
     c = m["counts"]
-    rows = [("scenes", f"{c['scenes_readable']}/{c['scenes']} readable"),
-            ("frames", f"{c['frames']} ({c['frames_usable']} usable, {c['frames_broken']} skipped)")]
-    for reason, n in sorted(m["skipped_by_reason"].items(), key=lambda x: -x[1]):
+    rows = [("scenes", f"{c['scenes']} ({c['scenes_readable']} readable; train {c['scenes_train']}, "
+                       f"val {c['scenes_val']})"),
+            ("frames", f"{c['frames']} ({c['frames_usable']} usable, {c['frames_skipped']} skipped = "
+                       f"{c['frames_skipped_fraction']:.1%})")]
+    reasons = sorted(m["skipped_by_reason"].items(), key=lambda x: (-x[1], x[0]))
+    for reason, n in reasons[:8]:
         rows.append(("  skipped: " + reason, str(n)))
-    rows += [("pairs", f"{c['pairs']} (train {c['pairs_train']}, val {c['pairs_val']})"),
-             ("shards", f"{c['shards']}/{c['shards_planned']}"),
+    if len(reasons) > 8:
+        rows.append(("  skipped: ...", f"{len(reasons) - 8} more reasons in manifest.json"))
+    rows += [("pairs", f"{c['pairs']} of {c['pairs_planned']} planned (train {c['pairs_train']}, val "
+                       f"{c['pairs_val']}; {c['pairs_skipped']} skipped: broken frame)"),
+             ("pairs by gap bucket", ", ".join(f"{lo}+: {n}" for lo, n in zip(m["gap_buckets"],
+                                                                           m["pairs_by_gap_bucket"]))),
+             ("shards", f"{c['shards']} of {c['shards_planned']} ({new_shards} written now, "
+                        f"{c['shards_failed']} failed)"),
              ("bytes", f"{c['bytes'] / 1e6:.1f} MB"),
-             ("pairs/s (write stage)", f"{c['pairs'] / max(t_write, 1e-9):.2f}" if t_write > 0.5 else "-"),
-             ("time", f"scan+plan {t_scan:.1f}s, write {t_write:.1f}s, total {t_total:.1f}s"),
-             ("flagged scenes", str(len(m["flagged_scenes"])))]
-    for sc, why in sorted(m["flagged_scenes"].items()):
+             ("pairs/s", f"{new_pairs / max(times.get('write', 0.0), 1e-9):.1f} ({new_pairs} pairs written in "
+                         f"{times.get('write', 0.0):.1f}s)" if new_pairs else "- (nothing left to write)"),
+             ("time", f"scan {times.get('scan', 0.0):.1f}s, plan {times.get('plan', 0.0):.1f}s, write "
+                      f"{times.get('write', 0.0):.1f}s, total {times.get('total', 0.0):.1f}s"),
+             ("flagged scenes", f"{len(m['flagged_scenes'])}")]
+    flagged = sorted(m["flagged_scenes"].items())
+    for sc, why in flagged[:10]:
         rows.append(("  " + sc, why))
+    if len(flagged) > 10:
+        rows.append(("  ...", f"{len(flagged) - 10} more in manifest.json"))
+    ratios = [v["photo_ratio_median"] for v in m["scenes"].values() if "photo_ratio_median" in v]
+    if ratios:
+        rows.append(("self-check", f"median photo_err/shuffled {float(np.median(ratios)):.2f} over "
+                                   f"{len(ratios)} scenes (flag above {stages.PHOTO_FLAG_RATIO})"))
+    rows.append(("output", f"{stages.public_url(cfg.output)} (manifest.json)"))
     w = max(len(r[0]) for r in rows)
-    print("\n== shard job summary " + "=" * 40)
+    print("\n== shard job summary " + "=" * 50)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
-    print("=" * 61, flush=True)
+    print("=" * 71, flush=True)
 
 
-def record_mlflow(manifest: dict[str, Any], args: ShardArgs, cfg: stages.JobConfig) -> None:
+def record_mlflow(manifest: dict[str, Any], args: ShardArgs, cfg: stages.JobConfig, times: dict[str, float],
+                  new_pairs: int) -> None:
+    """Params (no credentials), counts and timings as metrics, manifest.json as an artifact."""
     import tempfile
 
     from data.tracking import MlflowTracker
@@ -399,25 +484,30 @@ def record_mlflow(manifest: dict[str, Any], args: ShardArgs, cfg: stages.JobConf
     tr = MlflowTracker(run_name="shard-job", experiment=args.experiment, tags={"kind": "shard"})
     try:
         params = flat_dict(args)
-        params["input"] = stages._public_url(cfg.input)
-        params["output"] = stages._public_url(cfg.output)
+        for k in ("input", "output", "depth_root"):
+            params[k] = stages.public_url(params.get(k)) or ""
+        params["content_hash"] = manifest["content_hash"]
         tr.log_params(params)
-        tr.log_metrics({k: v for k, v in manifest["counts"].items() if isinstance(v, (int, float))})
+        metrics = {k: v for k, v in manifest["counts"].items() if isinstance(v, (int, float))}
+        metrics.update({f"skipped.{k}": v for k, v in manifest["skipped_by_reason"].items()})
+        metrics.update({f"seconds.{k}": round(v, 3) for k, v in times.items()})
+        if times.get("write"):
+            metrics["pairs_per_s"] = new_pairs / times["write"]
+        tr.log_metrics({_metric_name(k): v for k, v in metrics.items()})
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "manifest.json")
             with open(p, "w") as f:
                 json.dump(manifest, f, indent=1, sort_keys=True)
             tr.log_artifact(p)
-        tr.set_tags({"manifest_sha256": _sha(manifest)})
+        tr.set_tags({"output": stages.public_url(cfg.output), "complete": manifest["complete"],
+                     "flagged_scenes": len(manifest["flagged_scenes"])})
         print(f"[mlflow] run {tr.run_id} in experiment {args.experiment!r}", flush=True)
     finally:
         tr.end()
 
 
-def _sha(obj: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+def _metric_name(k: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in k)
 
 
 if __name__ == "__main__":

@@ -168,3 +168,16 @@ def test_homography_alignment_matches_direct_colour_mapping():
     p_d, _ = g.project(X, K_d)
     ph = (Hm @ np.c_[p_c, np.ones(2)].T).T
     assert np.allclose(ph[:, :2] / ph[:, 2:], p_d, atol=1e-9)
+
+
+def test_fast_homography_alignment_agrees_with_the_numpy_reference():
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 255, (97, 131, 3), dtype=np.uint8)
+    rgb = np.asarray(Image.fromarray(rgb).resize((262, 194), Image.BICUBIC))  # smooth enough to compare
+    K_c = np.array([[230.0, 0, 130.2], [0, 231.0, 96.7], [0, 0, 1]])
+    K_d = np.array([[118.0, 0, 63.9], [0, 118.5, 47.1], [0, 0, 1]])
+    fast = g.align_color_to_depth(rgb, K_c, K_d, (128, 96)).astype(int)
+    ref = g.align_color_to_depth_reference(rgb, K_c, K_d, (128, 96)).astype(int)
+    assert fast.shape == ref.shape == (96, 128, 3)
+    inner = np.abs(fast - ref)[2:-2, 2:-2]
+    assert inner.max() <= 1, inner.max()

@@ -1,0 +1,163 @@
+"""Ray side of the shard job: start or join Ray, run stage functions as tasks with retries.
+
+Kept apart from `pipeline/stages.py` (plain functions, no Ray) and from the CLI, and
+importable by workers (a function of `__main__` would be shipped by value instead).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+from pipeline import stages
+
+# Ray retries a task whose worker died (SIGKILL, OOM, node loss) by itself this many
+# times; a task that returned {"ok": False} is resubmitted by the driver (--retries).
+SYSTEM_RETRIES = 4
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the job supervisor of `ray job submit`
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start_ray(num_cpus: int = 0, quiet: bool = False) -> tuple[str, bool]:
+    """Join Ray and say where: (description, whether this call started it).
+
+    - already initialised in this process (tests): reuse it;
+    - RAY_ADDRESS set (a cluster, or the driver of `ray job submit`): join it; a plain
+      driver (not a submitted job) ships `data/` and `pipeline/` as py_modules so that
+      workers on other nodes can import them;
+    - else: a local Ray in this process, every process on 127.0.0.1, no dashboard.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return f"existing Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)", False
+    address = os.environ.get("RAY_ADDRESS")
+    kw: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": not quiet}
+    if address:
+        if JOB_CONFIG_ENV not in os.environ:
+            kw["runtime_env"] = {"py_modules": [os.path.join(REPO, "data"), os.path.join(REPO, "pipeline")]}
+        ray.init(address=address, **kw)
+        where = "ray job" if JOB_CONFIG_ENV in os.environ else "cluster"
+        return f"{where} at {address} ({int(ray.cluster_resources().get('CPU', 0))} CPUs)", True
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    kw.update(include_dashboard=False, _node_ip_address="127.0.0.1")
+    if num_cpus:
+        kw["num_cpus"] = num_cpus
+    ray.init(**kw)
+    return f"local Ray in this process ({int(ray.cluster_resources().get('CPU', 0))} CPUs)", True
+
+
+# ------------------------------------------------------------------------- tasks
+
+def scan_task(url: str, cfg: stages.JobConfig) -> tuple[dict[str, Any], Any]:
+    """stages.scan_scene, with the scene shell as a second return (it stays in the object store)."""
+    res = stages.scan_scene(url, cfg)
+    shell = res.pop("shell", None)
+    return res, shell
+
+
+_RUN = {"id": None}
+
+
+def write_task(entry: dict[str, Any], cfg: stages.JobConfig, shell_refs: dict[str, Any] | None,
+               run_id: str = "") -> dict[str, Any]:
+    """stages.write_shard, after fetching the shells of the shard's scenes from the object store.
+
+    A worker keeps the scenes it opened for the shards of one run (run_id); a new run (a rerun
+    in the same driver, on a corpus that may have changed) starts from an empty cache.
+    """
+    import ray
+
+    if run_id != _RUN["id"]:
+        stages.clear_scene_cache()
+        _RUN["id"] = run_id
+    shells = None
+    if shell_refs:
+        keys = sorted(shell_refs)
+        try:
+            shells = dict(zip(keys, ray.get([shell_refs[k] for k in keys])))
+        except Exception:  # a lost shell (its node died): open the scenes instead
+            shells = None
+    return stages.write_shard(entry, cfg, shells)
+
+
+def synthetic_task(root: str, name: str, seed: int, n_frames: int) -> dict[str, Any]:
+    """Render one scene of the embedded default corpus (data.synthetic, posed layout)."""
+    from data import synthetic
+
+    try:
+        synthetic.write_scene(root, name, seed=seed, n_frames=n_frames)
+        return {"ok": True, "name": name}
+    except Exception as e:
+        return {"ok": False, "name": name, "error": stages.one_line(f"{type(e).__name__}: {e}")}
+
+
+class Progress:
+    """Prints `[stage] done/total unit (rate/s, ETA)` at most every `every` seconds, and at the end."""
+
+    def __init__(self, stage: str, total: int, unit: str, quiet: bool = False, every: float = 2.0,
+                 rate_unit: str | None = None):
+        self.stage, self.total, self.unit, self.quiet, self.every = stage, total, unit, quiet, every
+        self.rate_unit = rate_unit
+        self.t0 = self.last = time.time()
+        self.done = 0
+        self.amount = 0  # of rate_unit (e.g. pairs), when given
+
+    def step(self, n: int = 1, amount: int = 0) -> None:
+        self.done += n
+        self.amount += amount
+        now = time.time()
+        wait = self.every if n else 5 * self.every  # a heartbeat while nothing finishes
+        if self.quiet or (now - self.last < wait and not (n and self.done >= self.total)):
+            return
+        self.last = now
+        dt = max(now - self.t0, 1e-9)
+        rate = self.done / dt
+        eta = f"{(self.total - self.done) / rate:.0f}s" if rate > 0 else "?"
+        extra = f", {self.amount} {self.rate_unit} ({self.amount / dt:.1f}/s)" if self.rate_unit else ""
+        print(f"[{self.stage}] {self.done}/{self.total} {self.unit} ({rate:.2f}/s{extra}, ETA {eta}, "
+              f"{dt:.0f}s elapsed)", flush=True)
+
+
+def run_tasks(fn: Callable, items: list[Any], args_of: Callable[[Any], tuple], progress: Progress,
+              retries: int, label: Callable[[Any], str], name: str, num_returns: int = 1,
+              amount: Callable[[dict[str, Any]], int] | None = None) -> list[tuple[Any, dict[str, Any], Any]]:
+    """Run `fn(*args_of(item))` as one Ray task per item; returns [(item, status, extra ref)].
+
+    The first return of a task is its status dict; with num_returns=2 the second stays
+    a reference (`extra ref`). A worker that dies is retried by Ray (SYSTEM_RETRIES);
+    a status {"ok": False} or an error that outlived Ray's retries is resubmitted here
+    up to `retries` times, then reported as failed.
+    """
+    import ray
+
+    remote = ray.remote(fn).options(name=name, num_cpus=1, max_retries=SYSTEM_RETRIES, retry_exceptions=False,
+                                    num_returns=num_returns)
+    pending: dict[Any, tuple[Any, int, Any]] = {}
+
+    def submit(it: Any, tries: int) -> None:
+        refs = remote.remote(*args_of(it))
+        first, extra = (refs[0], refs[1]) if num_returns == 2 else (refs, None)
+        pending[first] = (it, tries, extra)
+
+    for it in items:
+        submit(it, 0)
+    results: list[tuple[Any, dict[str, Any], Any]] = []
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)
+        if not done:
+            progress.step(0)
+            continue
+        for ref in done:
+            it, tries, extra = pending.pop(ref)
+            try:
+                res = ray.get(ref)
+            except Exception as e:  # the task's worker kept dying, or the task itself raised
+                res = {"ok": False, "name": label(it), "error": stages.one_line(f"{type(e).__name__}: {e}")}
+            if not res.get("ok") and res.get("retryable", True) and tries < retries:
+                print(f"[retry] {label(it)}: {res.get('error')}", flush=True)
+                submit(it, tries + 1)
+                continue
+            results.append((it, res, extra))
+            progress.step(1, amount(res) if amount else 0)
+    return results

@@ -1,0 +1,329 @@
+"""Speed of the shard job's write path (issue 4): run by hand, prints a table. Not a test.
+
+    python tests/benchmarks/bench_shard.py                    # scannet layout, 640x480 output
+    python tests/benchmarks/bench_shard.py --align pil        # with the proposed PIL colour alignment
+
+Corpus: ScanNet SensReader layout from tests/corpus_writers.write_scannet_scene (colour
+1296x968, depth 640x480, different K), rendered once and cached under --corpus.
+Output: 640x480 views (--max-side 640: the depth grid, no resize).
+
+Table, seconds per pair (CPU time of this thread, so other load on the machine does not
+inflate it; best of --repeat passes, in this process, no Ray; BLAS/OpenMP pinned to 1 thread):
+  read+decode   read colour JPEG + depth PNG bytes, decode both (x2 views)
+  align+resize  colour onto the depth grid (data.geometry.align_color_to_depth), fit to --max-side
+  corr          quantise depth as stored, correspondences (data.pairs.correspondences)
+  self-check    photo_err / photo_err_shuffled (data.pairs.photo_check)
+  encode        2 JPEG + 2 16-bit PNG + corr.npy + json
+  write         webdataset TarWriter into a local file
+  codec floor   read+decode plus the JPEG and PNG encodes alone
+  end to end    pipeline.stages.write_shard (the real write task) on shards in which no frame
+                repeats (the case at scale: a shard mixes many scenes), and on the plan as made
+Then pairs/s (wall clock) of the write stage through Ray with 1 and 2 workers (warm workers,
+same shards): this one needs idle cores, so the load average is printed beside it.
+Goals: end to end <= 1.5x codec floor; 2 workers >= 1.8x one.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")  # what Ray gives its workers; numpy imports below
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+for p in (ROOT, os.path.join(ROOT, "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import numpy as np  # noqa: E402
+
+clock = time.thread_time
+
+
+# ----------------------------------------------------------------------- proposal
+
+def align_color_to_depth_pil(rgb, K_color, K_depth, depth_size, depth=None, depth_to_color=None):
+    """Proposed fast path of data.geometry.align_color_to_depth (shared camera centre).
+
+    The homography warp in C (PIL's PERSPECTIVE transform, bilinear). PIL puts pixel i on
+    [i, i + 1), our convention (DESIGN §3) on [i - 0.5, i + 0.5): conjugate by a half-pixel
+    shift. Agrees with the numpy reference within 1 grey level. Differing extrinsics keep
+    the numpy path (alignment through depth).
+    """
+    from PIL import Image
+
+    if depth_to_color is not None:
+        return _ORIGINAL_ALIGN(rgb, K_color, K_depth, depth_size, depth=depth, depth_to_color=depth_to_color)
+    Hinv = K_color @ np.linalg.inv(K_depth)  # depth pixel -> colour pixel (our centres)
+    S = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])  # ours -> PIL's coordinates
+    M = S @ Hinv @ np.linalg.inv(S)
+    M = M / M[2, 2]
+    return np.asarray(Image.fromarray(rgb).transform(tuple(depth_size), Image.Transform.PERSPECTIVE,
+                                                     tuple(M.ravel()[:8]), Image.Resampling.BILINEAR))
+
+
+_ORIGINAL_ALIGN = None
+
+
+def install_align(kind: str) -> None:
+    """Use the proposed alignment in this process (also run in each Ray worker)."""
+    global _ORIGINAL_ALIGN
+    from data import geometry
+
+    if kind == "pil":
+        if _ORIGINAL_ALIGN is None:
+            _ORIGINAL_ALIGN = geometry.align_color_to_depth
+        geometry.align_color_to_depth = align_color_to_depth_pil
+
+
+def _install_pil_in_worker() -> None:
+    install_align("pil")
+
+
+# ----------------------------------------------------------------------- corpus
+
+def ensure_corpus(root: str, n_scenes: int, n_frames: int) -> None:
+    from corpus_writers import write_scannet_scene
+
+    os.makedirs(root, exist_ok=True)
+    for i in range(n_scenes):
+        name = f"scene{i:04d}_00"
+        done = os.path.join(root, name, ".complete")
+        if os.path.exists(done):
+            continue
+        t0 = time.time()
+        print(f"[corpus] rendering {name}: {n_frames} frames, colour 1296x968, depth 640x480 ...", flush=True)
+        write_scannet_scene(root, name, seed=100 + i, n_frames=n_frames, step=0.05)
+        open(done, "w").close()
+        print(f"[corpus] {name} in {time.time() - t0:.0f}s", flush=True)
+
+
+def distinct_frame_shards(plan: dict, per_shard: int) -> list[dict]:
+    """Re-cut the plan's pairs into shards in which no frame appears twice."""
+    items = [it for e in plan["shards"] for it in e["pairs"]]
+    shards: list[dict] = []
+    open_: list[tuple[dict, set]] = []
+    for it in items:
+        fa, fb = (it["scene"], it["index_a"]), (it["scene"], it["index_b"])
+        for e, used in open_:
+            if len(e["pairs"]) < per_shard and fa not in used and fb not in used:
+                e["pairs"].append(it)
+                used.update((fa, fb))
+                break
+        else:
+            e = {"split": "train", "shard": len(shards), "name": f"train-{len(shards):06d}.tar", "pairs": [it]}
+            shards.append(e)
+            open_.append((e, {fa, fb}))
+    return shards
+
+
+# ----------------------------------------------------------------------- stages
+
+def stage_times(items: list[dict], cfg, repeat: int) -> dict[str, float]:
+    """Seconds per pair of each write stage, each frame processed afresh (no reuse); best of `repeat`."""
+    import webdataset as wds
+
+    from data import geometry, pairs, shardformat
+    from data.scenes import open_scene
+    from data.scenes.base import decode_depth, decode_rgb, read_bytes, url_join
+    from pipeline import stages
+
+    scenes = {}
+    for it in items:
+        if it["scene"] not in scenes:
+            sc = open_scene(cfg.scene_url(it["scene"]), "scannet")
+            scenes[it["scene"]] = (sc, {f.index: f for f in sc.frames})
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        t = collections.defaultdict(float)
+        with tempfile.TemporaryDirectory() as d, open(os.path.join(d, "x.tar"), "wb") as f:
+            sink = wds.TarWriter(f, user="", group="", mtime=0, encoder=False)
+            for k, it in enumerate(items):
+                sc, frames = scenes[it["scene"]]
+                views = []
+                for idx in (it["index_a"], it["index_b"]):
+                    fr = frames[idx]
+                    t0 = clock()
+                    rgb = decode_rgb(read_bytes(url_join(sc.url, fr.extra["rgb"])))
+                    depth = decode_depth(read_bytes(url_join(sc.url, fr.extra["depth"])), fr.extra["depth"],
+                                         sc.depth_scale)
+                    t1 = clock()
+                    rgb = geometry.align_color_to_depth(rgb, sc.K_color, sc.K_depth, fr.size)
+                    rgb, depth, K = stages.fit_view(rgb, depth, fr.K, cfg.max_side)
+                    t2 = clock()
+                    t["read+decode"] += t1 - t0
+                    t["align+resize"] += t2 - t1
+                    views.append((rgb, depth, K, fr))
+                (ra, da, Ka, fa), (rb, db, Kb, fb) = views
+                t0 = clock()
+                qa, qb = stages.quantize_depth(da, 1000.0), stages.quantize_depth(db, 1000.0)
+                rng = np.random.default_rng(k)
+                corr = pairs.correspondences(qa, Ka, fa.cam2world, qb, Kb, fb.cam2world, rng,
+                                             stride=cfg.pairs.stride, max_corr=cfg.pairs.max_corr)
+                t1 = clock()
+                err = pairs.photo_check(ra, rb, corr, rng)
+                t2 = clock()
+                jpg = [shardformat.encode_jpeg(ra), shardformat.encode_jpeg(rb)]
+                png = [shardformat.encode_depth_png(qa, 1000.0), shardformat.encode_depth_png(qb, 1000.0)]
+                t3 = clock()
+                sample = {"__key__": shardformat.sample_key(0, k), "a.jpg": jpg[0], "b.jpg": jpg[1],
+                          "a.depth.png": png[0], "b.depth.png": png[1],
+                          "corr.npy": shardformat.encode_npy(corr), "json": json.dumps({"e": err}).encode()}
+                t4 = clock()
+                sink.write(sample)
+                t5 = clock()
+                t["corr"] += t1 - t0
+                t["self-check"] += t2 - t1
+                t["encode"] += t4 - t2
+                t["(jpeg+png encode)"] += t3 - t2
+                t["write"] += t5 - t4
+            t0 = clock()
+            sink.close()
+            t["write"] += clock() - t0
+        for k, v in t.items():
+            best[k] = min(best.get(k, float("inf")), v / len(items))
+    best["codec floor"] = best["read+decode"] + best["(jpeg+png encode)"]
+    return best
+
+
+def end_to_end(shards: list[dict], cfg, repeat: int) -> tuple[float, float]:
+    """(seconds per pair, frame loads per pair) of stages.write_shard in this process; best of `repeat`."""
+    from pipeline import stages
+
+    best, loads = float("inf"), 0.0
+    n = sum(len(e["pairs"]) for e in shards)
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as d:
+            c = stages.JobConfig(**{**cfg.__dict__, "output": d})
+            t0 = clock()
+            for e in shards:
+                st = stages.write_shard(e, c)
+                assert st["ok"], st
+            best = min(best, (clock() - t0) / n)
+    for e in shards:
+        loads += len({(it["scene"], it[k]) for it in e["pairs"] for k in ("index_a", "index_b")})
+    return best, loads / n
+
+
+def ray_throughput(shards: list[dict], cfg, workers: int, align: str) -> tuple[float, float, float]:
+    """(pairs/s, worker CPU s per pair, busy fraction) of the write stage through Ray with `workers`
+    CPUs (workers warmed up first). Busy fraction: task wall time over workers x wall time."""
+    import ray
+
+    from pipeline import ray_tasks, stages
+
+    kw = {}
+    if align == "pil":
+        kw["runtime_env"] = {"worker_process_setup_hook": _install_pil_in_worker}
+    ray.init(num_cpus=workers, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+             log_to_driver=False, **kw)
+    try:
+        @ray.remote(num_cpus=1)
+        def warm(i):
+            import webdataset  # noqa: F401
+
+            from pipeline import stages as _s  # noqa: F401
+            time.sleep(0.5)
+            return os.getpid()
+
+        ray.get([warm.remote(i) for i in range(workers)])
+        with tempfile.TemporaryDirectory() as d:
+            c = stages.JobConfig(**{**cfg.__dict__, "output": d})
+            ref = ray.put(c)
+            prog = ray_tasks.Progress("write", len(shards), "shards", quiet=True)
+            t0 = time.perf_counter()
+            out = ray_tasks.run_tasks(ray_tasks.write_task, shards, lambda e: (e, ref, None), prog, 0,
+                                      label=lambda e: e["name"], name="write_shard")
+            dt = time.perf_counter() - t0
+        assert all(r.get("ok") for _, r, _ in out), [r for _, r, _ in out if not r.get("ok")][:1]
+        n = sum(r["samples"] for _, r, _ in out)
+        busy = sum(r["total_seconds"] for _, r, _ in out) / (workers * dt)  # workers kept busy?
+        return n / dt, sum(r["cpu_seconds"] for _, r, _ in out) / n, busy
+    finally:
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Shard job write-path benchmark (prints a table).")
+    ap.add_argument("--corpus", default=os.path.join(ROOT, "runs", "bench", "scannet_1296x968"))
+    ap.add_argument("--scenes", type=int, default=3)
+    ap.add_argument("--frames", type=int, default=24)
+    ap.add_argument("--pairs-per-scene", type=int, default=16)
+    ap.add_argument("--samples-per-shard", type=int, default=3)
+    ap.add_argument("--max-side", type=int, default=640)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--ray-only", action="store_true", help="only the Ray pairs/s part")
+    ap.add_argument("--align", choices=["current", "pil"], default="current",
+                    help="colour alignment: data.geometry as is, or the proposed PIL warp")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+    from data.pairs import PairConfig
+    from data.scenes import list_scenes
+    from pipeline import stages
+
+    ensure_corpus(a.corpus, a.scenes, a.frames)
+    install_align(a.align)
+    cfg = stages.JobConfig(input=a.corpus, format="scannet", output="", max_side=a.max_side,
+                           samples_per_shard=a.samples_per_shard, val_fraction=0.0,
+                           pairs=PairConfig(pairs_per_scene=a.pairs_per_scene, max_gap=20, gap_buckets=(1, 5, 10)))
+    t0 = clock()
+    scans = [stages.scan_scene(u, cfg) for u in list_scenes(a.corpus, "scannet")[: a.scenes]]
+    plan = stages.make_plan(scans, cfg)
+    t_scan = clock() - t0
+    items = [it for e in plan["shards"] for it in e["pairs"]]
+    distinct = distinct_frame_shards(plan, a.samples_per_shard)
+    n_frames = sum(s["frames"] for s in scans)
+    print(f"[bench] {len(scans)} scenes, {n_frames} frames scanned in {t_scan:.1f}s; {len(items)} pairs; "
+          f"{len(distinct)} shards without repeated frames; align={a.align}; load {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs", flush=True)
+
+    workers = [int(w) for w in a.workers.split(",")]
+    # Ray: full shards only, a multiple of the largest worker count (no idle worker at the end)
+    full = [e for e in distinct if len(e["pairs"]) == a.samples_per_shard]
+    ray_shards = full[: len(full) - len(full) % max(workers)]
+    print(f"[bench] Ray runs use {len(ray_shards)} shards of {a.samples_per_shard} pairs", flush=True)
+    if a.ray_only:
+        st, e2e, loads, e2e_plan, loads_plan = {"codec floor": float("nan")}, float("nan"), 0, float("nan"), 0
+    else:
+        st = stage_times(items, cfg, a.repeat)
+        e2e, loads = end_to_end(distinct, cfg, a.repeat)
+        e2e_plan, loads_plan = end_to_end(plan["shards"], cfg, a.repeat)
+    rates = {w: ray_throughput(ray_shards, cfg, w, a.align) for w in workers}
+
+    rows = [(k, st.get(k, float("nan"))) for k in ("read+decode", "align+resize", "corr", "self-check", "encode",
+                                                   "write")]
+    floor = st["codec floor"]
+    print(f"\n== shard write path, scannet 1296x968 colour + 640x480 depth -> {a.max_side} px "
+          f"(align={a.align}) " + "=" * 8)
+    print(f"{'stage':<42}{'s/pair':>10}{'x floor':>10}")
+    for k, v in rows:
+        print(f"{k:<42}{v:>10.4f}{v / floor:>10.2f}")
+    print(f"{'sum of stages':<42}{sum(v for _, v in rows):>10.4f}{sum(v for _, v in rows) / floor:>10.2f}")
+    print(f"{'codec floor (decode + JPEG/PNG encode)':<42}{floor:>10.4f}{1.0:>10.2f}")
+    print(f"{'end to end, no frame repeated in a shard':<42}{e2e:>10.4f}{e2e / floor:>10.2f}   "
+          f"({loads:.2f} frame loads/pair)")
+    print(f"{'end to end, shards as planned':<42}{e2e_plan:>10.4f}{e2e_plan / floor:>10.2f}   "
+          f"({loads_plan:.2f} frame loads/pair)")
+    for w, (r, cpu, busy) in rates.items():
+        print(f"{f'Ray write stage, {w} worker(s): pairs/s':<42}{r:>10.2f}   (worker CPU {cpu:.4f} s/pair, "
+              f"workers busy {busy:.0%})")
+    speedup = float("nan")
+    if len(rates) >= 2:
+        ws = sorted(rates)
+        speedup = rates[ws[-1]][0] / rates[ws[0]][0]
+        print(f"{f'speed-up {ws[-1]} vs {ws[0]} worker(s)':<42}{speedup:>10.2f}")
+    ok1 = e2e <= 1.5 * floor
+    ok2 = len(rates) < 2 or speedup >= 1.8
+    print(f"goals: end to end <= 1.5x floor: {'met' if ok1 else 'NOT met'}; 2 workers >= 1.8x: "
+          f"{'met' if ok2 else 'NOT met'} (load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
