@@ -487,6 +487,13 @@ class _EpochReader(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
+        if info is not None:
+            # A SIGTERM to the whole process group (SLURM preemption, the launcher) must reach the
+            # trainer, which checkpoints and shuts its workers down itself; a worker that died of it
+            # would make the DataLoader raise mid-step instead.
+            import signal
+
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         physical = info.id if info is not None else 0
         if info is not None and info.num_workers != self.n_workers:
             raise RuntimeError(f"DataLoader has {info.num_workers} workers, the stream was built for {self.n_workers}")

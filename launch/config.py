@@ -11,9 +11,13 @@ function returning the whole config; flags the user gives override it. Presets:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
+import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from data.cli import opt
 
@@ -144,6 +148,79 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+# ------------------------------------------------------------------ DeepSpeed config
+# Light on purpose (json, no torch): `launch/train.py` checks the DeepSpeed JSON on every
+# rank before anything heavy is imported, so a bad file fails on all ranks at once.
+
+class TrainError(Exception):
+    """A failure to report in one line (config, resume, data, too many bad steps)."""
+
+
+def load_ds_config(path: str) -> dict[str, Any]:
+    """The DeepSpeed JSON at `path`; TrainError (one line) when missing or not a JSON object."""
+    if not os.path.isfile(path):
+        raise TrainError(f"--ds-config {path}: no such file (shipped: launch/zero3.json, launch/zero2.json)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except ValueError as e:
+        raise TrainError(f"--ds-config {path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise TrainError(f"--ds-config {path}: expected a JSON object")
+    return cfg
+
+
+def fill_ds_config(ds: dict[str, Any], cfg: TrainConfig, bf16: bool, on_cuda: bool, hidden: int) -> dict[str, Any]:
+    """Fill DeepSpeed's 'auto' values from the flags; explicit values must agree with them."""
+    ds = copy.deepcopy(ds)
+    want = {
+        ("train_micro_batch_size_per_gpu",): cfg.data.batch_size,
+        ("gradient_accumulation_steps",): cfg.data.grad_accum,
+        ("gradient_clipping",): cfg.optim.grad_clip,
+        ("bf16", "enabled"): bf16,
+        ("optimizer", "params", "lr"): cfg.optim.lr,
+        ("optimizer", "params", "weight_decay"): cfg.optim.weight_decay,
+        ("optimizer", "params", "torch_adam"): not on_cuda,  # FusedAdam cannot build without CUDA
+        ("zero_optimization", "stage3_param_persistence_threshold"): 0 if hidden < 1024 else 10 * hidden,
+    }
+    for path, value in want.items():
+        node = ds
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        have = node.get(path[-1], "auto")
+        if have == "auto":
+            node[path[-1]] = value
+        elif path[-1] in ("torch_adam", "stage3_param_persistence_threshold"):
+            continue  # explicit choices the user may make freely
+        elif have != value and not (isinstance(have, (int, float)) and isinstance(value, (int, float))
+                                    and math.isclose(have, value)):
+            flag = {"train_micro_batch_size_per_gpu": "--batch-size", "gradient_accumulation_steps": "--grad-accum",
+                    "gradient_clipping": "--grad-clip", "enabled": "--precision", "lr": "--lr",
+                    "weight_decay": "--weight-decay"}[path[-1]]
+            raise TrainError(f"--ds-config sets {'.'.join(path)} = {have!r} but {flag} gives {value!r}; "
+                             f"set it to \"auto\" in the JSON or change the flag")
+    if ds.get("fp16", {}).get("enabled") is True:
+        raise TrainError("--ds-config enables fp16; use bf16 (--precision auto/bf16) or fp32")
+    if bf16:
+        # the bad-step skip relies on DeepSpeed skipping a step whose gradient norm is not finite;
+        # in bf16 that check is bf16.check_grad_overflow (on by default: keep it on)
+        if ds["bf16"].get("check_grad_overflow", True) is False:
+            raise TrainError("--ds-config sets bf16.check_grad_overflow = false: non-finite steps would reach the "
+                             "weights; remove it (the trainer skips such steps on all ranks)")
+        ds["bf16"]["check_grad_overflow"] = True
+    if "scheduler" in ds:
+        raise TrainError("--ds-config has a 'scheduler'; the trainer runs its own warm-up + cosine schedule, "
+                         "remove it (see --warmup-steps, --min-lr-ratio)")
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise TrainError(f"--ds-config zero_optimization.stage {stage} is not 0-3")
+    if zero.get("compute_grad_norm") is False:
+        raise TrainError("--ds-config sets zero_optimization.compute_grad_norm = false: the trainer needs the "
+                         "gradient norm to skip non-finite steps; remove it")
+    return ds
 
 
 # ----------------------------------------------------------------------------- presets

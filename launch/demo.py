@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
          "--max-pixels", str(args.max_pixels), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
          "--warmup-steps", str(max(1, args.steps // 20)), "--val-every", str(max(10, args.steps // 3)),
          "--val-batches", "12", "--log-every", str(max(1, args.steps // 30)), "--run-name", "demo-train",
-         "--output-dir", train_dir, "--experiment", args.experiment, "--no-build-shards"], env)
+         "--output-dir", train_dir, "--experiment", args.experiment, "--no-build-shards",
+         # a random-weight tiny VLM has no pretrained vision features to preserve: train its tower too
+         "--no-freeze-vision"], env)
 
     stage("probe after training (trained model + trained heads)")
     export = os.path.join(train_dir, "export")

@@ -1,12 +1,52 @@
-"""Process group set-up and rank-0 helpers (one place; every entry point uses it)."""
+"""Process group set-up, rank-0 helpers and the SIGTERM flag (one place; every entry point uses it).
+
+Imports torch lazily: `launch/train.py` installs the SIGTERM flag and checks its flags
+before anything heavy is imported.
+"""
 from __future__ import annotations
 
 import datetime
+import logging
 import os
-from typing import Any
+import signal
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("gasp.dist")
+_sigterm = {"received": False, "installed": False}
+
+
+def install_sigterm_flag() -> Any:
+    """From now on SIGTERM only sets a flag (`sigterm_received()`); the trainer checkpoints and exits 0.
+
+    Installed first thing by the entry point, so a rank signalled during its start (the
+    launcher stops all ranks when one fails its config check) still ends cleanly: it
+    finishes its check and reports it. Returns the previous handler (to restore).
+    Main thread only; a no-op elsewhere.
+    """
+    def handler(signum, frame) -> None:
+        _sigterm["received"] = True
+        log.warning("SIGTERM received: checkpointing at the next step boundary, then exiting")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+    _sigterm["installed"] = True
+    return previous
+
+
+def restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+    _sigterm["received"] = False
+    _sigterm["installed"] = False
+
+
+def sigterm_received() -> bool:
+    return _sigterm["received"]
 
 
 def env_rank() -> tuple[int, int, int]:
@@ -17,12 +57,15 @@ def env_rank() -> tuple[int, int, int]:
     return rank, local, world
 
 
-def init_distributed(timeout_min: float = 30.0) -> tuple[int, int, torch.device]:
+def init_distributed(timeout_min: float = 30.0) -> tuple[int, int, "torch.device"]:
     """Start the process group (no-op when already up); returns (rank, world, device).
 
     Sets the CUDA device before `init_process_group` (nccl on GPUs, gloo on CPU). A
     bare `python launch/train.py` becomes a 1-process group on 127.0.0.1.
     """
+    import torch
+    import torch.distributed as dist
+
     rank, local, world = env_rank()
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -47,8 +90,16 @@ def init_distributed(timeout_min: float = 30.0) -> tuple[int, int, torch.device]
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def _up() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    import torch.distributed as dist
+
+    return not _up() or dist.get_rank() == 0
 
 
 def print0(*args: Any, **kw: Any) -> None:
@@ -56,21 +107,27 @@ def print0(*args: Any, **kw: Any) -> None:
         print(*args, **kw, flush=True)
 
 
-def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+def all_reduce(t: "torch.Tensor", op: str = "sum") -> "torch.Tensor":
     """In-place all-reduce (sum or max) when a process group is up; returns t."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    import torch.distributed as dist
+
+    if _up() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    import torch.distributed as dist
+
+    if _up() and dist.get_world_size() > 1:
         dist.barrier()
 
 
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj` (a list in rank order) on every rank."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    import torch.distributed as dist
+
+    if _up() and dist.get_world_size() > 1:
         out: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(out, obj)
         return out
@@ -78,7 +135,9 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _up():
+        import torch.distributed as dist
+
         try:
             dist.destroy_process_group()
         except Exception:

@@ -40,7 +40,7 @@ class ReproArgs:
     scenes: int = opt(32, "synthetic scenes (8 held out for the probe)")
     frames: int = opt(60, "frames per scene")
     pairs_per_scene: int = opt(48, "pairs per scene")
-    steps: int = opt(1000, "training steps per run")
+    steps: int = opt(1200, "training steps per run")
     batch_size: int = opt(2, "pairs per micro-batch per rank")
     ranks: int = opt(2, "DeepSpeed ranks")
     lr: float = opt(2e-3, "peak learning rate")
@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                "--lr", str(args.lr), "--warmup-steps", str(max(1, args.steps // 20)), "--val-every", "0",
                "--val-batches", "8", "--log-every", "25", "--save-every", "250", "--run-name", f"repro-{name}",
                "--output-dir", train_dir, "--experiment", args.experiment, "--no-build-shards",
-               "--seed", str(spec["seed"]), "--data-seed", str(spec["seed"])]
+               "--seed", str(spec["seed"]), "--data-seed", str(spec["seed"]),
+               # a from-scratch tiny VLM has no pretrained vision features to preserve: train its tower too
+               "--no-freeze-vision"]
         if "lambda_depth" in spec:
             cmd += ["--lambda-depth", str(spec["lambda_depth"])]
         if "head_layers" in spec:

@@ -5,6 +5,12 @@ starts: a config error is one line and a non-zero exit on every rank), start the
 process group, build the trainer, train, export, tear down in `finally`.
 With no flags it trains the `tiny` preset on the embedded default shards
 (runs/shards), building them with the shard job when they are missing.
+
+SIGTERM is turned into a flag first thing (launch/distributed.py): a rank signalled
+while it starts still reports its config error, and one signalled later checkpoints
+with all ranks at the next step boundary and exits 0. Exit status: 0 done or stopped
+by SIGTERM, 2 bad flags / config, 3 a run-time error reported in one line (resume on
+another world size, too many non-finite steps, export failure).
 """
 from __future__ import annotations
 
@@ -71,30 +77,15 @@ def _recipe_for_checkpoint(path: str, parser):
 
 
 def check_config(cfg, parser) -> dict:
-    """Everything checkable before the process group: DeepSpeed JSON, shards, model."""
-    from launch.trainer import TrainError, fill_ds_config, load_ds_config
+    """Everything checkable before the process group: DeepSpeed JSON, shards, model.
+
+    The file checks come first and need no torch, so a bad flag or a missing file fails
+    on every rank within a second of its start (the launcher then stops the others).
+    """
+    from launch.config import TrainError, fill_ds_config, load_ds_config
 
     try:
         ds = load_ds_config(cfg.run.ds_config)
-    except TrainError as e:
-        parser.error(str(e))
-    import torch
-
-    on_cuda = torch.cuda.is_available()
-    prec = cfg.model.precision
-    if prec == "bf16" and not on_cuda:
-        parser.error("--precision bf16 needs a GPU here; use --precision auto (fp32 on CPU)")
-    bf16 = on_cuda if prec == "auto" else prec == "bf16"
-    if cfg.model.model:
-        from model.loading import ModelLoadError, checkpoint_family
-
-        try:
-            checkpoint_family(cfg.model.model)
-        except ModelLoadError as e:
-            parser.error(str(e))
-    hidden = _hidden_size(cfg)
-    try:
-        ds = fill_ds_config(ds, cfg, bf16=bf16, on_cuda=on_cuda, hidden=hidden)
     except TrainError as e:
         parser.error(str(e))
     for src in cfg.data.shards + cfg.data.val_shards:
@@ -106,6 +97,25 @@ def check_config(cfg, parser) -> dict:
         if "{" not in loc and not os.path.exists(loc):
             parser.error(f"--shards {src}: no such file or folder (run pipeline/shard.py first, or omit --shards "
                          f"for the embedded default)")
+    if cfg.model.model:
+        from model.loading import ModelLoadError, checkpoint_family
+
+        try:
+            checkpoint_family(cfg.model.model)
+        except ModelLoadError as e:
+            parser.error(str(e))
+    import torch
+
+    on_cuda = torch.cuda.is_available()
+    prec = cfg.model.precision
+    if prec == "bf16" and not on_cuda:
+        parser.error("--precision bf16 needs a GPU here; use --precision auto (fp32 on CPU)")
+    bf16 = on_cuda if prec == "auto" else prec == "bf16"
+    hidden = _hidden_size(cfg)
+    try:
+        ds = fill_ds_config(ds, cfg, bf16=bf16, on_cuda=on_cuda, hidden=hidden)
+    except TrainError as e:
+        parser.error(str(e))
     return ds
 
 
@@ -154,12 +164,27 @@ def ensure_default_shards(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from launch import distributed as D
+
+    previous_sigterm = D.install_sigterm_flag()  # first: a signalled rank still reports / checkpoints
+    try:
+        return _main(argv, D)
+    finally:
+        D.restore_sigterm(previous_sigterm)
+
+
+def _main(argv: list[str] | None, D) -> int:
     cfg, parser = parse_config(argv)
     ds_config = check_config(cfg, parser)
 
-    from launch import distributed as D
-    from launch.trainer import TrainError, Trainer
+    from launch.config import TrainError
+    from launch.trainer import Trainer, find_resume
 
+    try:
+        find_resume(cfg, D.env_rank()[2])  # a checkpoint of another world size is refused here, in one line
+    except TrainError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
+        return 3
     rank0 = int(os.environ.get("RANK", 0)) == 0
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format=f"%(asctime)s [rank {os.environ.get('RANK', 0)}] %(name)s: %(message)s")
@@ -179,15 +204,21 @@ def main(argv: list[str] | None = None) -> int:
         D.print0(f"[train] done: {trainer.step} steps in {time.time() - t0:.0f}s; run folder {trainer.run_dir}")
         if rc == 0 and trainer.step >= cfg.optim.steps and cfg.run.export:
             D.barrier()
-            if rank == 0:
-                from launch.export import export_checkpoint
+            failed = None
+            if rank == 0:  # the others wait at the barrier below, whatever happens here
+                from launch.export import ExportError, export_checkpoint
 
                 trainer.engine = None  # free the engine's memory before the export loads a full copy
                 trainer._hf_ds_config = None  # models built from here on are plain (not partitioned)
-                out = export_checkpoint(trainer.ckpt_dir, os.path.join(trainer.run_dir, "export"))
-                trainer.tracker.set_tags({"export_dir": out})
-                print(f"[train] exported the trained VLM (no heads) and the heads to {out}", flush=True)
+                try:
+                    out = export_checkpoint(trainer.ckpt_dir, os.path.join(trainer.run_dir, "export"))
+                    trainer.tracker.set_tags({"export_dir": out})
+                    print(f"[train] exported the trained VLM (no heads) and the heads to {out}", flush=True)
+                except ExportError as e:
+                    failed = TrainError(f"export failed: {e} (the checkpoint is kept; retry with launch/export.py)")
             D.barrier()
+            if failed is not None:
+                raise failed
         status = "FINISHED" if rc == 0 else "FAILED"
         return rc
     except TrainError as e:
@@ -200,4 +231,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Skip the interpreter's teardown of torch / transformers / DeepSpeed (seconds per rank,
+    # with every rank and the launcher waiting): everything is saved, logged and closed by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)

@@ -39,7 +39,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from typing import Any, Iterator
 
@@ -48,7 +47,7 @@ import torch
 
 from data.tracking import MlflowTracker, NullTracker, git_commit
 from launch import distributed as D
-from launch.config import TrainConfig, TrainError, fill_ds_config, load_ds_config  # noqa: F401  (re-exported)
+from launch.config import TrainConfig, TrainError
 
 log = logging.getLogger("gasp.train")
 FAULT_ENV = "GASP_FAULT_NONFINITE"  # testing: "STEP:RANK[,STEP:RANK]" poisons that rank's loss at that step
@@ -82,6 +81,39 @@ def parse_fault_spec(spec: str) -> set[tuple[int, int]]:
     return out
 
 
+def run_dir(cfg: TrainConfig) -> str:
+    """The run folder: --output-dir, else runs/train/<run name>."""
+    return cfg.run.output_dir or os.path.join("runs", "train", cfg.run.run_name)
+
+
+def find_resume(cfg: TrainConfig, world: int) -> str | None:
+    """Checkpoint folder to resume from, or None; TrainError (one line) for a checkpoint of another world size.
+
+    Needs no process group: `launch/train.py` calls it before starting one.
+    """
+    r = cfg.run.resume
+    if r == "never":
+        return None
+    ckpt_dir = os.path.join(run_dir(cfg), "checkpoints") if r == "auto" else r
+    latest = os.path.join(ckpt_dir, "latest")
+    if not os.path.isfile(latest):
+        if r != "auto":
+            raise TrainError(f"--resume {r}: no checkpoint there (no 'latest' file)")
+        return None
+    tag = open(latest).read().strip()
+    meta_path = os.path.join(ckpt_dir, tag, "trainer_meta.json")
+    if not os.path.isfile(meta_path):
+        raise TrainError(f"checkpoint {ckpt_dir}/{tag} is incomplete (no trainer_meta.json); "
+                         f"remove it or pass --resume never")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta["world_size"] != world:
+        raise TrainError(f"checkpoint {ckpt_dir}/{tag} was written by {meta['world_size']} ranks, this run has "
+                         f"{world}: resuming on another world size is not supported (the loader position is per "
+                         f"rank); use the same number of ranks or --resume never")
+    return ckpt_dir
+
+
 # ---------------------------------------------------------------------------- trainer
 
 class Trainer:
@@ -91,14 +123,18 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0
         self.bad_in_row = 0
-        self._stop = False
         self._it: Iterator[dict[str, Any]] | None = None
+        self._saved_step = -1  # step of the last checkpoint written by this process
         self._hf_ds_config = None  # keeps transformers' ZeRO-3 context alive while models are built
-        self.run_dir = cfg.run.output_dir or os.path.join("runs", "train", cfg.run.run_name)
+        self.run_dir = run_dir(cfg)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         self.faults = parse_fault_spec(os.environ.get(FAULT_ENV, ""))
-        # installed first thing, so a SIGTERM during the (long) set-up still ends in a checkpoint
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if not D._sigterm["installed"]:  # launch/train.py installs it first thing; other callers here
+            D.install_sigterm_flag()
+
+    @property
+    def _stop(self) -> bool:
+        return D.sigterm_received()
 
     # ------------------------------------------------------------------ set-up
     def setup(self, ds_config: dict[str, Any]) -> None:
@@ -174,10 +210,6 @@ class Trainer:
                   f"in experiment {cfg.run.experiment!r}", flush=True)
         D.print0(f"[train] {self.train_stream.describe()}")
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._stop = True
-        log.warning("rank %d: SIGTERM received; checkpointing at the next step boundary", self.rank)
-
     def _dump_partition(self) -> None:
         """partition_rank{r}.json: {name: [local elements, full elements, elements held outside the partition]}."""
         params = {n: [int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else int(p.numel()),
@@ -211,27 +243,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _find_resume(self) -> str | None:
-        """Checkpoint folder to resume from, or None; refuses a different world size in one line."""
-        r = self.cfg.run.resume
-        if r == "never":
-            return None
-        ckpt_dir = self.ckpt_dir if r == "auto" else r
-        latest = os.path.join(ckpt_dir, "latest")
-        if not os.path.isfile(latest):
-            if r != "auto":
-                raise TrainError(f"--resume {r}: no checkpoint there (no 'latest' file)")
-            return None
-        tag = open(latest).read().strip()
-        meta_path = os.path.join(ckpt_dir, tag, "trainer_meta.json")
-        if not os.path.isfile(meta_path):
-            raise TrainError(f"checkpoint {ckpt_dir}/{tag} is incomplete (no trainer_meta.json); "
-                             f"remove it or pass --resume never")
-        meta = json.load(open(meta_path))
-        if meta["world_size"] != self.world:
-            raise TrainError(f"checkpoint {ckpt_dir}/{tag} was written by {meta['world_size']} ranks, this run has "
-                             f"{self.world}: resuming on another world size is not supported (the loader "
-                             f"position is per rank); use the same number of ranks or --resume never")
-        return ckpt_dir
+        return find_resume(self.cfg, self.world)
 
     def _load_checkpoint(self) -> dict[str, Any]:
         path, client = self.engine.load_checkpoint(self.resume_from, load_optimizer_states=True,
@@ -282,6 +294,7 @@ class Trainer:
                          {"world_size": self.world, "step": self.step, "mlflow_run_id": self.tracker.run_id,
                           "config": flat_dict(self.cfg)})
         D.barrier()
+        self._saved_step = self.step
         D.print0(f"[train] checkpoint {tag_dir}")
         return tag_dir
 
@@ -363,7 +376,8 @@ class Trainer:
             t_data = time.perf_counter() - t0
             counts, stop = self.step_counts(micro)
             if stop:
-                self.save_checkpoint(loader_state)
+                if self._saved_step != self.step:  # (a --save-every checkpoint of this step is already there)
+                    self.save_checkpoint(loader_state)
                 D.print0(f"[train] stopped by SIGTERM after a checkpoint at step {self.step}; rerun the same "
                          f"command to resume")
                 return 0

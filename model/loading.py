@@ -30,6 +30,10 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 _HALF = (torch.bfloat16, torch.float16)
 
 
+SAME_WEIGHTS_UNDER_ZERO3_MAX_WIDTH = 1024
+"""Presets up to this LM width (the tiny ones) get identical random weights with and without ZeRO-3."""
+
+
 class ModelLoadError(Exception):
     """A model or processor could not be built; the message is one line."""
 
@@ -143,6 +147,28 @@ def build_preset_model(preset: Preset, *, dtype: torch.dtype = torch.float32, at
     """Random-weight model of a preset, initialised under `torch.manual_seed(preset.seed)`."""
     device = torch.device(device)
     cls = model_class(preset.family)
+    if _zero3() and int(preset.text["hidden_size"]) <= SAME_WEIGHTS_UNDER_ZERO3_MAX_WIDTH:
+        # zero.Init draws different random numbers than a plain build: build the plain model
+        # (outside ZeRO-3, the same on every rank), then copy it into the partitioned one, so a
+        # preset is the same model everywhere (training, probe, evaluation). Larger presets (GPU
+        # benchmarks) are drawn partitioned.
+        import deepspeed
+        import transformers.integrations.deepspeed as hf_ds
+
+        ref = hf_ds._hf_deepspeed_config_weak_ref
+        hf_ds._hf_deepspeed_config_weak_ref = None
+        try:
+            plain = build_preset_model(preset, dtype=dtype, attn_implementation=attn_implementation, device="cpu")
+        finally:
+            hf_ds._hf_deepspeed_config_weak_ref = ref
+        with _seeded(preset.seed, device):
+            model = cls._from_config(preset.config(), dtype=dtype, attn_implementation=attn_implementation)
+        source = dict(plain.named_parameters())
+        params = list(model.named_parameters())
+        with torch.no_grad(), deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            for name, p in params:
+                p.copy_(source[name].to(p.device, p.dtype))
+        return model
     # under ZeRO-3, deepspeed.zero.Init (inside _from_config) places the weights itself
     place = contextlib.nullcontext() if _zero3() else torch.device(device)
     with _seeded(preset.seed, device), place:

@@ -97,7 +97,9 @@ class GaspVLM(nn.Module):
         if cfg.trainable == "lora":
             vlm = _apply_lora(vlm, cfg)
         self.vlm = vlm
-        self.layers = find_lm_layers(self._base_vlm())
+        # not registered as a submodule (it already is, inside the VLM): a second registration
+        # would list every decoder parameter twice in state_dict()
+        self.__dict__["layers"] = find_lm_layers(self._base_vlm())
         self.num_layers = len(self.layers)
         if head is None:
             head = FusedCorrespondenceHead(self.num_layers, self.hidden_size,
