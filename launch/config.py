@@ -159,7 +159,14 @@ class TrainError(Exception):
 
 
 def load_ds_config(path: str) -> dict[str, Any]:
-    """The DeepSpeed JSON at `path`; TrainError (one line) when missing or not a JSON object."""
+    """The DeepSpeed JSON at `path`; TrainError (one line) when missing or not a JSON object.
+
+    A relative path that does not exist from the working folder is looked up in the
+    repository too, so `--ds_config launch/zero3.json` works from anywhere.
+    """
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(os.path.join(repo, path)):
+        path = os.path.join(repo, path)
     if not os.path.isfile(path):
         raise TrainError(f"--ds-config {path}: no such file (shipped: launch/zero3.json, launch/zero2.json)")
     try:

@@ -326,7 +326,10 @@ def check_inputs(args: ProbeArgs) -> Plan:
             raise ProbeError(f"--heads {args.heads}: not a usable GASP heads file ({_one_line(e)})") from None
         heads_sha = _sha256(heads_file)
         trained_on = heads_meta.get("model")
-        if trained_on and str(trained_on) != source and os.path.abspath(str(trained_on)) != os.path.abspath(source):
+        # an export folder's own model is the trained `trained_on` model: no warning for it
+        same_export = os.path.abspath(os.path.dirname(heads_file)) == os.path.abspath(os.path.dirname(source.rstrip("/")))
+        if (trained_on and not same_export and str(trained_on) != source
+                and os.path.abspath(str(trained_on)) != os.path.abspath(source)):
             warnings.append(f"the heads were trained on {trained_on!r}, this probe runs {source!r} (shapes fit; "
                             f"check that this is the model they belong to)")
     # ---- shards and gap buckets
