@@ -164,7 +164,12 @@ def ensure_default_shards(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     from launch import distributed as D
+
+    # DeepSpeed 0.19 calls collectives torch 2.13 has renamed: one warning per call, every step
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+`? is deprecated", category=FutureWarning)
 
     previous_sigterm = D.install_sigterm_flag()  # first: a signalled rank still reports / checkpoints
     try:

@@ -122,12 +122,7 @@ def time_variant(fn, device, warmup: int, iters: int, params) -> tuple[float, fl
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
-    else:
-        import resource
-
-        base_mem = 0
     times = []
-    peak_cpu = 0.0
     for _ in range(iters):
         t = time.perf_counter()
         fn().backward()
@@ -150,11 +145,12 @@ def _cpu_peak_gib(fn, params) -> float:
         fn().backward()
     for p in params:
         p.grad = None
-    # running total of allocations, in event order: its maximum is the step's peak
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    # running total of allocations (+) and frees (-), in event order: its maximum is the step's
+    # peak. `self_` values: an op's own allocations, so nested ops are not counted twice.
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     cur = peak = 0
     for e in events:
-        cur += e.cpu_memory_usage
+        cur += e.self_cpu_memory_usage
         peak = max(peak, cur)
     return peak / 2**30
 
