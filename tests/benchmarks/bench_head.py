@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default=None, choices=["small", "7b"], help="default: small on CPU, 7b on CUDA")
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=3, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the three variants")
     ap.add_argument("--trainable", default=None, help="default: full on CPU small, lora on 7b")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
@@ -174,9 +175,17 @@ def main(argv=None) -> int:
     gasp.train()
     batch, inputs = make_batch(adapter, size, args.pairs, device, dtype)
     params = [p for p in list(gasp.parameters()) + list(loop.parameters()) if p.requires_grad]
-    rows = {}
-    for name in ("a_vlm", "b_fused", "c_loop"):
-        rows[name] = time_variant(variant_fn(name, gasp, loop, batch, inputs), device, args.warmup, args.iters, params)
+    names = ("a_vlm", "b_fused", "c_loop")
+    fns = {n: variant_fn(n, gasp, loop, batch, inputs) for n in names}
+    # interleaved rounds (a, b, c, a, b, c, ...) so drift in machine load hits every variant alike
+    rounds = {n: [] for n in names}
+    peaks = {}
+    for r in range(args.rounds):
+        for n in names:
+            t, m = time_variant(fns[n], device, args.warmup if r == 0 else 0, args.iters, params)
+            rounds[n].append(t)
+            peaks[n] = max(peaks.get(n, 0.0), m)
+    rows = {n: (float(np.median(rounds[n])), peaks[n]) for n in names}
     a_t, a_m = rows["a_vlm"]
     seq = int(inputs["input_ids"].shape[1])
     L = gasp.num_layers
