@@ -113,6 +113,8 @@ from data import shardformat
 from data.adapter import FamilyAdapter
 from data.labels import MIN_CORR, PairLabels, pair_labels
 from data.shardformat import FormatError, PairSample
+from data.sources import parse_spec  # noqa: F401  (part of this module's API)
+from data.storage import is_local, open_fs, read_json
 
 log = logging.getLogger(__name__)
 
@@ -146,31 +148,6 @@ class ShardSet:
         return f"{len(self.urls)} shards {first}..{last}, {self.n_samples} samples"
 
 
-def parse_spec(spec: str) -> tuple[str, float | None]:
-    """`LOCATION[:WEIGHT]` -> (location, weight or None). The weight follows the last colon."""
-    if ":" in spec:
-        head, tail = spec.rsplit(":", 1)
-        try:
-            weight = float(tail)
-        except ValueError:
-            return spec, None
-        if not head:
-            raise ValueError(f"shard spec {spec!r}: no location before the weight")
-        if not (weight > 0 and np.isfinite(weight)):
-            raise ValueError(f"shard spec {spec!r}: the weight must be a positive number")
-        return head, weight
-    return spec, None
-
-
-def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url)
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
 def _join(root: str, name: str) -> str:
     if "://" in name or name.startswith("/"):
         return name
@@ -179,23 +156,15 @@ def _join(root: str, name: str) -> str:
 
 def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path from fs.glob back to a URL of the same protocol."""
-    if _is_local(fs):
+    if is_local(fs):
         return path
     return fs.unstrip_protocol(path)
 
 
-def _read_json(url: str) -> Any | None:
-    fs, path = _fs(url)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
 def open_shard(url: str):
     """A binary file object of a shard, local or remote (fsspec; large read-ahead on object stores)."""
-    fs, path = _fs(url)
-    if _is_local(fs):
+    fs, path = open_fs(url)
+    if is_local(fs):
         return open(path, "rb")
     return fs.open(path, "rb", block_size=8 << 20, cache_type="readahead")
 
@@ -204,7 +173,7 @@ def _shard_counts(urls: list[str], where: str) -> list[int]:
     """Samples per shard: from each shard's `.stats.json`, else by reading the tar once."""
     counts = []
     for url in urls:
-        stats = _read_json(url[: -len(".tar")] + ".stats.json") if url.endswith(".tar") else None
+        stats = read_json(url[: -len(".tar")] + ".stats.json") if url.endswith(".tar") else None
         if stats is not None and "samples" in stats:
             counts.append(int(stats["samples"]))
             continue
@@ -218,7 +187,7 @@ def _raise_on_error(reason: str, message: str) -> None:
 
 
 def _from_manifest(url: str, split: str, weight: float | None, name: str) -> ShardSet:
-    manifest = _read_json(url)
+    manifest = read_json(url)
     if manifest is None:
         raise FileNotFoundError(f"shard manifest {url} does not exist")
     shardformat.check_version(manifest.get("format_version"), f"shard manifest {url}")
@@ -248,13 +217,13 @@ def resolve_source(source: str | Sequence[str], split: str = "train") -> ShardSe
         urls = wds.shardlists.expand_urls(location)
         return _checked(ShardSet(source, urls, _shard_counts(urls, source), weight))
     # a shard job's output folder
-    fs, path = _fs(location)
+    fs, path = open_fs(location)
     if not fs.isdir(path):
         raise FileNotFoundError(f"shard source {location}: no such folder, manifest or .tar")
     folder = location.rstrip("/")
     if fs.exists(path.rstrip("/") + "/manifest.json"):
         return _from_manifest(folder + "/manifest.json", split, weight, source)
-    plan = _read_json(folder + "/plan.json")
+    plan = read_json(folder + "/plan.json")
     if plan is not None:
         shardformat.check_version(plan.get("format_version"), f"shard plan {folder}/plan.json")
     found = sorted(fs.glob(path.rstrip("/") + f"/{split}-*.tar"))

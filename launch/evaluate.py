@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data.cli import flat_dict, opt, parse_into
+from data.storage import sha256_file
 from launch.benchmarks import BENCHMARKS, BenchmarkError, Question
 
 PROG = "launch/evaluate.py"
@@ -164,22 +165,12 @@ def model_fingerprint(args: EvalArgs) -> Any:
 
 def signature(args: EvalArgs, annotations: str, max_new_tokens: int, dtype) -> dict[str, Any]:
     """The settings predictions depend on (run.json); a rerun must match them to resume."""
-    sig = {"benchmark": args.benchmark, "annotations_sha256": _sha256(annotations),
+    sig = {"benchmark": args.benchmark, "annotations_sha256": sha256_file(annotations),
            "model": model_fingerprint(args), "max_new_tokens": max_new_tokens, "max_pixels": args.max_pixels,
            "dtype": str(dtype).replace("torch.", ""), "prompt_version": PROMPT_VERSION}
     if args.benchmark == "vsi-bench":
         sig["num_frames"] = args.num_frames
     return sig
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def select(bench, questions: list[Question], args: EvalArgs, root: str) -> tuple[list[Question], int]:

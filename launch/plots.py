@@ -10,6 +10,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, ax, path: str, title: str, xlabel: str, ylabel: str) -> str:
+    """The finish every plot here shares: labels, [0, 1] y range, grid, legend, PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def pck_by_layer(results: dict[str, dict[str, Any]], path: str, title: str = "PCK@1 by layer") -> str:
     """results: {"raw": MatchMetrics.compute(), "head": ...} (either may be missing) -> PNG at path."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
@@ -25,16 +39,7 @@ def pck_by_layer(results: dict[str, dict[str, Any]], path: str, title: str = "PC
     if chance is not None:
         ax.axhline(chance, color="grey", lw=1, ls=":", label="chance (PCK@1)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel("language-model layer")
-    ax.set_ylabel("fraction of anchors")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title, "language-model layer", "fraction of anchors")
 
 
 def pck_by_gap(result: dict[str, Any], path: str, layers: list[int] | None = None,
@@ -52,16 +57,7 @@ def pck_by_gap(result: dict[str, Any], path: str, layers: list[int] | None = Non
         ax.plot(range(len(labels)), [c if c is not None else float("nan") for c in ch], ":", color="grey",
                 label="chance")
     ax.set_xticks(range(len(labels)), [f"{l}\n(n={n})" for l, n in zip(labels, result["gap_buckets"]["counts"])])
-    ax.set_xlabel("frame gap bucket")
-    ax.set_ylabel("PCK@1")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title, "frame gap bucket", "PCK@1")
 
 
 def confidence_vs_accuracy(max_prob, correct, path: str, layer: int, n_bins: int = 10) -> str:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import logging
 import math
@@ -45,11 +44,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from data.cli import opt
+from data.pairs import DEFAULT_GAP_BUCKETS
+from data.storage import sha256_file
 
 log = logging.getLogger("gasp.probe")
 
 SCHEMA = "gasp-probe/1"
-DEFAULT_GAP_BUCKETS = (1, 5, 15, 40)
 RAW_TAU = 0.07
 SVD_NOTE = ("untrained heads: the SVD initialisation of each layer's query projection (no --heads); "
             "head columns are a baseline, not a trained result")
@@ -201,44 +201,10 @@ def _resolve_heads_path(path: str) -> str:
     return path
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_json_url(url: str) -> tuple[Any, str] | None:
-    """(parsed JSON, sha256 of its bytes) of a local path or fsspec URL, or None when absent/unreadable."""
-    try:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(url)
-        if not fs.exists(path):
-            return None
-        with fs.open(path, "rb") as f:
-            data = f.read()
-        return json.loads(data.decode("utf-8")), hashlib.sha256(data).hexdigest()
-    except Exception as e:
-        log.debug("cannot read %s: %s", url, e)
-        return None
-
-
-def _bucket_sources(location: str) -> list[str]:
-    """Where a source's gap buckets may be recorded: its manifest, else the shard job's plan.json."""
-    if location.endswith(".json"):
-        return [location]
-    if location.endswith(".tar") or "{" in location or "::" in location:
-        folder = location.split("::")[0].rsplit("/", 1)[0] if "/" in location else "."
-    else:
-        folder = location.rstrip("/")
-    return [folder + "/manifest.json", folder + "/plan.json"]
-
-
 def _check_sources(args: ProbeArgs) -> list[SourceInfo]:
     from data.shardformat import FormatError
-    from data.stream import parse_spec, resolve_source
+    from data.sources import parse_spec, recorded
+    from data.stream import resolve_source
 
     out = []
     for spec in args.shards:
@@ -254,21 +220,9 @@ def _check_sources(args: ProbeArgs) -> list[SourceInfo]:
             raise ProbeError(f"--shards {spec}: {_one_line(e)}") from None
         if shard_set.n_samples == 0:
             raise ProbeError(f"--shards {spec}: no {args.split} pairs in it")
-        manifest, sha, buckets, where = None, None, None, None
-        for url in _bucket_sources(location):
-            got = _read_json_url(url)
-            if got is None:
-                continue
-            doc, digest = got
-            if url.endswith("plan.json"):
-                edges = ((doc.get("config") or {}).get("pairs") or {}).get("gap_buckets")
-            else:
-                edges = doc.get("gap_buckets")
-                if manifest is None:
-                    manifest, sha = url, digest
-            if edges and buckets is None:
-                buckets, where = tuple(int(e) for e in edges), os.path.basename(url)
-        out.append(SourceInfo(spec, location, len(shard_set.urls), shard_set.n_samples, manifest, sha, buckets, where))
+        rec = recorded(location)
+        out.append(SourceInfo(spec, location, len(shard_set.urls), shard_set.n_samples, rec.manifest,
+                              rec.manifest_sha256, rec.gap_buckets, rec.gap_buckets_from))
     return out
 
 
@@ -324,7 +278,7 @@ def check_inputs(args: ProbeArgs) -> Plan:
             raise ProbeError(f"--heads {args.heads}: {_one_line(e)}") from None
         except Exception as e:  # not a safetensors file, no gasp metadata, newer format
             raise ProbeError(f"--heads {args.heads}: not a usable GASP heads file ({_one_line(e)})") from None
-        heads_sha = _sha256(heads_file)
+        heads_sha = sha256_file(heads_file)
         trained_on = heads_meta.get("model")
         # an export folder's own model is the trained `trained_on` model: no warning for it
         same_export = os.path.abspath(os.path.dirname(heads_file)) == os.path.abspath(os.path.dirname(source.rstrip("/")))

@@ -82,6 +82,7 @@ def check_config(cfg, parser) -> dict:
     The file checks come first and need no torch, so a bad flag or a missing file fails
     on every rank within a second of its start (the launcher then stops the others).
     """
+    from data.sources import parse_spec
     from launch.config import TrainError, fill_ds_config, load_ds_config
 
     try:
@@ -93,7 +94,10 @@ def check_config(cfg, parser) -> dict:
             continue
         if "://" in src:
             continue  # remote sets are checked by the loader, with one line
-        loc = src.rsplit(":", 1)[0] if _weighted(src) else src
+        try:
+            loc = parse_spec(src)[0]
+        except ValueError as e:
+            parser.error(f"--shards {e}")
         if "{" not in loc and not os.path.exists(loc):
             parser.error(f"--shards {src}: no such file or folder (run pipeline/shard.py first, or omit --shards "
                          f"for the embedded default)")
@@ -129,15 +133,6 @@ def _hidden_size(cfg) -> int:
         return int(get_preset(cfg.model.preset).text["hidden_size"])
     except Exception:
         return 0
-
-
-def _weighted(src: str) -> bool:
-    head, _, tail = src.rpartition(":")
-    try:
-        float(tail)
-        return bool(head)
-    except ValueError:
-        return False
 
 
 def _is_default_shards(src: str) -> bool:

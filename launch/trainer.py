@@ -45,6 +45,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from data.pairs import DEFAULT_GAP_BUCKETS
+from data.sources import parse_spec, recorded
 from data.tracking import MlflowTracker, NullTracker, git_commit
 from launch import distributed as D
 from launch.config import TrainConfig, TrainError
@@ -229,7 +231,7 @@ class Trainer:
         self.tracker.log_params(params)
         tags = {"git_commit": git_commit(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) or "unknown"}
         for src in self.cfg.data.shards:
-            sha = _manifest_sha(src.rsplit(":", 1)[0] if _has_weight(src) else src)
+            sha = recorded(parse_spec(src)[0]).manifest_sha256
             if sha:
                 tags[f"manifest_sha256_{len(tags) - 1}"] = sha
         self.tracker.set_tags(tags)
@@ -482,7 +484,8 @@ class Trainer:
         gathered = D.gather_objects((head_stats, raw_stats))
         if self.rank != 0:
             return None
-        buckets = list(_gap_buckets(self.val_sources))
+        buckets = next((list(r.gap_buckets) for r in (recorded(parse_spec(s)[0]) for s in self.val_sources)
+                        if r.gap_buckets), list(DEFAULT_GAP_BUCKETS))
         results = {}
         for name, idx in (("head", 0), ("raw", 1)):
             acc = MatchMetrics(gap_buckets=buckets)
@@ -524,42 +527,6 @@ def _cpu(stats):
     from dataclasses import fields, replace
 
     return replace(stats, **{f.name: getattr(stats, f.name).cpu() for f in fields(stats)})
-
-
-def _has_weight(src: str) -> bool:
-    head, _, tail = src.rpartition(":")
-    try:
-        float(tail)
-        return bool(head) and not tail.startswith("//")
-    except ValueError:
-        return False
-
-
-def _manifest_sha(src: str) -> str | None:
-    import hashlib
-
-    path = src if src.endswith(".json") else os.path.join(src, "manifest.json")
-    try:
-        import fsspec
-
-        with fsspec.open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except Exception:
-        return None
-
-
-def _gap_buckets(sources: list[str]) -> tuple[int, ...]:
-    for src in sources:
-        path = src if src.endswith(".json") else os.path.join(src.rsplit(":", 1)[0] if _has_weight(src) else src,
-                                                                "manifest.json")
-        try:
-            import fsspec
-
-            with fsspec.open(path, "r") as f:
-                return tuple(json.load(f)["gap_buckets"])
-        except Exception:
-            continue
-    return (1, 5, 15, 40)
 
 
 def _atomic_json(path: str, obj: Any) -> None:

@@ -28,7 +28,8 @@ import numpy as np
 
 from data import geometry, pairs, shardformat
 from data.scenes import FrameError, SceneError, open_scene
-from data.scenes.base import Scene, open_fs, url_join
+from data.scenes.base import Scene, fit_view
+from data.storage import fresh_fs, is_local, open_fs, read_json, url_join  # noqa: F401  (used as stages.*)
 
 PLAN_VERSION = 2
 # Self-check (DESIGN §4). A pair fails when photo_err > PHOTO_FLAG_RATIO * photo_err_shuffled;
@@ -303,22 +304,6 @@ def quantize_depth(depth: np.ndarray, depth_scale: float) -> np.ndarray:
     q = np.rint(d)
     q[(q > shardformat.UINT16_MAX) | (q < 0)] = 0
     return q.astype(np.uint16).astype(np.float32) / np.float32(depth_scale)
-
-
-def fit_view(rgb: np.ndarray, depth: np.ndarray, K: np.ndarray, max_side: int):
-    """(rgb, depth, K) with the longer side at most max_side (DESIGN §3 rule; never upscales).
-
-    RGB: PIL bicubic (area-aware when shrinking); depth: nearest-exact; K: resize_intrinsics.
-    """
-    from PIL import Image
-
-    size = (rgb.shape[1], rgb.shape[0])
-    if max(size) <= max_side:
-        return rgb, depth, np.asarray(K, dtype=np.float64)
-    new = geometry.fit_size(size, max_side)
-    return (np.asarray(Image.fromarray(rgb).resize(new, Image.BICUBIC)),
-            geometry.resize_depth_nearest(depth, new), geometry.resize_intrinsics(K, size, new))
-
 
 
 class ShardContext:
@@ -606,19 +591,6 @@ def write_shard(entry: dict[str, Any], cfg: JobConfig, shells: dict[str, Scene] 
 
 # --------------------------------------------------------------------------- storage
 
-def is_local(fs) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
-
-
-def fresh_fs(url: str):
-    """(fs, path) with any cached listing of `url` dropped (s3fs caches listings per process)."""
-    fs, path = open_fs(url)
-    if not is_local(fs):
-        fs.invalidate_cache(path)
-    return fs, path
-
-
 def _write_text(url: str, text: str) -> None:
     fs, path = open_fs(url)
     if is_local(fs):
@@ -630,16 +602,6 @@ def _write_text(url: str, text: str) -> None:
         with fs.open(path, "wb") as f:
             f.write(text.encode("utf-8"))
         fs.invalidate_cache(path)
-
-
-def read_json(url: str) -> Any | None:
-    """The parsed JSON at url, or None when there is none."""
-    fs, path = fresh_fs(url)
-    try:
-        with fs.open(path, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except FileNotFoundError:
-        return None
 
 
 def write_json(url: str, obj: Any) -> None:

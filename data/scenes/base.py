@@ -15,11 +15,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 from PIL import Image
 
 from data import geometry
+from data.storage import open_fs, read_bytes, url_join  # noqa: F401  (re-exported for the readers)
 
 # A frame with less valid depth than this fraction is skipped ("almost no valid depth").
 MIN_VALID_DEPTH_FRACTION = 0.05
@@ -54,24 +54,18 @@ class Frame:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
-def url_join(root: str, *parts: str) -> str:
-    """Join path parts onto a local path or URL with '/'."""
-    out = root.rstrip("/")
-    for p in parts:
-        out = out + "/" + str(p).strip("/")
-    return out
+def fit_view(rgb: np.ndarray, depth: np.ndarray, K: np.ndarray,
+             max_side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rgb, depth, K) with the longer side at most max_side (DESIGN §3 rule; never upscales).
 
-
-def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for a local path or URL (s3:// through s3fs)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
-
-
-def read_bytes(url: str) -> bytes:
-    fs, path = open_fs(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    RGB: PIL bicubic (area-aware when shrinking); depth: nearest-exact; K: `resize_intrinsics`.
+    """
+    size = (rgb.shape[1], rgb.shape[0])
+    if max(size) <= max_side:
+        return rgb, depth, np.array(K, dtype=np.float64)
+    new = geometry.fit_size(size, max_side)
+    return (np.asarray(Image.fromarray(rgb).resize(new, Image.BICUBIC)),
+            geometry.resize_depth_nearest(depth, new), geometry.resize_intrinsics(K, size, new))
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
@@ -158,19 +152,9 @@ class Scene(abc.ABC):
         return rgb, depth
 
     def view(self, frame: Frame, max_side: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rgb, depth, K) resized so the longer side is at most max_side (DESIGN §3 rule).
-
-        RGB is resampled with PIL's bicubic filter (area-aware when shrinking), depth
-        with nearest-exact sampling, K with `resize_intrinsics`.
-        """
+        """(rgb, depth, K) of a frame, resized by `fit_view` (no resize when max_side is None)."""
         rgb, depth = self.load(frame)
-        size = (rgb.shape[1], rgb.shape[0])
-        if max_side is None or max(size) <= max_side:
-            return rgb, depth, frame.K.copy()
-        new = geometry.fit_size(size, max_side)
-        rgb2 = np.asarray(Image.fromarray(rgb).resize(new, Image.BICUBIC))
-        depth2 = geometry.resize_depth_nearest(depth, new)
-        return rgb2, depth2, geometry.resize_intrinsics(frame.K, size, new)
+        return fit_view(rgb, depth, frame.K, max_side or max(rgb.shape[:2]))
 
     def summary(self) -> dict[str, Any]:
         return {"scene": self.name, "dataset": self.dataset, "frames": len(self.frames),

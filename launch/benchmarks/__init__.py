@@ -20,6 +20,7 @@ model; `video.py` samples frames with PyAV.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -51,3 +52,19 @@ class Question:
 def get(name: str) -> ModuleType:
     """The module of benchmark `name` (a key of BENCHMARKS)."""
     return importlib.import_module(f"{__name__}.{BENCHMARKS[name]}")
+
+
+def given_annotations(name: str, data: str, annotations: str, expected: str,
+                      where: str) -> tuple[str, str | None]:
+    """(media root, annotation file or None) from `--data` / `--annotations`, the part every
+    benchmark shares: an explicit `--annotations` file, or `--data` naming the file itself,
+    else `--data` must be a folder (None: the benchmark looks inside it for its own names)."""
+    if annotations:
+        if not os.path.isfile(annotations):
+            raise BenchmarkError(f"{name}: --annotations {annotations}: no such file; expected {expected}")
+        return (data if os.path.isdir(data) else os.path.dirname(os.path.abspath(annotations))), annotations
+    if os.path.isfile(data):
+        return os.path.dirname(os.path.abspath(data)), data
+    if not os.path.isdir(data):
+        raise BenchmarkError(f"{name}: --data {data}: no such folder; download the benchmark from {where}")
+    return data, None

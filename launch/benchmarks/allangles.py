@@ -29,7 +29,7 @@ import os
 import re
 from typing import Any
 
-from launch.benchmarks import BenchmarkError, Question
+from launch.benchmarks import BenchmarkError, Question, given_annotations
 from launch.benchmarks import scoring
 from launch.benchmarks.tables import read_records, require_fields
 
@@ -64,15 +64,9 @@ def build_prompt(question: str, options: dict[str, str], hint: str | None = None
 
 def find_annotations(data: str, annotations: str) -> tuple[str, str]:
     """(image root, data.json) for `--data` (a folder, or data.json itself)."""
-    if annotations:
-        if not os.path.isfile(annotations):
-            raise BenchmarkError(f"{NAME}: --annotations {annotations}: no such file; expected {EXPECTED}")
-        root = data if os.path.isdir(data) else os.path.dirname(os.path.abspath(annotations))
-        return root, annotations
-    if os.path.isfile(data):
-        return os.path.dirname(os.path.abspath(data)), data
-    if not os.path.isdir(data):
-        raise BenchmarkError(f"{NAME}: --data {data}: no such folder; download the benchmark from {WHERE}")
+    root, path = given_annotations(NAME, data, annotations, EXPECTED, WHERE)
+    if path is not None:
+        return root, path
     path = os.path.join(data, "data.json")
     if not os.path.isfile(path):
         raise BenchmarkError(f"{NAME}: no data.json in {data}; get it from {HF_URL} or pass --annotations FILE "

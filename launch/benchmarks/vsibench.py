@@ -33,7 +33,7 @@ import math
 import os
 from typing import Any
 
-from launch.benchmarks import BenchmarkError, Question
+from launch.benchmarks import BenchmarkError, Question, given_annotations
 from launch.benchmarks import scoring
 from launch.benchmarks.tables import read_records, require_fields
 
@@ -69,15 +69,9 @@ def build_prompt(question_type: str, question: str, options: list[str] | None) -
 
 def find_annotations(data: str, annotations: str) -> tuple[str, str]:
     """(video root, annotation file) for `--data` (a folder, or the annotation file itself)."""
-    if annotations:
-        if not os.path.isfile(annotations):
-            raise BenchmarkError(f"{NAME}: --annotations {annotations}: no such file; expected {EXPECTED}")
-        root = data if os.path.isdir(data) else os.path.dirname(os.path.abspath(annotations))
-        return root, annotations
-    if os.path.isfile(data):
-        return os.path.dirname(os.path.abspath(data)), data
-    if not os.path.isdir(data):
-        raise BenchmarkError(f"{NAME}: --data {data}: no such folder; download the benchmark from {WHERE}")
+    root, path = given_annotations(NAME, data, annotations, EXPECTED, WHERE)
+    if path is not None:
+        return root, path
     for name in ANNOTATION_NAMES:
         if os.path.isfile(os.path.join(data, name)):
             return data, os.path.join(data, name)
