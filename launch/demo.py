@@ -54,8 +54,18 @@ class DemoArgs:
     def __post_init__(self) -> None:
         if self.small:
             self.scenes, self.frames, self.pairs_per_scene, self.steps = 4, 40, 16, 30
-        if self.scenes < 2:
-            raise ValueError("--scenes must be >= 2 (one is held out)")
+        check_run_sizes(self)
+
+
+def check_run_sizes(args) -> None:
+    """The size flags the demo and the reproduction share; ValueError (one line) names the flag."""
+    if args.scenes < 2:
+        raise ValueError("--scenes must be >= 2 (one is held out)")
+    for flag in ("frames", "pairs_per_scene", "steps", "batch_size", "ranks"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if args.max_pixels < 56 * 56:
+        raise ValueError(f"--max-pixels must be >= {56 * 56} (2x2 cells; got {args.max_pixels})")
 
 
 def _free_port() -> int:

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from data.cli import opt, parse_into
-from launch.demo import ROOT, SYNTHETIC_STEP, _free_port, run
+from launch.demo import ROOT, SYNTHETIC_STEP, _free_port, check_run_sizes, run
 
 RUNS = {"main-s0": dict(seed=0), "main-s1": dict(seed=1), "main-s2": dict(seed=2),
         "no-depth": dict(seed=0, lambda_depth=0.0), "last-layer": dict(seed=0, head_layers="last")}
@@ -47,6 +47,18 @@ class ReproArgs:
     max_pixels: int = opt(448 * 336, "per-view pixel budget (448x336 = 16x12 cells)")
     runs: str = opt(",".join(RUNS), "comma-separated subset of: " + ", ".join(RUNS))
     experiment: str = opt("gasp-repro", "MLflow experiment")
+
+    def __post_init__(self) -> None:
+        if self.report:
+            if not os.path.isfile(self.report):
+                raise ValueError(f"--report {self.report}: no such file (a results.json of this command)")
+            return
+        unknown = [r for r in self.runs.split(",") if r and r not in RUNS]
+        if unknown:
+            raise ValueError(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+        check_run_sizes(self)
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0 (got {self.lr})")
 
 
 def _best(res: dict, kind: str) -> dict:
@@ -112,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     results["before"] = summarise(probe("before", preset="tiny"))
     results["timing_s"].setdefault("probe_before", round(time.time() - t0, 1))
     for name in [r for r in args.runs.split(",") if r]:
-        if name not in RUNS:
-            raise SystemExit(f"reproduce: unknown run {name!r}; choose from {', '.join(RUNS)}")
         spec = RUNS[name]
         train_dir = os.path.join(out, "train", name)
         cmd = [os.path.join(os.path.dirname(py), "deepspeed"), "--num_gpus", str(args.ranks), "--master_port",
