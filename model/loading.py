@@ -10,7 +10,9 @@ be loaded fails with one `ModelLoadError` line naming the preset or path.
 
 Attention: `attn_implementation=None` picks `flash_attention_2` when the flash_attn
 package imports, the device is CUDA and the dtype is bf16/fp16; otherwise `sdpa`. The
-choice is logged. An explicit request that cannot be honoured fails.
+choice is logged. An explicit request that cannot be honoured fails. Under `sdpa` the
+Qwen vision towers get packed attention (model/vision_attention.py): one SDPA call per
+window size instead of one per window, same numbers.
 """
 from __future__ import annotations
 
@@ -272,6 +274,10 @@ def build_model_and_processor(preset_or_path: str, *, dtype: torch.dtype | str =
     if not zero3:
         model.to(device)
     model.eval()
+    if attn == "sdpa":  # one SDPA call per window size in the Qwen vision towers, not one per window
+        from model.vision_attention import install_packed_vision_attention
+
+        install_packed_vision_attention(model)
     try:
         adapter = make_adapter(family, processor, model.config, max_pixels=max_pixels)
     except ValueError as e:

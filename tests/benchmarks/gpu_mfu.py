@@ -16,7 +16,13 @@ N_vis / P the vision tower's matmul parameters / patches:
     vision (frozen):   2 * N_vis * P + 4 * L_vis * d_vis * P * P_win (forward only)
 MFU = model FLOP/s / the card's measured bf16 matmul peak (8192^3, measured in this run).
 Needs torch, transformers (5.x), peft, deepspeed (its pure-Python wheel is enough: the
-optimizer runs as torch AdamW) and this repository. Writes `--json` if given.
+optimizer runs as torch's fused AdamW, `--no-fused-adam` for the foreach one) and this
+repository. Writes `--json` if given.
+
+Vision attention: `--vision-attn packed` (default; model/vision_attention.py, one SDPA
+call per window size, what training uses) or `hf` (Hugging Face's one call per window).
+The frozen tower's forward is timed both ways in every run. `--top N` prints the N
+costliest kernels of one profiled step and the GPU's busy fraction.
 """
 from __future__ import annotations
 
@@ -44,6 +50,19 @@ def matmul_peak(n: int = 8192, iters: int = 10) -> float:
         a @ b
     torch.cuda.synchronize()
     return 2 * n ** 3 * iters / (time.perf_counter() - t)
+
+
+def profile_table(averages, n: int, cpu: bool) -> dict | None:
+    """The n costliest ops of a profiled step (self device time; CPU time in --smoke) and the busy fraction."""
+    if n <= 0:
+        return None
+    attr = "self_cpu_time_total" if cpu else "self_device_time_total"
+    rows = [(e.key, getattr(e, attr, 0.0) or 0.0) for e in averages]
+    rows = [r for r in rows if r[1] > 0]
+    total = sum(t for _, t in rows) or 1.0
+    rows.sort(key=lambda r: -r[1])
+    return {"title": f"top {n} by self {'CPU' if cpu else 'GPU'} time (one step, profiler on)",
+            "rows": [(k, t / 1e3, t / total) for k, t in rows[:n]], "total_ms": total / 1e3}
 
 
 def preset_for(shape: str):
@@ -79,6 +98,11 @@ def main(argv=None) -> int:
     ap.add_argument("--persistence", type=float, default=1e6,
                     help="ZeRO-3 stage3_param_persistence_threshold (params below it stay whole)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the code path on the tiny preset")
+    ap.add_argument("--vision-attn", default="packed", choices=["packed", "hf"],
+                    help="packed: one SDPA call per window size (model/vision_attention.py); hf: one per window")
+    ap.add_argument("--no-fused-adam", dest="fused_adam", action="store_false",
+                    help="torch AdamW foreach instead of fused (CUDA)")
+    ap.add_argument("--top", type=int, default=12, help="print the N costliest kernels of a profiled step")
     args = ap.parse_args(argv)
     smoke = args.smoke
     if not torch.cuda.is_available() and not smoke:
@@ -106,7 +130,8 @@ def main(argv=None) -> int:
     deepspeed.init_distributed(dist_backend="gloo" if smoke else "nccl", verbose=False)
     ds = {"train_micro_batch_size_per_gpu": args.pairs, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
           "steps_per_print": 10 ** 9, "bf16": {"enabled": not smoke},
-          "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 0.0, "torch_adam": True}},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 0.0, "torch_adam": True,
+                                                    **({"fused": True} if args.fused_adam and not smoke else {})}},
           "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
                                 "reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 5e8,
                                 "stage3_param_persistence_threshold": args.persistence}}
@@ -119,6 +144,11 @@ def main(argv=None) -> int:
         preset = dataclasses.replace(get_preset("tiny"), max_pixels=56 * 56, min_pixels=56 * 56)
     t0 = time.time()
     vlm = build_preset_model(preset, dtype=dtype, attn_implementation="sdpa", device=dev)
+    from model.vision_attention import install_packed_vision_attention, uninstall_packed_vision_attention
+
+    if args.vision_attn == "packed" and not install_packed_vision_attention(vlm):
+        print("--vision-attn packed: no Qwen vision attention module to patch", file=sys.stderr)
+        return 2
     adapter = QwenAdapter(build_preset_processor(preset), family=preset.family, max_pixels=preset.max_pixels,
                           min_pixels=preset.min_pixels)
     gasp = GaspVLM(vlm, GaspConfig(trainable=args.trainable, gradient_checkpointing=args.checkpointing))
@@ -158,14 +188,20 @@ def main(argv=None) -> int:
 
     sync = (lambda: None) if smoke else torch.cuda.synchronize
 
-    with profile(activities=[ProfilerActivity.CPU] if smoke else [ProfilerActivity.CUDA]) as prof:
-        step()
-        sync()
-    kernels = {e.key for e in prof.key_averages()}
-    flash = sorted(k for k in kernels if "flash" in k.lower())[:3]
     for _ in range(args.warmup):
         step()
     sync()
+    with profile(activities=[ProfilerActivity.CPU] if smoke else [ProfilerActivity.CUDA]) as prof:
+        tp = time.perf_counter()
+        step()
+        sync()
+        tp = time.perf_counter() - tp
+    averages = prof.key_averages()
+    kernels = {e.key for e in averages}
+    flash = sorted(k for k in kernels if "flash" in k.lower())[:3]
+    top = profile_table(averages, args.top, smoke)
+    if top and not smoke:
+        top["busy"] = top["total_ms"] / 1e3 / tp
     if not smoke:
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -180,13 +216,28 @@ def main(argv=None) -> int:
     # the frozen vision tower's share of the forward
     base0 = gasp._base_vlm()
     body0 = getattr(base0, "model", base0)
-    with torch.no_grad():
-        body0.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-        sync()
-        tv = time.perf_counter()
-        body0.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-        sync()
-        t_vis = time.perf_counter() - tv
+
+    def vision_time() -> float:
+        with torch.no_grad():
+            body0.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            sync()
+            tv = time.perf_counter()
+            body0.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+            sync()
+            return time.perf_counter() - tv
+
+    t_vis = vision_time()
+    # the other attention path, for comparison (then back to the measured one)
+    if args.vision_attn == "packed":
+        uninstall_packed_vision_attention(vlm)
+        t_vis_other = vision_time()
+        install_packed_vision_attention(vlm)
+        t_vis_hf, t_vis_packed = t_vis_other, t_vis
+    else:
+        install_packed_vision_attention(vlm)
+        t_vis_other = vision_time()
+        uninstall_packed_vision_attention(vlm)
+        t_vis_hf, t_vis_packed = t_vis, t_vis_other
     base = gasp._base_vlm()
     body = getattr(base, "model", base)
     tc = vlm.config.text_config
@@ -214,12 +265,23 @@ def main(argv=None) -> int:
     med = {k: float(np.median(v)) for k, v in split.items()}
     print("step breakdown (synchronised): " + ", ".join(f"{k} {v:.3f}s" for k, v in med.items())
           + f"; of the forward, the frozen vision tower {t_vis:.3f}s")
+    print(f"frozen vision tower forward: Hugging Face per-window SDPA {t_vis_hf:.3f}s, packed {t_vis_packed:.3f}s "
+          f"({t_vis_hf / max(t_vis_packed, 1e-9):.1f}x); this run used {args.vision_attn}")
+    if top:
+        print(f"\n{top['title']}")
+        for name, ms, share in top["rows"]:
+            print(f"  {ms:9.2f} ms {100 * share:5.1f}%  {name[:110]}")
+        if top.get("busy") is not None:
+            print(f"  GPU busy {100 * top['busy']:.0f}% of the profiled step's wall time")
     res = {"card": "cpu (smoke)" if smoke else torch.cuda.get_device_name(0), "peak_tflops": peak / 1e12, "shape": args.shape,
            "trainable": args.trainable, "pairs": args.pairs, "side": args.side, "tokens": T, "seq": S,
            "patches": P, "step_s": dt, "tokens_per_s": T / dt, "pairs_per_s": args.pairs / dt,
            "tflops": flops / dt / 1e12, "mfu": mfu, "peak_mem_gib": mem, "flash_kernels": flash,
            "n_lm": n_lm, "n_vis": n_vis, "breakdown_s": med, "vision_forward_s": t_vis,
-           "persistence_threshold": args.persistence, "torch": torch.__version__, "checkpointing": args.checkpointing}
+           "persistence_threshold": args.persistence, "torch": torch.__version__, "checkpointing": args.checkpointing,
+           "vision_attn": args.vision_attn, "vision_forward_hf_s": t_vis_hf, "vision_forward_packed_s": t_vis_packed,
+           "fused_adam": bool(args.fused_adam and not smoke), "top_kernels": top,
+           "transformers": __import__("transformers").__version__}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

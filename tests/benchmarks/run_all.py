@@ -3,6 +3,7 @@
 GPU ones are run separately on a GPU machine:
     python tests/benchmarks/bench_head.py --device cuda --shape 7b
     python tests/benchmarks/gpu_mfu.py --shape 3b --trainable full --pairs 16
+    bash tests/benchmarks/gpu_session.sh      # all GPU measurements of issue [7 of 10] in one go
 """
 import os
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHES = ["bench_shard.py", "bench_stream.py", "bench_head.py", "bench_train.py"]
+BENCHES = ["bench_shard.py", "bench_stream.py", "bench_head.py", "bench_vision.py", "bench_train.py"]
 
 
 def main() -> int:

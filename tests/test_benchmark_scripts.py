@@ -1,0 +1,39 @@
+"""The GPU benchmark scripts' code paths, dry-run on the CPU (their numbers come from a GPU run).
+
+A GPU session has minutes: these make sure the scripts it carries run end to end before it starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args: list[str], tmp_path, timeout: float = 300) -> dict:
+    out = tmp_path / "result.json"
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, *args, "--json", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_gpu_mfu_smoke(tmp_path):
+    res, text = run(["tests/benchmarks/gpu_mfu.py", "--smoke", "--iters", "2", "--warmup", "1", "--top", "4"],
+                    tmp_path)
+    assert res["vision_attn"] == "packed" and res["step_s"] > 0 and 0 < res["mfu"] < 1
+    assert res["vision_forward_hf_s"] > 0 and res["vision_forward_packed_s"] > 0
+    assert len(res["top_kernels"]["rows"]) == 4
+    assert "FLOPs per step" in text and "frozen vision tower forward" in text
+
+
+def test_bench_vision_small(tmp_path):
+    res, text = run(["tests/benchmarks/bench_vision.py", "--frames", "2", "--side", "112", "--iters", "1"], tmp_path)
+    assert res["patches"] == 2 * (112 // 14) ** 2
+    assert res["max_rel_diff"] < 1e-5  # packed == Hugging Face's loop
+    assert "(b) packed" in text
