@@ -392,9 +392,12 @@ def _pad(rows: list[np.ndarray | torch.Tensor], dtype: torch.dtype,
     return out, mask
 
 
-def collate_pairs(items: Sequence[PreparedPair], adapter: FamilyAdapter) -> dict[str, Any]:
-    """A padded batch (see the module docstring) from prepared pairs."""
+def collate_pairs(items: Sequence[PreparedPair], adapter: FamilyAdapter,
+                  pixel_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """A padded batch (see the module docstring) from prepared pairs; `pixel_dtype` casts pixel_values."""
     batch = adapter.collate([it.encoded for it in items])
+    if pixel_dtype is not None and batch.get("pixel_values") is not None and batch["pixel_values"].is_floating_point():
+        batch["pixel_values"] = batch["pixel_values"].to(pixel_dtype)
     batch["cell_pos_a"], batch["cell_mask_a"] = _pad([it.encoded["cell_pos_a"] for it in items], torch.long)
     batch["cell_pos_b"], batch["cell_mask_b"] = _pad([it.encoded["cell_pos_b"] for it in items], torch.long)
     Nb = batch["cell_pos_b"].shape[1]
@@ -445,8 +448,9 @@ class _EpochReader(torch.utils.data.IterableDataset):
     def __init__(self, sets: list[ShardSet], probs: np.ndarray, adapter: FamilyAdapter, *, epoch: int, rank: int,
                  world_size: int, n_workers: int, batch_size: int, seed: int, shuffle_buffer: int,
                  shuffle_initial: int, warn_every: float, max_consecutive_bad: int, min_corr: int,
-                 plans: list[_WorkerPlan], rotation: int):
+                 plans: list[_WorkerPlan], rotation: int, pixel_dtype: torch.dtype | None = None):
         super().__init__()
+        self.pixel_dtype = pixel_dtype
         self.sets, self.probs, self.adapter = sets, probs, adapter
         self.epoch, self.rank, self.world_size, self.n_workers = epoch, rank, world_size, n_workers
         self.batch_size, self.seed = batch_size, seed
@@ -497,7 +501,7 @@ class _EpochReader(torch.utils.data.IterableDataset):
             done += 1
             if done <= plan.done and replay:
                 continue
-            batch = collate_pairs(items, self.adapter)
+            batch = collate_pairs(items, self.adapter, self.pixel_dtype)
             batch["_pos"] = {"epoch": self.epoch, "worker": plan.lw, "raw": position["raw"], "batches": done,
                              "stats": dict(bad.counts)}
             yield batch
@@ -589,6 +593,8 @@ class PairStream:
     max_consecutive_bad: bad samples in a row after which a worker gives up.
     prefetch_factor, pin_memory, multiprocessing_context: passed to the DataLoader
         (workers are not persistent: they restart, by fork by default, every epoch).
+    pixel_dtype: cast pixel_values in the workers (e.g. torch.bfloat16 for a bf16 model:
+        half the bytes through the worker queue and to the GPU); None keeps float32.
     """
 
     def __init__(self, sources: Sequence[str | Sequence[str]] | str, adapter: FamilyAdapter, *, batch_size: int,
@@ -596,7 +602,7 @@ class PairStream:
                  split: str = "train", batches_per_epoch: int | None = None, shuffle_buffer: int = 128,
                  shuffle_initial: int = 32, warn_every: float = 30.0, max_consecutive_bad: int = 1000,
                  min_corr: int = MIN_CORR, prefetch_factor: int = 2, pin_memory: bool = False,
-                 multiprocessing_context: str | None = None):
+                 multiprocessing_context: str | None = None, pixel_dtype: torch.dtype | None = None):
         if isinstance(sources, str):
             sources = [sources]
         if not sources:
@@ -615,6 +621,7 @@ class PairStream:
         self.warn_every, self.max_consecutive_bad, self.min_corr = warn_every, max_consecutive_bad, min_corr
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.multiprocessing_context = multiprocessing_context
+        self.pixel_dtype = pixel_dtype
 
         self.sets = [resolve_source(s, split) for s in sources]
         weights = [s.weight for s in self.sets]
@@ -688,7 +695,8 @@ class PairStream:
                               seed=self.seed, shuffle_buffer=self.shuffle_buffer,
                               shuffle_initial=self.shuffle_initial, warn_every=self.warn_every,
                               max_consecutive_bad=self.max_consecutive_bad, min_corr=self.min_corr,
-                              plans=self._plans(), rotation=self._batches % self._n_logical)
+                              plans=self._plans(), rotation=self._batches % self._n_logical,
+                              pixel_dtype=self.pixel_dtype)
         if self._batches < self.batches_per_epoch:
             if self.num_workers == 0:
                 it: Iterator[dict[str, Any]] = reader.batches(reader.plans[0])

@@ -197,7 +197,8 @@ class Trainer:
 
         self.train_stream = PairStream(cfg.data.shards, self.adapter, batch_size=cfg.data.batch_size, rank=self.rank,
                                        world_size=self.world, num_workers=cfg.data.num_workers,
-                                       seed=cfg.data.data_seed, split="train")
+                                       seed=cfg.data.data_seed, split="train",
+                                       pixel_dtype=None if self.dtype == torch.float32 else self.dtype)
         self.val_sources = cfg.data.val_shards or cfg.data.shards
         client = self._load_checkpoint() if self.resume_from else None
         if self.rank == 0 and cfg.run.mlflow:
@@ -468,7 +469,8 @@ class Trainer:
         try:
             stream = PairStream(self.val_sources, self.adapter, batch_size=cfg.data.batch_size, rank=self.rank,
                                 world_size=self.world, num_workers=0, seed=0, split="val",
-                                batches_per_epoch=cfg.run.val_batches)
+                                batches_per_epoch=cfg.run.val_batches,
+                                pixel_dtype=None if self.dtype == torch.float32 else self.dtype)
         except (ValueError, FileNotFoundError) as e:
             D.print0(f"[val] skipped: {e}")
             return None

@@ -177,7 +177,7 @@ def scan_scene(url: str, cfg: JobConfig) -> dict[str, Any]:
     medians = []
     for fr in scene.frames:
         try:
-            _, depth = scene.load(fr)
+            depth = scene.load_depth(fr)  # RGB only checked: the scan needs depth
         except FrameError as e:
             skipped[reason_of(e)] += 1
             if len(skipped_frames) < 20:

@@ -136,6 +136,37 @@ def test_scannet_broken_frames_are_skipped_and_counted(small_scannet):
     assert "80x60" in one_line(e.value) and "scene0002_00" in str(e.value)
 
 
+def test_scannet_scan_read_is_depth_only_with_the_same_checks(small_scannet, monkeypatch):
+    """load_depth (what the scan reads) gives load's depth and load's verdict on broken frames,
+    without resampling the colour onto the depth grid."""
+    scene = ScanNetScene(str(small_scannet))
+    full = {f.name: scene.load(f)[1] for f in scene.frames}
+    from data.scenes import scannet as sc
+
+    def no_alignment(*a, **k):
+        raise AssertionError("the scan must not align colour")
+
+    monkeypatch.setattr(sc.geometry, "align_color_to_depth", no_alignment)
+    for f in scene.frames:
+        np.testing.assert_array_equal(scene.load_depth(f), full[f.name])
+    monkeypatch.undo()
+    jpg = small_scannet / "color" / f"{scene.frames[0].name}.jpg"
+    data = jpg.read_bytes()
+    for cut in (0.5, 0.97):  # truncated anywhere: both reads refuse it as unreadable rgb
+        jpg.write_bytes(data[: int(len(data) * cut)])
+        for read in (scene.load, scene.load_depth):
+            with pytest.raises(FrameError, match="unreadable rgb"):
+                read(scene.frames[0])
+    jpg.unlink()
+    for read in (scene.load, scene.load_depth):
+        with pytest.raises(FrameError, match="missing rgb file"):
+            read(scene.frames[0])
+    Image.fromarray(np.full((60, 80), 1000, np.uint16)).save(small_scannet / "depth" / f"{scene.frames[1].name}.png")
+    for read in (scene.load, scene.load_depth):
+        with pytest.raises(FrameError, match="80x60"):
+            read(scene.frames[1])
+
+
 def test_scannet_missing_intrinsics_is_one_line(small_scannet):
     (small_scannet / "intrinsic" / "intrinsic_depth.txt").unlink()
     with pytest.raises(SceneError) as e:

@@ -234,6 +234,19 @@ def test_split_selects_train_or_val(tiny_shards, adapter):
     assert all("val-" in u for u in val.sets[0].urls)
 
 
+def test_pixel_dtype_casts_in_the_workers_only(tiny_shards, adapter):
+    ref = epoch_batches(PairStream([tiny_shards], adapter, batch_size=2, seed=3))
+    half = epoch_batches(PairStream([tiny_shards], adapter, batch_size=2, seed=3, num_workers=1,
+                                    pixel_dtype=torch.bfloat16))
+    assert [b["keys"] for b in half] == [b["keys"] for b in ref]
+    for h, r in zip(half, ref):
+        assert r["pixel_values"].dtype == torch.float32 and h["pixel_values"].dtype == torch.bfloat16
+        assert torch.equal(h["pixel_values"], r["pixel_values"].to(torch.bfloat16))
+        for k in r:
+            if isinstance(r[k], torch.Tensor) and k != "pixel_values":
+                assert torch.equal(h[k], r[k]), k
+
+
 def test_seeded_shuffle_changes_per_epoch_and_seed(tiny_shards, adapter):
     def keys(seed, epochs=2):
         s = PairStream([tiny_shards], adapter, batch_size=2, seed=seed)

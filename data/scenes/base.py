@@ -121,35 +121,54 @@ class Scene(abc.ABC):
     def skip(self, frame: str, reason: str) -> None:
         self.skipped.append((frame, reason))
 
+    def _rgb_shape(self, frame: Frame) -> tuple[int, int]:
+        """(H, W) the frame's RGB decodes to, raising as `_read_rgb` does for a broken image.
+
+        What the scan asks (it needs only depth). Default: a full `_read_rgb`; readers whose
+        RGB read is expensive check it more cheaply.
+        """
+        return tuple(self._read_rgb(frame).shape[:2])
+
+    def _guarded(self, what: str, read, frame: Frame):
+        """`read(frame)` with its failures turned into FrameError ('missing/unreadable <what>')."""
+        try:
+            return read(frame)
+        except FrameError:
+            raise
+        except FileNotFoundError:
+            raise FrameError(self.name, frame.name, f"missing {what} file") from None
+        except Exception as e:  # PIL raises several types for broken files
+            raise FrameError(self.name, frame.name, f"unreadable {what} ({type(e).__name__}: {e})") from None
+
+    def _check_depth(self, frame: Frame, rgb_hw: tuple[int, int], depth: np.ndarray) -> None:
+        H, W = rgb_hw
+        if depth.shape != (H, W):
+            raise FrameError(self.name, frame.name,
+                             f"depth is {depth.shape[1]}x{depth.shape[0]}, rgb is {W}x{H}: they must be aligned")
+        if (depth > 0).mean() < MIN_VALID_DEPTH_FRACTION:
+            raise FrameError(self.name, frame.name, "almost no valid depth")
+
     def load(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
         """(rgb uint8 (H, W, 3), depth float32 (H, W)) of a frame, checked.
 
         Raises FrameError (scene, frame, reason) for a broken or missing image, a
         size mismatch, or almost no valid depth.
         """
-        try:
-            rgb = self._read_rgb(frame)
-        except FrameError:
-            raise
-        except FileNotFoundError:
-            raise FrameError(self.name, frame.name, "missing rgb file") from None
-        except Exception as e:  # PIL raises several types for broken files
-            raise FrameError(self.name, frame.name, f"unreadable rgb ({type(e).__name__}: {e})") from None
-        try:
-            depth = self._read_depth(frame)
-        except FrameError:
-            raise
-        except FileNotFoundError:
-            raise FrameError(self.name, frame.name, "missing depth file") from None
-        except Exception as e:
-            raise FrameError(self.name, frame.name, f"unreadable depth ({type(e).__name__}: {e})") from None
-        H, W = rgb.shape[:2]
-        if depth.shape != (H, W):
-            raise FrameError(self.name, frame.name,
-                             f"depth is {depth.shape[1]}x{depth.shape[0]}, rgb is {W}x{H}: they must be aligned")
-        if (depth > 0).mean() < MIN_VALID_DEPTH_FRACTION:
-            raise FrameError(self.name, frame.name, "almost no valid depth")
+        rgb = self._guarded("rgb", self._read_rgb, frame)
+        depth = self._guarded("depth", self._read_depth, frame)
+        self._check_depth(frame, rgb.shape[:2], depth)
         return rgb, depth
+
+    def load_depth(self, frame: Frame) -> np.ndarray:
+        """A frame's depth, with every check of `load` (the RGB too, through `_rgb_shape`).
+
+        The scan reads frames this way: it needs depth only, and a frame it passes must
+        still be one that `load` accepts.
+        """
+        hw = self._guarded("rgb", self._rgb_shape, frame)
+        depth = self._guarded("depth", self._read_depth, frame)
+        self._check_depth(frame, hw, depth)
+        return depth
 
     def view(self, frame: Frame, max_side: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rgb, depth, K) of a frame, resized by `fit_view` (no resize when max_side is None)."""

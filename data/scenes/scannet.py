@@ -32,6 +32,7 @@ plain resize, which is off by the K mismatch):
 """
 from __future__ import annotations
 
+import io
 from collections import Counter
 
 import numpy as np
@@ -162,6 +163,15 @@ class ScanNetScene(Scene):
             return depth
         rel = frame.extra["depth"]
         return decode_depth(read_bytes(url_join(self.url, rel)), rel, self.depth_scale)
+
+    def _rgb_shape(self, frame: Frame) -> tuple[int, int]:
+        """The colour JPEG decodes (at 1/8 scale: every entropy-coded block is still parsed, so a
+        truncated or corrupt file fails as in a full read), without the alignment; what
+        `_read_rgb` would return is always on the depth grid."""
+        with Image.open(io.BytesIO(read_bytes(url_join(self.url, frame.extra["rgb"])))) as im:
+            im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+            im.load()
+        return frame.size[1], frame.size[0]
 
     def _read_rgb(self, frame: Frame) -> np.ndarray:
         """Colour resampled onto the depth grid: uint8 (Hd, Wd, 3), sharing K_depth."""

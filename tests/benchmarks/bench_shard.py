@@ -247,6 +247,24 @@ def ray_throughput(shards: list[dict], cfg, workers: int, align: str) -> tuple[f
         ray.shutdown()
 
 
+def scan_reads(cfg, url: str) -> tuple[float, float]:
+    """Seconds per frame of the scan's read (`load_depth`) and of a full `load`, on one scene."""
+    from data.scenes import open_scene
+
+    scene = open_scene(url, "scannet")
+    frames = scene.frames
+    for fr in frames[:2]:  # warm the page cache
+        scene.load(fr)
+    t0 = clock()
+    for fr in frames:
+        scene.load_depth(fr)
+    t1 = clock()
+    for fr in frames:
+        scene.load(fr)
+    t2 = clock()
+    return (t1 - t0) / len(frames), (t2 - t1) / len(frames)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Shard job write-path benchmark (prints a table).")
     ap.add_argument("--corpus", default=os.path.join(ROOT, "runs", "bench", "scannet_1296x968"))
@@ -282,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] {len(scans)} scenes, {n_frames} frames scanned in {t_scan:.1f}s; {len(items)} pairs; "
           f"{len(distinct)} shards without repeated frames; align={a.align}; load {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs", flush=True)
+
+    t_depth, t_full = scan_reads(cfg, list_scenes(a.corpus, "scannet")[0])
+    print(f"[bench] scan read per frame: {t_depth * 1e3:.1f} ms depth-only (load_depth: depth + colour decode "
+          f"check) vs {t_full * 1e3:.1f} ms full load (decode + align colour), {t_full / t_depth:.1f}x", flush=True)
 
     workers = [int(w) for w in a.workers.split(",")]
     # Ray: full shards only, a multiple of the largest worker count (no idle worker at the end)
