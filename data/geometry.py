@@ -254,6 +254,73 @@ def fit_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
     return max(1, int(round(W * s))), max(1, int(round(H * s)))
 
 
+# ---------------------------------------------------------------- lens distortion
+
+DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+"""Radial-tangential (OpenCV / COLMAP OPENCV / nerfstudio perspective) parameters, in this order."""
+
+
+def distort_normalized(xy: np.ndarray, dist) -> np.ndarray:
+    """Distort normalized image points (x, y) = ((u - cx) / fx, (v - cy) / fy).
+
+    dist = (k1, k2, k3, k4, p1, p2); with r = x^2 + y^2 and d = 1 + k1 r + k2 r^2 + k3 r^3 + k4 r^4:
+    x_d = x d + 2 p1 x y + p2 (r + 2 x^2), y_d = y d + 2 p2 x y + p1 (r + 2 y^2)
+    (OpenCV's model; nerfstudio's `radial_and_tangential_distort` with its k1..k4, p1, p2).
+    xy (N, 2) -> (N, 2).
+    """
+    k1, k2, k3, k4, p1, p2 = (float(v) for v in dist)
+    xy = np.asarray(xy, dtype=np.float64)
+    x, y = xy[:, 0], xy[:, 1]
+    r = x * x + y * y
+    d = 1.0 + r * (k1 + r * (k2 + r * (k3 + r * k4)))
+    return np.stack([x * d + 2 * p1 * x * y + p2 * (r + 2 * x * x),
+                     y * d + 2 * p2 * x * y + p1 * (r + 2 * y * y)], axis=1)
+
+
+def monotonic_radius(dist, rho_max: float, n: int = 4096) -> float:
+    """Largest normalized radius up to which the radial map rho -> rho * d(rho^2) keeps increasing
+    (beyond it the model folds back and a distorted pixel has two sources); inf if it does up to rho_max."""
+    k1, k2, k3, k4 = (float(v) for v in dist[:4])
+    rho = np.linspace(0.0, float(rho_max), n)
+    r = rho * rho
+    slope = 1.0 + r * (3 * k1 + r * (5 * k2 + r * (7 * k3 + r * 9 * k4)))  # d(rho * d(rho^2)) / d rho
+    bad = np.nonzero(slope <= 0)[0]
+    return float(rho[bad[0]]) if len(bad) else float("inf")
+
+
+def undistortion_map(K: np.ndarray, dist, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel of the undistorted (pinhole, same K, same size) image lies in the distorted one.
+
+    Returns uv_src (H*W, 2) continuous pixel coordinates (centre convention) and valid (H*W,)
+    bool: False where the lens model folds back (beyond `monotonic_radius`). Row-major order.
+    """
+    W, H = size
+    v, u = np.mgrid[0:H, 0:W]
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    xy = np.stack([(u.ravel() - cx) / fx, (v.ravel() - cy) / fy], axis=1)
+    rho = np.sqrt((xy ** 2).sum(axis=1))
+    valid = rho < monotonic_radius(dist, float(rho.max()) + 1e-9)
+    xyd = distort_normalized(xy, dist)
+    uv = np.stack([fx * xyd[:, 0] + cx, fy * xyd[:, 1] + cy], axis=1)
+    return uv, valid
+
+
+def undistort_rgb(rgb: np.ndarray, uv_src: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Resample an image onto the undistorted grid (bilinear; 0 outside the source or where invalid)."""
+    H, W = rgb.shape[:2]
+    vals, inside = sample_bilinear(rgb, uv_src)
+    vals[~(inside & valid)] = 0
+    return np.clip(np.round(vals), 0, 255).astype(np.uint8).reshape(rgb.shape)
+
+
+def undistort_depth(depth: np.ndarray, uv_src: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Resample z-depth onto the undistorted grid: nearest (never mixed across an edge); the z of a
+    point does not depend on the lens, so values are kept. 0 outside the source or where invalid."""
+    vals, inside = sample_nearest(depth, uv_src)
+    vals[~(inside & valid)] = 0
+    return vals.reshape(depth.shape).astype(np.float32)
+
+
 # --------------------------------------------------------------- colour alignment
 
 def color_to_depth_homography(K_color: np.ndarray, K_depth: np.ndarray) -> np.ndarray:

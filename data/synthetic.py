@@ -548,9 +548,14 @@ def make_trajectory(room: Room, n_frames: int, seed: int, step: float | None = N
 
 # ----------------------------------------------------------------------------- rendering
 
-def render(room: Room, K: np.ndarray, cam2world: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ray-cast one view: rgb (H, W, 3) uint8 and z-depth (H, W) float32 in metres (0 = no hit)."""
-    rays = pixel_rays(K, width, height)
+def render(room: Room, K: np.ndarray, cam2world: np.ndarray, width: int, height: int,
+           rays: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ray-cast one view: rgb (H, W, 3) uint8 and z-depth (H, W) float32 in metres (0 = no hit).
+
+    rays: camera-frame rays (H*W, 3) with z = 1, row-major (default `pixel_rays(K, ...)`, a
+    pinhole; a lens model passes its own).
+    """
+    rays = pixel_rays(K, width, height) if rays is None else rays
     dirs = _transform(cam2world[:3, :3], rays)   # z_cam = 1, so t is the z-depth
     origin = cam2world[:3, 3]
     t, prim_id = raycast(room, origin, dirs)

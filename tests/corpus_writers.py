@@ -156,11 +156,39 @@ def write_arkit_scene(root: str | pathlib.Path, name: str, seed: int, n_frames: 
 NS_APPLIED_TRANSFORM = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
 
 
+def undistort_points(xy_d: np.ndarray, dist, iters: int = 200) -> np.ndarray:
+    """Normalized points whose distortion (`geometry.distort_normalized`) is xy_d: fixed-point
+    iteration x = (x_d - tangential(x)) / radial(x), checked to 1e-10."""
+    k1, k2, k3, k4, p1, p2 = dist
+    xd, yd = xy_d[:, 0], xy_d[:, 1]
+    x, y = xd.copy(), yd.copy()
+    for _ in range(iters):
+        r = x * x + y * y
+        d = 1.0 + r * (k1 + r * (k2 + r * (k3 + r * k4)))
+        x = (xd - 2 * p1 * x * y - p2 * (r + 2 * x * x)) / d
+        y = (yd - 2 * p2 * x * y - p1 * (r + 2 * y * y)) / d
+    xy = np.stack([x, y], axis=1)
+    assert np.abs(geometry.distort_normalized(xy, dist) - xy_d).max() < 1e-10, "undistortion did not converge"
+    return xy
+
+
+def lens_rays(K: np.ndarray, dist, width: int, height: int) -> np.ndarray:
+    """Rays (H*W, 3), z = 1, of the pixels of an image taken through the lens `dist`: pixel (u, v)
+    sees the undistorted point that distorts to ((u - cx) / fx, (v - cy) / fy)."""
+    v, u = np.mgrid[0:height, 0:width]
+    xy_d = np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1]], axis=1)
+    return np.concatenate([undistort_points(xy_d, dist), np.ones((xy_d.shape[0], 1))], axis=1)
+
+
 def write_nerfstudio_scene(root: str | pathlib.Path, name: str, seed: int, n_frames: int = 4,
                            size: tuple[int, int] = (320, 240), step: float = 0.08, depth: str | None = "file",
                            depth_root: str | pathlib.Path | None = None, applied_transform: bool = True,
-                           json_extra: dict | None = None) -> Truth:
+                           json_extra: dict | None = None, dist: tuple[float, ...] | None = None) -> Truth:
     """A nerfstudio scene folder (transforms.json + images/) of one synthetic room at root/name.
+
+    dist: (k1, k2, k3, k4, p1, p2) of a lens: images and depth are ray-cast through it (each
+    stored pixel sees its distorted ray) and the json carries the parameters; the Truth
+    keeps the pinhole renders of the same K (what an undistorting reader should give back).
 
     depth: "file" writes depths/<stem>.png (uint16 mm) named by each frame's
     depth_file_path; "root" writes <depth_root>/<name>/<stem>.npy (float32); None
@@ -179,23 +207,32 @@ def write_nerfstudio_scene(root: str | pathlib.Path, name: str, seed: int, n_fra
     meta = {"camera_model": "OPENCV", "fl_x": K[0, 0], "fl_y": K[1, 1],
             "cx": K[0, 2] + 0.5, "cy": K[1, 2] + 0.5,  # nerfstudio: pixel centres at +0.5
             "w": W, "h": H, "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "frames": []}
+    rays = None
+    if dist is not None:
+        meta.update(dict(zip(geometry.DISTORTION_KEYS, map(float, dist))))
+        rays = lens_rays(K, dist, W, H)
     if applied_transform:
         meta["applied_transform"] = A[:3].tolist()
     truth = Truth(str(scene), room, K, [], [], [], [], extra={"applied_transform": A})
     for k, T in enumerate(synthetic.make_trajectory(room, n_frames, seed + 1, step=step)):
         stem = f"frame_{k + 1:05d}"
         rgb, z = synthetic.render(room, K, T, W, H)
-        Image.fromarray(rgb).save(scene / "images" / f"{stem}.png")
+        if rays is not None:  # stored through the lens; the truth stays the pinhole view
+            rgb_lens, z_lens = synthetic.render(room, K, T, W, H, rays=rays)
+            Image.fromarray(rgb_lens).save(scene / "images" / f"{stem}.png")
+        else:
+            Image.fromarray(rgb).save(scene / "images" / f"{stem}.png")
+            z_lens = z
         T_file = A @ T
         fr = {"file_path": f"images/{stem}.png", "transform_matrix": geometry.cv_to_gl(T_file).tolist(),
               "colmap_im_id": k + 1}
         if depth == "file":
-            _save_depth_png(scene / "depths" / f"{stem}.png", z)
+            _save_depth_png(scene / "depths" / f"{stem}.png", z_lens)
             fr["depth_file_path"] = f"depths/{stem}.png"
         elif depth == "root":
             folder = pathlib.Path(depth_root) / name
             folder.mkdir(parents=True, exist_ok=True)
-            np.save(folder / f"{stem}.npy", z.astype(np.float32))
+            np.save(folder / f"{stem}.npy", z_lens.astype(np.float32))
         meta["frames"].append(fr)
         truth.cam2world.append(T_file)
         truth.depth.append(z)

@@ -181,3 +181,23 @@ def test_fast_homography_alignment_agrees_with_the_numpy_reference():
     assert fast.shape == ref.shape == (96, 128, 3)
     inner = np.abs(fast - ref)[2:-2, 2:-2]
     assert inner.max() <= 1, inner.max()
+
+
+def test_distortion_model_and_fold_back_radius():
+    # OpenCV's radial-tangential model written out term by term
+    k1, k2, k3, k4, p1, p2 = -0.12, 0.02, 0.003, -0.001, 0.001, -0.0015
+    pts = np.array([[0.0, 0.0], [0.3, -0.2], [-0.6, 0.45]])
+    got = g.distort_normalized(pts, (k1, k2, k3, k4, p1, p2))
+    for (x, y), (xd, yd) in zip(pts, got):
+        r2 = x * x + y * y
+        radial = 1 + k1 * r2 + k2 * r2 ** 2 + k3 * r2 ** 3 + k4 * r2 ** 4
+        assert xd == pytest.approx(x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x), abs=1e-12)
+        assert yd == pytest.approx(y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y, abs=1e-12)
+    # rho * (1 + k1 rho^2) stops increasing at rho = 1 / sqrt(-3 k1)
+    assert g.monotonic_radius((-0.1, 0, 0, 0, 0, 0), 3.0) == pytest.approx(1 / np.sqrt(0.3), abs=1e-3)
+    assert g.monotonic_radius((-0.1, 0, 0, 0, 0, 0), 1.0) == float("inf")
+    # the map of a zero lens is the identity
+    K = np.array([[100.0, 0, 31.5], [0, 100.0, 23.5], [0, 0, 1]])
+    uv, valid = g.undistortion_map(K, (0.0,) * 6, (64, 48))
+    v, u = np.mgrid[0:48, 0:64]
+    assert valid.all() and np.abs(uv - np.stack([u.ravel(), v.ravel()], 1)).max() < 1e-9

@@ -31,9 +31,14 @@ Conventions, established from nerfstudio (nerfstudio-project/nerfstudio):
   (`nerfstudio_dataparser.py`: it only enters `dataparser_transform` for `ply_file_path`).
   The poses in the file therefore already include it; it is NOT applied again. (Any
   rigid world change leaves all pair geometry unchanged anyway.)
-- Distortion: any non-zero k1..k4, p1, p2, or a camera_model that is not a pinhole /
-  OpenCV perspective model, refuses the scene in one line (undistort first, e.g. COLMAP
-  `image_undistorter`, and write a PINHOLE transforms.json).
+- Distortion: non-zero k1..k4, p1, p2 (shared or per frame) are undone on read: RGB and
+  depth are resampled onto the pinhole image of the same K and size (`geometry.
+  undistortion_map`; the model is nerfstudio's `radial_and_tangential_distort`, OpenCV's),
+  RGB bilinear, depth nearest with its values kept (a point's z does not depend on the
+  lens). Pixels whose source lies outside the distorted image come out black with depth 0
+  (invalid, so no correspondence uses them). A lens model that folds back over more than
+  half of the image, or a camera_model that is not a pinhole / OpenCV perspective one
+  (fisheye, equirectangular), refuses the scene in one line.
 - Frame order: sorted by `file_path` (natural order), as nerfstudio's dataparser sorts
   by file name: `frames` lists COLMAP image ids, not video order.
 - Scale: COLMAP poses have no metric scale, so `metric_depth` is False unless the json
@@ -53,7 +58,20 @@ from data.scenes.base import (Frame, FrameError, Scene, SceneError, decode_depth
 
 README_DEPTH = "README 'nerfstudio / DL3DV depth'"
 PERSPECTIVE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "SIMPLE_RADIAL", "RADIAL")
-DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
+DISTORTION_KEYS = geometry.DISTORTION_KEYS
+MIN_VALID_UNDISTORTED = 0.5  # of the undistorted image whose source the lens model reaches unambiguously
+_MAPS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # per process, never pickled with a scene
+
+
+def undistortion_map(K: np.ndarray, dist: tuple[float, ...], size: tuple[int, int]):
+    """`geometry.undistortion_map`, cached per camera (a scene usually has one)."""
+    key = (np.asarray(K, dtype=np.float64).tobytes(), tuple(dist), tuple(size))
+    hit = _MAPS.get(key)
+    if hit is None:
+        if len(_MAPS) >= 16:
+            _MAPS.clear()
+        hit = _MAPS[key] = geometry.undistortion_map(K, dist, size)
+    return hit
 INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
 
 
@@ -136,24 +154,34 @@ class NerfstudioScene(Scene):
             if depth_url is None:
                 self.skip(name, "missing depth file")
                 continue
+            extra = {"rgb": rel, "depth_url": depth_url}
+            dist = tuple(float((fr[k] if k in fr else meta.get(k, 0.0)) or 0.0) for k in DISTORTION_KEYS)
+            if any(dist):
+                extra["dist"] = dist
             self.frames.append(Frame(index=index, name=name, K=K, cam2world=cam2world,
-                                     size=(int(vals["w"]), int(vals["h"])),
-                                     extra={"rgb": rel, "depth_url": depth_url}))
+                                     size=(int(vals["w"]), int(vals["h"])), extra=extra))
+        for K_bytes, dist, size in {(f.K.tobytes(), f.extra["dist"], f.size) for f in self.frames if "dist" in f.extra}:
+            _, valid = undistortion_map(np.frombuffer(K_bytes).reshape(3, 3), dist, size)
+            if valid.mean() < MIN_VALID_UNDISTORTED:
+                raise SceneError(f"scene {self.name}: {json_url}: distortion "
+                                 f"{dict(zip(DISTORTION_KEYS, dist))} folds back over {1 - valid.mean():.0%} of "
+                                 f"the image; undistort the images first (e.g. COLMAP image_undistorter) and "
+                                 f"write a PINHOLE transforms.json")
 
     def _check_camera(self, d: dict, json_url: str, frame: str | None = None) -> None:
-        """Refuse non-pinhole models and any non-zero distortion, in one line."""
+        """Refuse non-perspective camera models and non-numeric distortion, in one line."""
         where = f"{json_url}" + (f" frame {frame}" if frame else "")
         model = d.get("camera_model")
         if model is not None and model not in PERSPECTIVE_MODELS:
             raise SceneError(f"scene {self.name}: {where}: camera_model {model!r} is not supported "
-                             f"(only {', '.join(PERSPECTIVE_MODELS)} with zero distortion)")
+                             f"(only the perspective models {', '.join(PERSPECTIVE_MODELS)}); undistort the "
+                             f"images first (e.g. COLMAP image_undistorter) and write a PINHOLE transforms.json")
         try:
-            bad = {k: d[k] for k in DISTORTION_KEYS if k in d and float(d[k] or 0.0) != 0.0}
+            values = [float(d[k] or 0.0) for k in DISTORTION_KEYS if k in d]
         except (TypeError, ValueError):
             raise SceneError(f"scene {self.name}: {where}: distortion parameters are not numbers") from None
-        if bad:
-            raise SceneError(f"scene {self.name}: {where}: non-zero distortion {bad}; undistort the "
-                             f"images first (e.g. COLMAP image_undistorter) and write a PINHOLE transforms.json")
+        if not all(np.isfinite(values)):
+            raise SceneError(f"scene {self.name}: {where}: distortion parameters are not finite")
 
     def _depth_files(self, frames: list[dict], depth_root: str | None, json_url: str,
                      existing: set[str]) -> dict[str, str]:
@@ -205,11 +233,16 @@ class NerfstudioScene(Scene):
         if (rgb.shape[1], rgb.shape[0]) != frame.size:
             raise FrameError(self.name, frame.name, f"rgb is {rgb.shape[1]}x{rgb.shape[0]} but transforms.json "
                                                     f"says {frame.size[0]}x{frame.size[1]}")
+        if "dist" in frame.extra:
+            rgb = geometry.undistort_rgb(rgb, *undistortion_map(frame.K, frame.extra["dist"], frame.size))
         return rgb
 
     def _read_depth(self, frame: Frame) -> np.ndarray:
         url = frame.extra["depth_url"]
-        return decode_depth(read_bytes(url), url, self.depth_scale)
+        depth = decode_depth(read_bytes(url), url, self.depth_scale)
+        if "dist" in frame.extra and depth.shape == (frame.size[1], frame.size[0]):  # else load() reports it
+            depth = geometry.undistort_depth(depth, *undistortion_map(frame.K, frame.extra["dist"], frame.size))
+        return depth
 
 
 def list_nerfstudio_scenes(root: str) -> list[str]:
