@@ -100,12 +100,19 @@ class Candidate:
         return self.index_b - self.index_a
 
 
+REFERENCE_OVERLAP = (0.3, 0.98)
+"""The default overlap window: the pose-convention check measures the yield against it, so a
+narrow --min/--max-overlap window of the user's does not read as a broken scene."""
+
+
 @dataclass
 class ScanResult:
     pairs: list[Candidate] = field(default_factory=list)
     tested: int = 0
     passed: int = 0
     by_bucket: list[int] = field(default_factory=list)
+    reference_passed: int = 0
+    """Tested candidates whose overlap lies in REFERENCE_OVERLAP (whatever the job's window)."""
 
 
 def scan_view(index: int, name: str, depth: np.ndarray, K: np.ndarray, cam2world: np.ndarray,
@@ -182,6 +189,7 @@ def candidate_pairs(views: list[ScanView], cfg: PairConfig, rng: np.random.Gener
                 pos[k] += 1
                 res.tested += 1
                 ov_ab = _overlap(by_index[ia], by_index[ib], cfg.scan_stride, abs_tol, cfg.rel_tol)
+                res.reference_passed += REFERENCE_OVERLAP[0] <= ov_ab <= REFERENCE_OVERLAP[1]
                 if not cfg.min_overlap <= ov_ab <= cfg.max_overlap:
                     continue
                 ov_ba = _overlap(by_index[ib], by_index[ia], cfg.scan_stride, abs_tol, cfg.rel_tol)

@@ -303,9 +303,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _to_device(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        from model.qwen import rope_position_ids
+
+        positions = rope_position_ids(self.model._base_vlm(), self.adapter.model_inputs(batch))  # on the CPU
         out = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                for k, v in batch.items()}
         inputs = self.adapter.model_inputs(out)
+        if positions is not None:
+            inputs["position_ids"] = positions.to(self.device, non_blocking=True)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return out, inputs

@@ -192,3 +192,25 @@ class QwenAdapter(FamilyAdapter):
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The part of a collated batch that goes into the model's forward."""
         return {k: batch[k] for k in self.model_input_names}
+
+
+def rope_position_ids(vlm: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
+    """The 3-D (M-RoPE) position ids (3, B, S) of a Qwen2-VL / Qwen2.5-VL batch, or None for other models.
+
+    Computed by the model's own `get_rope_index`, on the device the inputs live on. Callers
+    run it on the CPU batch and pass the result as `position_ids`: the model then skips its
+    own computation, which on a GPU costs a host sync per image (tens per step).
+    """
+    base = vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
+    body = getattr(base, "model", base)
+    rope_index = getattr(body, "get_rope_index", None)
+    if rope_index is None or inputs.get("image_grid_thw") is None:
+        return None
+    import inspect
+
+    kw = {"input_ids": inputs["input_ids"], "image_grid_thw": inputs["image_grid_thw"],
+          "attention_mask": inputs.get("attention_mask")}
+    if "mm_token_type_ids" in inspect.signature(rope_index).parameters:
+        kw["mm_token_type_ids"] = inputs["mm_token_type_ids"]
+    position_ids, _ = rope_index(**kw)
+    return position_ids

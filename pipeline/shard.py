@@ -391,6 +391,7 @@ def build_manifest(plan: dict[str, Any], stats: dict[str, dict[str, Any]], cfg: 
         a = agg.get(key)
         info = {"split": plan["scenes"].get(key), "frames": s.get("frames"), "usable": s.get("usable"),
                 "skipped": s.get("skipped") or {}, "pair_yield": s.get("yield"),
+                "reference_yield": s.get("reference_yield"),
                 "candidates_tested": s.get("tested"), "pairs_planned": planned.get(key, 0),
                 "pairs": a["pairs"] if a else 0, "metric_depth": s.get("metric_depth")}
         if a and a["checked"]:

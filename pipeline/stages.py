@@ -156,7 +156,8 @@ def scan_scene(url: str, cfg: JobConfig) -> dict[str, Any]:
 
     Returns a status dict: {"ok": bool, "scene" (key), "name", "dataset", "frames",
     "usable", "skipped": {reason: n}, "skipped_frames": [[frame, reason], ...] (first 20),
-    "pairs": [[ia, ib, ov_ab, ov_ba], ...], "tested", "passed", "yield", "by_bucket",
+    "pairs": [[ia, ib, ov_ab, ov_ba], ...], "tested", "passed", "yield", "reference_yield" (the
+    share of tested candidates inside the default overlap window, pairs.REFERENCE_OVERLAP), "by_bucket",
     "median_depth", "metric_depth", "error" (when not ok), "seconds",
     "shell" (a `scene_shell` of the paired frames; the driver keeps it out of plan.json)}.
     """
@@ -198,6 +199,7 @@ def scan_scene(url: str, cfg: JobConfig) -> dict[str, Any]:
         out["pairs"] = [[c.index_a, c.index_b, c.overlap_ab, c.overlap_ba] for c in res.pairs]
         out["tested"], out["passed"] = res.tested, res.passed
         out["yield"] = round(res.passed / res.tested, 4) if res.tested else None
+        out["reference_yield"] = round(res.reference_passed / res.tested, 4) if res.tested else None
         out["by_bucket"] = res.by_bucket
     used = {i for p in out["pairs"] for i in p[:2]}
     out["shell"] = scene_shell(scene, used) if used else None
@@ -206,7 +208,7 @@ def scan_scene(url: str, cfg: JobConfig) -> dict[str, Any]:
 
 
 SCAN_SUMMARY_KEYS = ("ok", "name", "dataset", "frames", "usable", "skipped", "skipped_frames", "tested",
-                     "passed", "yield", "by_bucket", "error", "metric_depth", "median_depth")
+                     "passed", "yield", "reference_yield", "by_bucket", "error", "metric_depth", "median_depth")
 
 
 # ----------------------------------------------------------------------------- plan
@@ -652,11 +654,14 @@ def scene_verdict(scan: dict[str, Any] | None, agg: dict[str, Any] | None) -> st
     scan = scan or {}
     if not scan.get("ok", True):
         return "unreadable: " + str(scan.get("error"))
-    tested, y = scan.get("tested") or 0, scan.get("yield")
+    tested = scan.get("tested") or 0
+    # against the default window: a narrow --min/--max-overlap lowers "yield" on a correct scene
+    y = scan.get("reference_yield", scan.get("yield"))
     if scan.get("usable", 2) < 2:
         return f"fewer than 2 usable frames ({scan.get('usable')} of {scan.get('frames')})"
     if tested >= MIN_TESTED_FOR_YIELD and y is not None and y < MIN_PAIR_YIELD:
-        return (f"pair yield collapsed ({scan.get('passed')}/{tested} candidates pass the overlap filter): "
+        lo, hi = pairs.REFERENCE_OVERLAP
+        return (f"pair yield collapsed (only {y:.0%} of {tested} candidates overlap by {lo:g}-{hi:g}): "
                 f"wrong pose convention?")
     if agg and agg.get("ratios"):
         med = float(np.median(agg["ratios"]))

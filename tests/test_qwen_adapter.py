@@ -110,6 +110,30 @@ def test_forward_all_layers_on_a_collated_batch(tiny):
         torch.testing.assert_close(h[1, :n], r[0], rtol=1e-4, atol=1e-4)
 
 
+def test_precomputed_rope_positions_equal_the_models_own(tiny, monkeypatch):
+    """Positions computed on the CPU batch (what the trainer and probe pass) give the same forward,
+    and the model then makes none of its per-image host syncs."""
+    from model.qwen import rope_position_ids
+
+    name, model, processor, adapter = tiny
+    a, b, c = _views()
+    batch = adapter.collate([adapter.encode_pair(a, b), adapter.encode_pair(c, a)])  # padded: two view sizes
+    inputs = adapter.model_inputs(batch)
+    pos = rope_position_ids(model, inputs)
+    B, S = batch["input_ids"].shape
+    assert pos.shape == (3, B, S)
+    body = model.model
+    items = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: items.append(1) or item(t))
+    with torch.no_grad():
+        own = body(**inputs, use_cache=False).last_hidden_state
+        n_own = len(items)
+        given = body(**inputs, position_ids=pos, use_cache=False).last_hidden_state
+    assert torch.equal(own, given)
+    assert n_own - (len(items) - n_own) >= 4 * B, (n_own, len(items) - n_own)  # the per-image syncs are gone
+
+
 def test_prompt_text_is_fixed(tiny):
     _, _, processor, adapter = tiny
     assert adapter.text == (

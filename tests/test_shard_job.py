@@ -344,6 +344,36 @@ def test_wrong_pose_convention_is_flagged(ray_local, tmp_path):
     assert m["counts"]["scenes_flagged"] == 2
 
 
+def test_narrow_overlap_window_is_not_read_as_a_broken_scene(tmp_path):
+    """The pose-convention check measures the yield against the default window: a user's narrow
+    --min/--max-overlap lowers the pair yield of a correct scene without flagging it, and a wrong
+    convention is still flagged under that window."""
+    from conftest import write_tiny_corpus
+    from data import geometry
+    from data.pairs import PairConfig
+    from pipeline import stages
+
+    root = write_tiny_corpus(str(tmp_path / "corpus"), n_scenes=2, n_frames=20, seed=5)
+    path = os.path.join(root, "scene_0001", "cameras.json")
+    with open(path) as f:
+        cams = json.load(f)
+    for fr in cams["frames"]:
+        fr["cam2world"] = geometry.invert_pose(np.asarray(fr["cam2world"])).tolist()
+    with open(path, "w") as f:
+        json.dump(cams, f)
+    narrow = PairConfig(pairs_per_scene=8, max_gap=20, gap_buckets=(1, 5, 15), min_overlap=0.55, max_overlap=0.6)
+    cfg = stages.JobConfig(input=root, format="synthetic", output="", pairs=narrow)
+    good = stages.scan_scene(os.path.join(root, "scene_0000"), cfg)
+    bad = stages.scan_scene(os.path.join(root, "scene_0001"), cfg)
+    assert good["tested"] >= stages.MIN_TESTED_FOR_YIELD and good["yield"] < stages.MIN_PAIR_YIELD  # the old flag
+    assert good["reference_yield"] > 0.5 and stages.scene_verdict(good, None) is None
+    assert "wrong pose convention" in stages.scene_verdict(bad, None)
+    wide = stages.scan_scene(os.path.join(root, "scene_0000"),
+                             stages.JobConfig(input=root, format="synthetic", output="",
+                                              pairs=PairConfig(pairs_per_scene=8, max_gap=20, gap_buckets=(1, 5, 15))))
+    assert wide["reference_yield"] == wide["yield"]  # the default window: the same number as before
+
+
 def test_failed_shard_is_retried_reported_and_finished_by_a_rerun(ray_local, tmp_path, capsys):
     """A shard task that returns an error status is resubmitted (--retries), then reported: exit 1,
     `failed_shards` in an incomplete manifest; a rerun writes just that shard."""

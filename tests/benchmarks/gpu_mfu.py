@@ -161,6 +161,11 @@ def main(argv=None) -> int:
     from model.wrapper import batch_counts
 
     counts = batch_counts(batch).to(dev)
+    from model.qwen import rope_position_ids
+
+    # as the trainer does: M-RoPE positions from the CPU copy of the batch (no per-image host syncs)
+    cpu_inputs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    inputs["position_ids"] = rope_position_ids(vlm, cpu_inputs).to(dev)
     T = int(inputs["attention_mask"].sum())
     S = int(inputs["input_ids"].shape[1])
     P = int(inputs["pixel_values"].shape[0])
