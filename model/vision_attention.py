@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 import types
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -61,6 +62,23 @@ def _block_index(length: int, starts: tuple[int, ...], device: torch.device) -> 
     return idx
 
 
+_LENGTHS: dict[int, tuple[Any, int, tuple[int, ...]]] = {}
+
+
+def _block_lengths(cu_seqlens: torch.Tensor) -> tuple[int, ...]:
+    """Block lengths of `cu_seqlens`, read back once per tensor: the tower hands the same tensor to
+    every windowed layer (and another to every full layer), so a GPU forward syncs twice, not per layer.
+    Keyed by identity, checked by a weak reference and the tensor's version counter."""
+    key = id(cu_seqlens)
+    hit = _LENGTHS.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
+    lengths = tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
+    _LENGTHS[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, lengths)
+    weakref.finalize(cu_seqlens, _LENGTHS.pop, key, None)
+    return lengths
+
+
 def packed_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                            scale: float) -> torch.Tensor:
     """Attention within the blocks of `cu_seqlens`; q, k, v and the result are (S, heads, head_dim).
@@ -69,7 +87,7 @@ def packed_block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     length; blocks that tile the sequence uniformly need no gather at all.
     """
     S = q.shape[0]
-    lengths = tuple((cu_seqlens[1:] - cu_seqlens[:-1]).tolist())
+    lengths = _block_lengths(cu_seqlens)
     groups = _groups(lengths)
     if int(sum(lengths)) != S:
         raise ValueError(f"cu_seqlens covers {sum(lengths)} tokens, the sequence has {S}")

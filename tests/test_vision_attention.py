@@ -110,3 +110,21 @@ def test_installed_for_sdpa_only():
     assert not any(getattr(m.forward, "__name__", "") == "_packed_forward" for m in model.modules())
     model, _, _ = build_model_and_processor("tiny-llava-ov", attn_implementation="sdpa")
     assert install_packed_vision_attention(model) == 0
+
+
+def test_block_lengths_read_once_per_tensor(monkeypatch):
+    from model import vision_attention as va
+
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or tolist(t))
+    cu = torch.tensor([0, 64, 128, 150], dtype=torch.int32)
+    assert va._block_lengths(cu) == (64, 64, 22)
+    for _ in range(5):  # every layer of the tower: no further read-back
+        assert va._block_lengths(cu) == (64, 64, 22)
+    assert len(reads) == 1
+    cu[3] = 160  # changed in place: read again
+    assert va._block_lengths(cu) == (64, 64, 32) and len(reads) == 2
+    key = id(cu)
+    del cu
+    assert key not in va._LENGTHS  # dropped with its tensor
