@@ -288,6 +288,15 @@ def monotonic_radius(dist, rho_max: float, n: int = 4096) -> float:
     return float(rho[bad[0]]) if len(bad) else float("inf")
 
 
+def folded_fraction(K: np.ndarray, dist, size: tuple[int, int], step: int = 8) -> float:
+    """Share of the undistorted image beyond `monotonic_radius` (no unambiguous source), on a
+    grid of every `step`-th pixel: cheap enough to check every camera of a scene up front."""
+    W, H = size
+    v, u = np.mgrid[0:H:step, 0:W:step]
+    rho = np.hypot((u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1])
+    return float((rho >= monotonic_radius(dist, float(rho.max()) + 1e-9)).mean())
+
+
 def undistortion_map(K: np.ndarray, dist, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Where each pixel of the undistorted (pinhole, same K, same size) image lies in the distorted one.
 

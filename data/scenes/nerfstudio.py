@@ -59,7 +59,8 @@ from data.scenes.base import (Frame, FrameError, Scene, SceneError, decode_depth
 README_DEPTH = "README 'nerfstudio / DL3DV depth'"
 PERSPECTIVE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "SIMPLE_RADIAL", "RADIAL")
 DISTORTION_KEYS = geometry.DISTORTION_KEYS
-MIN_VALID_UNDISTORTED = 0.5  # of the undistorted image whose source the lens model reaches unambiguously
+INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
+MAX_FOLDED = 0.5  # of the undistorted image without an unambiguous source under the lens model
 _MAPS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # per process, never pickled with a scene
 
 
@@ -72,7 +73,6 @@ def undistortion_map(K: np.ndarray, dist: tuple[float, ...], size: tuple[int, in
             _MAPS.clear()
         hit = _MAPS[key] = geometry.undistortion_map(K, dist, size)
     return hit
-INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
 
 
 def natural_key(s: str) -> list[Any]:
@@ -161,10 +161,10 @@ class NerfstudioScene(Scene):
             self.frames.append(Frame(index=index, name=name, K=K, cam2world=cam2world,
                                      size=(int(vals["w"]), int(vals["h"])), extra=extra))
         for K_bytes, dist, size in {(f.K.tobytes(), f.extra["dist"], f.size) for f in self.frames if "dist" in f.extra}:
-            _, valid = undistortion_map(np.frombuffer(K_bytes).reshape(3, 3), dist, size)
-            if valid.mean() < MIN_VALID_UNDISTORTED:
+            folded = geometry.folded_fraction(np.frombuffer(K_bytes).reshape(3, 3), dist, size)
+            if folded > MAX_FOLDED:
                 raise SceneError(f"scene {self.name}: {json_url}: distortion "
-                                 f"{dict(zip(DISTORTION_KEYS, dist))} folds back over {1 - valid.mean():.0%} of "
+                                 f"{dict(zip(DISTORTION_KEYS, dist))} folds back over {folded:.0%} of "
                                  f"the image; undistort the images first (e.g. COLMAP image_undistorter) and "
                                  f"write a PINHOLE transforms.json")
 
