@@ -126,6 +126,9 @@ class RunConfig:
     log_every: int = opt(1, "log training metrics every N steps")
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end / on SIGTERM)")
     resume: str = opt("auto", "auto (resume when the run folder has a checkpoint), never, or a checkpoint folder")
+    elastic_resume: bool = opt(False, "resume a checkpoint written by another number of ranks: converted to "
+                                      "DeepSpeed's universal checkpoint (weights, optimizer and LR schedule kept); "
+                                      "the data order restarts at the next epoch")
     export: bool = opt(True, "export the trained VLM (Hugging Face format, no heads) and the heads at the end")
     mlflow: bool = opt(True, "track the run in MLflow (MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     experiment: str = opt("gasp", "MLflow experiment name")

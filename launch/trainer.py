@@ -109,11 +109,46 @@ def find_resume(cfg: TrainConfig, world: int) -> str | None:
                          f"remove it or pass --resume never")
     with open(meta_path) as f:
         meta = json.load(f)
-    if meta["world_size"] != world:
+    if meta["world_size"] != world and not cfg.run.elastic_resume:
         raise TrainError(f"checkpoint {ckpt_dir}/{tag} was written by {meta['world_size']} ranks, this run has "
-                         f"{world}: resuming on another world size is not supported (the loader position is per "
-                         f"rank); use the same number of ranks or --resume never")
+                         f"{world}: an exact resume needs the same number of ranks (the loader position is per "
+                         f"rank); use the same number, --elastic-resume (same weights, optimizer and schedule; the "
+                         f"data order restarts at the next epoch) or --resume never")
     return ckpt_dir
+
+
+def checkpoint_meta(ckpt_dir: str) -> tuple[str, dict[str, Any]]:
+    """(tag, trainer_meta.json) of the checkpoint `latest` points to (find_resume checked both exist)."""
+    tag = open(os.path.join(ckpt_dir, "latest")).read().strip()
+    with open(os.path.join(ckpt_dir, tag, "trainer_meta.json")) as f:
+        return tag, json.load(f)
+
+
+def to_universal(ckpt_dir: str, tag: str) -> str:
+    """Convert checkpoint `tag` to DeepSpeed's universal format (once; rank 0 only); returns its load_dir.
+
+    Written as <ckpt_dir>/universal/<tag>, through a temporary folder renamed when complete,
+    so an interrupted conversion is redone, never half-read.
+    """
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    load_dir = os.path.join(ckpt_dir, "universal")
+    final = os.path.join(load_dir, tag)
+    if os.path.isdir(final):
+        return load_dir
+    tmp = os.path.join(load_dir, f".{tag}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(load_dir, exist_ok=True)
+    ds_to_universal.main(argparse.Namespace(input_folder=os.path.join(ckpt_dir, tag), output_folder=tmp,
+                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                            strict=True, inject_missing_state=False))
+    os.replace(tmp, final)
+    with open(os.path.join(load_dir, "latest_universal"), "w") as f:  # the converter named the temporary folder
+        f.write(tag)
+    return load_dir
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -151,6 +186,24 @@ class Trainer:
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         self.resume_from = self._find_resume()
+        self.resume_universal: str | None = None  # load_dir of the universal copy (elastic resume)
+        if self.resume_from:
+            tag, meta = checkpoint_meta(self.resume_from)
+            if meta["world_size"] != self.world:
+                ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+                error = None
+                if self.rank == 0:
+                    D.print0(f"[train] checkpoint {tag} was written by {meta['world_size']} ranks, this run has "
+                             f"{self.world}: converting it to a universal checkpoint")
+                    try:
+                        to_universal(self.resume_from, tag)
+                    except Exception as e:  # DeepSpeed's converter: report it in one line on every rank
+                        error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                bad = [e for e in D.gather_objects(error) if e]
+                if bad:
+                    raise TrainError(f"checkpoint {self.resume_from}/{tag}: conversion to a universal checkpoint "
+                                     f"failed ({bad[0]}); resume on {meta['world_size']} ranks or --resume never")
+                self.resume_universal = os.path.join(self.resume_from, "universal")
         if self.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
@@ -249,6 +302,8 @@ class Trainer:
         return find_resume(self.cfg, self.world)
 
     def _load_checkpoint(self) -> dict[str, Any]:
+        if self.resume_universal:
+            return self._load_universal()
         path, client = self.engine.load_checkpoint(self.resume_from, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if path is None:
@@ -270,6 +325,37 @@ class Trainer:
         if self.rank == 0:
             self._truncate_train_log(self.step)
         D.print0(f"[train] resumed from {tag_dir} at step {self.step}")
+        return client or {}
+
+    def _load_universal(self) -> dict[str, Any]:
+        """Elastic resume: weights, optimizer state and LR schedule from the universal copy; step and
+        bad-step counts from rank 0's record; the data order restarts at the next epoch; RNG reseeded."""
+        tag, meta = checkpoint_meta(self.resume_from)
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        path, client = self.engine.load_checkpoint(self.resume_universal, tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise TrainError(f"could not load the universal checkpoint {self.resume_universal}/{tag}")
+        # DeepSpeed gives every group the first group's settings: put back each group's own (name,
+        # weight decay, ...) and its scheduled learning rate
+        for g, own, lr in zip(self.optimizer.param_groups, groups, self.scheduler.get_last_lr()):
+            g.update({k: v for k, v in own.items() if k != "lr"}, lr=lr)
+        tag_dir = os.path.join(self.resume_from, tag)
+        with open(os.path.join(tag_dir, "trainer_rank0.json")) as f:
+            state = json.load(f)
+        self.step, self.bad_steps, self.bad_in_row = state["step"], state["bad_steps"], state["bad_in_row"]
+        loader = state["loader"]
+        self.train_stream.set_epoch(int(loader["epoch"]) + (1 if int(loader["batches"]) > 0 else 0))
+        seed = int(np.random.SeedSequence([self.cfg.optim.seed, self.step, self.rank]).generate_state(1)[0])
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        if self.rank == 0:
+            self._truncate_train_log(self.step)
+        total = np.array(self.param_checksums()).sum(axis=0)
+        D.print0(f"[train] resumed from {tag_dir} at step {self.step} on {self.world} ranks (written by "
+                 f"{meta['world_size']}; universal checkpoint); data restarts at epoch {self.train_stream.epoch}; "
+                 f"trainable weights sum {total[0]:.17g} sum of squares {total[1]:.17g}")
         return client or {}
 
     def save_checkpoint(self, loader_state: dict[str, Any] | None = None) -> str:

@@ -180,6 +180,37 @@ def test_resume_on_another_world_size_is_refused(reference_run, tiny_shards, mon
         assert "was written by 2 ranks, this run has 1" in err[0] and err[0].startswith("launch/train.py: error:")
 
 
+def test_elastic_resume_on_another_world_size(reference_run, tiny_shards, tmp_path):
+    """--elastic-resume: the 2-rank run's last checkpoint resumes on 1 rank through DeepSpeed's universal
+    checkpoint with exactly the saved weights, and trains on."""
+    import shutil
+
+    import numpy as np
+
+    assert reference_run.rc == 0, reference_run.launch.tail()
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(os.path.join(reference_run.dir, "checkpoints"), os.path.join(run_dir, "checkpoints"))
+    shutil.copy(os.path.join(reference_run.dir, "train_log.jsonl"), run_dir)
+    saved = {r["step"]: r for r in _rows(run_dir)}
+    k = max(saved)
+    args = ["--ds_config", ZERO3_JSON, *TRAIN_FLAGS, "--steps", str(k + 2), "--shards", tiny_shards,
+            "--output-dir", run_dir, "--run-name", "elastic", "--no-mlflow", "--elastic-resume"]
+    one = Launch(args, str(tmp_path / "elastic.log"), cwd=str(tmp_path), env=TRAIN_ENV, ranks=1)
+    assert one.wait(timeout=400) == 0, one.tail()
+    m = re.search(rf"resumed from \S+step{k:08d} at step {k} on 1 ranks \(written by 2; universal checkpoint\); "
+                  r"data restarts at epoch (\d+); trainable weights sum (\S+) sum of squares (\S+)", one.text())
+    assert m, one.tail()
+    want = np.array(saved[k]["checksums"]).sum(axis=0)  # the 2 ranks' shares after step k
+    np.testing.assert_allclose([float(m.group(2)), float(m.group(3))], want, rtol=1e-12)
+    rows = {r["step"]: r for r in _rows(run_dir)}
+    assert sorted(rows)[-3:] == [k, k + 1, k + 2] and all(len(rows[s]["checksums"]) == 1 for s in (k + 1, k + 2))
+    assert not rows[k + 1]["skipped"] and np.isfinite(rows[k + 2]["loss"])
+    assert rows[k + 1]["checksums"][0] != list(want)  # it trained on
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "universal", f"step{k:08d}", "zero",
+                                       "optimizer_state.pt"))
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read().strip() == f"step{k + 2:08d}"
+
+
 def test_fault_spec():
     from launch.config import TrainError
     from launch.trainer import parse_fault_spec
