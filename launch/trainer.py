@@ -23,7 +23,9 @@ and logged; `--max-bad-steps` in a row stop the run with one line. Testing hook:
 Preemption: SIGTERM on any rank makes all ranks save a checkpoint at the next step
 boundary and exit 0. Checkpoints hold the DeepSpeed state (weights, optimizer, LR
 schedule), each rank's loader position and RNG states, and the MLflow run id;
-`--resume auto` continues the same run at the next step with the same data.
+`--resume auto` continues the same run at the next step with the same data. On another
+number of ranks, `--elastic-resume` loads a universal copy of the checkpoint (same
+weights, optimizer state and schedule; the data order restarts at the next epoch).
 
 Run folder: `train_log.jsonl` (rank 0; one line per logged step: losses, lr, grad norm,
 throughput, skipped flag, and each rank's checksum of its share of the trainable
