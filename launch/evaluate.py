@@ -29,8 +29,11 @@ from launch.benchmarks import BENCHMARKS, BenchmarkError, Question
 
 PROG = "launch/evaluate.py"
 DEFAULT_ROOT = os.path.join("runs", "eval")
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-"""Model families evaluate.py runs (Qwen2-VL chat template, smart_resize image path)."""
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+"""Model families evaluate.py runs, each with its own chat template and image path (launch/benchmarks/generation.py)."""
+REFUSED = {"llava_next_video": "its images go through any-resolution crops (~2,900 tokens per 336 px frame: two frames "
+                               "pass its 4k context) and its video path needs torchvision"}
+"""Why a supported training family is not evaluated."""
 PROMPT_VERSION = 1
 """Bumped when prompts or decoding change, so old predictions are not resumed into new ones."""
 log = logging.getLogger("evaluate")
@@ -84,12 +87,12 @@ class EvalArgs:
             family = get_preset(self.preset).family
             if family not in FAMILIES:
                 raise ValueError(f"--preset {self.preset} is a {family} model; evaluate.py runs "
-                                 f"{' / '.join(FAMILIES)} models (the Qwen chat template and image path)")
+                                 f"{' / '.join(FAMILIES)} models{_why_not(family)}")
         if self.model:
             family = checkpoint_model_type(self.model)
             if family not in FAMILIES:
                 raise ValueError(f"--model {self.model}: model_type {family!r}; evaluate.py runs "
-                                 f"{' / '.join(FAMILIES)} checkpoints")
+                                 f"{' / '.join(FAMILIES)} checkpoints{_why_not(family)}")
         for flag, value, low in (("--num-frames", self.num_frames, 1), ("--batch-size", self.batch_size, 1),
                                  ("--max-new-tokens", self.max_new_tokens, 0), ("--max-pixels", self.max_pixels, 0),
                                  ("--limit", self.limit, 0)):
@@ -111,6 +114,10 @@ class EvalArgs:
         if re.fullmatch(r"(checkpoint|ckpt|step|final|hf|model|best|last)[-_\d]*", name, re.I):
             name = f"{os.path.basename(os.path.dirname(path))}-{name}"
         return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _why_not(family: str | None) -> str:
+    return f" ({family}: {REFUSED[family]})" if family in REFUSED else ""
 
 
 def checkpoint_model_type(path: str) -> str | None:

@@ -402,6 +402,28 @@ def test_all_angles_end_to_end(tmp_path):
     assert res["counts"] == {c: 2 for c in AAB_CATEGORIES[:4]}
 
 
+def test_llava_onevision_end_to_end(tmp_path):
+    """The second family: LLaVA-OneVision answers both benchmarks through its own chat template and
+    multi-image path; a batch answers as one by one."""
+    data, out = str(tmp_path / "aab"), str(tmp_path / "out")
+    recs = make_allangles(data)
+    runs = {}
+    for bs in ("1", "3"):
+        o = f"{out}-{bs}"
+        assert run_main(["--benchmark", "all-angles", "--data", data, "--preset", "tiny-llava-ov", "--batch-size", bs,
+                         "--max-new-tokens", "6", "--output", o, "--no-mlflow"]) == 0
+        runs[bs] = {p["key"]: p for p in read_predictions(o)}
+    assert sorted(int(k) for k in runs["1"]) == [r["index"] for r in recs]
+    assert {k: p["prediction"] for k, p in runs["1"].items()} == {k: p["prediction"] for k, p in runs["3"].items()}
+    assert all(p["n_images"] == len(r["image_path"]) for r, p in zip(recs, (runs["1"][str(r["index"])] for r in recs)))
+    assert read_results(f"{out}-3")["model"] == "tiny-llava-ov"
+    vdata, vout = str(tmp_path / "vsi"), str(tmp_path / "vout")
+    make_vsi(vdata)
+    assert run_main(["--benchmark", "vsi-bench", "--data", vdata, "--preset", "tiny-llava-ov", "--num-frames", "3",
+                     "--limit", "3", "--batch-size", "2", "--max-new-tokens", "6", "--output", vout, "--no-mlflow"]) == 0
+    assert [p["n_images"] for p in read_predictions(vout)] == [3, 3, 3]
+
+
 def test_batched_generation_equals_one_by_one(tmp_path):
     data = str(tmp_path / "aab")
     make_allangles(data)
@@ -606,12 +628,14 @@ def test_non_qwen_families_are_refused_in_one_line(tmp_path, capsys, no_model):
     other = [name for name in PRESETS if get_preset(name).family not in evaluate.FAMILIES]
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / "config.json").write_text(json.dumps({"model_type": "llava_onevision"}))
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llava_next_video"}))
+    assert {get_preset(n).family for n in other} == {"llava_next_video"}  # LLaVA-OneVision is evaluated
     for flags in [["--model", str(ckpt)]] + [["--preset", name] for name in other[:1]]:
         with pytest.raises(SystemExit) as exc:
             evaluate.main(["--benchmark", "vsi-bench", "--data", str(tmp_path)] + flags)
         err = capsys.readouterr().err.strip()
         assert exc.value.code == 2 and len(err.splitlines()) == 1 and "qwen2_vl / qwen2_5_vl" in err, err
+        assert "llava_next_video: its images go through any-resolution crops" in err, err
 
 
 def test_cuda_device_without_cuda_fails_in_one_line(tmp_path, capsys, no_model):

@@ -8,7 +8,11 @@ assistant."), left padding, `generate(do_sample=False, num_beams=1,
 max_new_tokens=N, eos_token_id=tokenizer.eos_token_id)`, the new tokens decoded with
 `skip_special_tokens=True, clean_up_tokenization_spaces=False` and cut at the decoded
 end-of-turn token. Images are resized by the family adapter (Qwen's smart_resize,
-bicubic) to the `--max-pixels` budget before the processor.
+bicubic, to the `--max-pixels` budget; LLaVA-OneVision: the tower's square input, as in
+training) before the processor. LLaVA-OneVision gets each request's images as one nested
+list, the processor's multi-image path (one base patch per image, no any-resolution
+crops: the setting GASP trains it in); a request with a single image takes the
+processor's single-image path (any-resolution), as that model's own inference does.
 """
 from __future__ import annotations
 
@@ -34,12 +38,14 @@ def chat_text(processor, n_images: int, text: str) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode(processor, requests: Sequence[Request], resized: bool) -> dict[str, torch.Tensor]:
-    """Left-padded model inputs of a batch (all images of all requests, in order)."""
+def encode(processor, requests: Sequence[Request], resized: bool,
+           per_request: bool = False) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs of a batch (all images of all requests, in order; `per_request`:
+    one list of images per request, for processors that group images by prompt)."""
     texts = [chat_text(processor, len(r.images), r.text) for r in requests]
-    images = [im for r in requests for im in r.images]
+    images: list = [list(r.images) for r in requests] if per_request else [im for r in requests for im in r.images]
     kwargs: dict[str, Any] = dict(text=texts, padding=True, padding_side="left", return_tensors="pt")
-    if images:
+    if any(r.images for r in requests):
         kwargs["images"] = images
         if resized:
             kwargs["do_resize"] = False
@@ -51,7 +57,8 @@ def generate_batch(model, processor, requests: Sequence[Request], *, max_new_tok
                    device: torch.device | str, resized: bool = True) -> list[str]:
     """Greedy answers of a batch of requests (decoded new tokens, one string each)."""
     tok = processor.tokenizer
-    inputs = encode(processor, requests, resized)
+    per_request = getattr(model.config, "model_type", "") == "llava_onevision"
+    inputs = encode(processor, requests, resized, per_request=per_request)
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
