@@ -11,8 +11,9 @@
 
 Everything lands in one MLflow experiment (`gasp-demo`) of the local store
 `sqlite:///runs/mlflow.db` (or MLFLOW_TRACKING_URI): the shard job, the training run
-and both probes. Steps whose output exists are reused (the shard job and training
-resume); `--fresh` starts over.
+and both probes. Rerunning it reuses what is done (a complete shard set, a finished
+training run, probe results newer than what they probed) without adding runs to the
+store; an interrupted step resumes; `--fresh` starts over.
 """
 from __future__ import annotations
 
@@ -118,6 +119,35 @@ def comparison_table(before: dict, after: dict) -> str:
     return "\n".join(lines)
 
 
+def _complete_manifest(path: str) -> bool:
+    try:
+        with open(path) as f:
+            return json.load(f).get("complete") is True
+    except (OSError, ValueError):
+        return False
+
+
+def _newer(path: str, than: str) -> bool:
+    try:
+        return os.path.getmtime(path) >= os.path.getmtime(than)
+    except OSError:
+        return False
+
+
+def _reused(folder: str, source: str) -> dict | None:
+    """A probe's earlier result (its probe.json), if newer than what it probed; else None."""
+    path = os.path.join(folder, "probe.json")
+    if not _newer(path, source):
+        return None
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        return None
+    print(f"[demo] reused: {path}; --fresh to redo", flush=True)
+    return res
+
+
 def _f(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -130,6 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
+    sizes = {k: getattr(args, k) for k in ("scenes", "frames", "pairs_per_scene", "steps", "batch_size", "ranks",
+                                           "max_pixels", "preset")}
+    record = os.path.join(out, "demo_args.json")
+    if os.path.isfile(record):  # reuse is only safe for the same sizes
+        with open(record) as f:
+            before_sizes = json.load(f)
+        if before_sizes != sizes:
+            diff = ", ".join(f"{k} {before_sizes.get(k)} -> {v}" for k, v in sizes.items() if before_sizes.get(k) != v)
+            print(f"python -m launch.demo: error: {out} holds a demo of other settings ({diff}); pass --fresh to "
+                  f"start over there, or --output another folder", file=sys.stderr)
+            return 2
+    else:
+        with open(record, "w") as f:
+            json.dump(sizes, f, indent=1)
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONPATH", ROOT)
@@ -148,32 +192,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[synthetic] {i + 1}/{args.scenes} scenes ({time.time() - t0:.0f}s)", flush=True)
 
     stage(f"shard job (Ray) -> {shards}")
-    run([py, os.path.join(ROOT, "pipeline", "shard.py"), "--input", corpus, "--format", "synthetic",
-         "--output", shards, "--pairs-per-scene", str(args.pairs_per_scene), "--min-gap", "2", "--max-gap", "30",
-         "--gap-buckets", "2,6,15", "--val-fraction", "0.25", "--samples-per-shard", "64", "--mlflow",
-         "--experiment", args.experiment], env)
+    manifest = os.path.join(shards, "manifest.json")
+    if _complete_manifest(manifest):
+        print(f"[demo] reused: {manifest} (complete); --fresh to rebuild", flush=True)
+    else:
+        run([py, os.path.join(ROOT, "pipeline", "shard.py"), "--input", corpus, "--format", "synthetic",
+             "--output", shards, "--pairs-per-scene", str(args.pairs_per_scene), "--min-gap", "2", "--max-gap",
+             "30", "--gap-buckets", "2,6,15", "--val-fraction", "0.25", "--samples-per-shard", "64", "--mlflow",
+             "--experiment", args.experiment], env)
 
     common = dict(shards=[shards], max_pixels=args.max_pixels, experiment=args.experiment, batch_size=4)
     stage("probe before training (random-weight tiny VLM, untrained SVD-init heads)")
-    before = run_probe(ProbeArgs(preset=args.preset, run_name="demo-probe-before",
-                                 output=os.path.join(out, "probe-before"), **common))
+    before = _reused(os.path.join(out, "probe-before"), manifest) or run_probe(
+        ProbeArgs(preset=args.preset, run_name="demo-probe-before", output=os.path.join(out, "probe-before"),
+                  **common))
     print(format_table(before), flush=True)
 
     stage(f"training: deepspeed, {args.ranks} ranks, ZeRO-3, {args.steps} steps -> {train_dir}")
-    run([os.path.join(os.path.dirname(py), "deepspeed"), "--num_gpus", str(args.ranks), "--master_port",
-         str(_free_port()), os.path.join(ROOT, "launch", "train.py"), "--ds_config",
-         os.path.join(ROOT, "launch", "zero3.json"), "--preset", args.preset, "--shards", shards,
-         "--max-pixels", str(args.max_pixels), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-         "--warmup-steps", str(max(1, args.steps // 20)), "--val-every", str(max(10, args.steps // 3)),
-         "--val-batches", "12", "--log-every", str(max(1, args.steps // 30)), "--run-name", "demo-train",
-         "--output-dir", train_dir, "--experiment", args.experiment, "--no-build-shards",
-         # a random-weight tiny VLM has no pretrained vision features to preserve: train its tower too
-         "--no-freeze-vision"], env)
+    export = os.path.join(train_dir, "export")
+    finished = os.path.join(export, "export.json")
+    if os.path.isfile(finished) and _newer(finished, manifest):
+        print(f"[demo] reused: {export} (training finished); --fresh to retrain", flush=True)
+    else:
+        run([os.path.join(os.path.dirname(py), "deepspeed"), "--num_gpus", str(args.ranks), "--master_port",
+             str(_free_port()), os.path.join(ROOT, "launch", "train.py"), "--ds_config",
+             os.path.join(ROOT, "launch", "zero3.json"), "--preset", args.preset, "--shards", shards,
+             "--max-pixels", str(args.max_pixels), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+             "--warmup-steps", str(max(1, args.steps // 20)), "--val-every", str(max(10, args.steps // 3)),
+             "--val-batches", "12", "--log-every", str(max(1, args.steps // 30)), "--run-name", "demo-train",
+             "--output-dir", train_dir, "--experiment", args.experiment, "--no-build-shards",
+             # a random-weight tiny VLM has no pretrained vision features to preserve: train its tower too
+             "--no-freeze-vision"], env)
 
     stage("probe after training (trained model + trained heads)")
-    export = os.path.join(train_dir, "export")
-    after = run_probe(ProbeArgs(model=os.path.join(export, "model"), heads=export, run_name="demo-probe-after",
-                                output=os.path.join(out, "probe-after"), **common))
+    after = _reused(os.path.join(out, "probe-after"), finished) or run_probe(
+        ProbeArgs(model=os.path.join(export, "model"), heads=export, run_name="demo-probe-after",
+                  output=os.path.join(out, "probe-after"), **common))
     print(format_table(after), flush=True)
 
     stage("summary")

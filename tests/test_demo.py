@@ -363,3 +363,22 @@ def test_dashboard_shows_the_training_run(demo, tmp_path):
             f.write(png)
     print(f"[dashboard] screenshot {tmp_path / 'mlflow_run.png'} ({len(png) // 1024} KB)"
           + (f", written to {SCREENSHOT}" if update else f"; {SCREENSHOT} kept (GASP_UPDATE_SCREENSHOT=1 rewrites it)"))
+
+
+def test_demo_rerun_reuses_its_work_and_adds_no_runs(demo):
+    """Run again in the same folder: every finished step is reused, the store keeps exactly its four
+    runs; other sizes in that folder are refused in one line (reuse would mix them)."""
+    _ok(demo)
+    ids = {k: r.info.run_id for k, r in _runs(demo).items() if k in ("shard", "train", "before", "after")}
+    env = train_env()
+    env.pop("OMP_NUM_THREADS", None)
+    again = subprocess.run([sys.executable, "-m", "launch.demo", "--small"], cwd=demo.cwd, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    reused = re.findall(r"^\[demo\] reused: (\S+)", again.stdout, flags=re.M)
+    assert len(reused) == 4, again.stdout  # shards, probe before, training, probe after
+    assert {k: r.info.run_id for k, r in _runs(demo).items() if k in ids} == ids  # _runs: still exactly four
+    other = subprocess.run([sys.executable, "-m", "launch.demo", "--small", "--max-pixels", "50176"], cwd=demo.cwd,
+                           env=env, capture_output=True, text=True, timeout=120)
+    err = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(err) == 1 and "max_pixels 150528 -> 50176" in err[0] and "--fresh" in err[0], err
