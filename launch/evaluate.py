@@ -48,9 +48,12 @@ class EvalArgs:
     annotations: str = opt("", "annotation file; empty: found in --data (VSI-Bench test-00000-of-00001.parquet, "
                                "test.parquet, test.jsonl or test.json; All-Angles data.json)")
     preset: str = opt("", "random-weight model preset (tiny, tiny-qwen2.5, qwen2-vl-7b, qwen2.5-vl-7b)")
-    model: str = opt("", "a Hugging Face checkpoint directory (Qwen2-VL / Qwen2.5-VL)")
+    model: str = opt("", "a Hugging Face checkpoint directory (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)")
     output: str = opt("", "output folder; empty: runs/eval/<benchmark>-<model name>")
     num_frames: int = opt(32, "VSI-Bench: frames sampled uniformly from each video (lmms-eval's default 32)")
+    frames_as: str = opt("auto", "VSI-Bench frames: video (Qwen's video input, as lmms-eval feeds them), images "
+                                 "(one image each), auto (video for Qwen, images for LLaVA-OneVision)",
+                         choices=["auto", "video", "images"])
     batch_size: int = opt(1, "questions per generate() call (left-padded)")
     max_new_tokens: int = opt(0, "longest answer in tokens (0: the benchmark's default, VSI-Bench 16 as "
                                  "lmms-eval, All-Angles 32)")
@@ -93,6 +96,9 @@ class EvalArgs:
             if family not in FAMILIES:
                 raise ValueError(f"--model {self.model}: model_type {family!r}; evaluate.py runs "
                                  f"{' / '.join(FAMILIES)} checkpoints{_why_not(family)}")
+        if self.frames_as == "video" and family_of(self) == "llava_onevision":
+            raise ValueError("--frames-as video: LLaVA-OneVision takes the frames as images here (its video path "
+                             "needs torchvision); use --frames-as images or auto")
         for flag, value, low in (("--num-frames", self.num_frames, 1), ("--batch-size", self.batch_size, 1),
                                  ("--max-new-tokens", self.max_new_tokens, 0), ("--max-pixels", self.max_pixels, 0),
                                  ("--limit", self.limit, 0)):
@@ -177,7 +183,27 @@ def signature(args: EvalArgs, annotations: str, max_new_tokens: int, dtype) -> d
            "dtype": str(dtype).replace("torch.", ""), "prompt_version": PROMPT_VERSION}
     if args.benchmark == "vsi-bench":
         sig["num_frames"] = args.num_frames
+        sig["frames_as"] = frames_as(args)
     return sig
+
+
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+"""qwen_vl_utils' cap on a video frame's pixels (VIDEO_MAX_PIXELS), the default frame budget of a video input."""
+
+
+def family_of(args: EvalArgs) -> str | None:
+    if args.preset:
+        from model.presets import get_preset
+
+        return get_preset(args.preset).family
+    return checkpoint_model_type(args.model)
+
+
+def frames_as(args: EvalArgs) -> str:
+    """'video' or 'images' for this model (auto: video for the Qwen families)."""
+    if args.frames_as != "auto":
+        return args.frames_as
+    return "video" if family_of(args) in ("qwen2_vl", "qwen2_5_vl") else "images"
 
 
 def select(bench, questions: list[Question], args: EvalArgs, root: str) -> tuple[list[Question], int]:
@@ -254,11 +280,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
             return 2
         resize = getattr(adapter, "resize", None)
-        loader = runner.MediaLoader(resize or _to_pil, num_frames=args.num_frames)
+        as_video = frames_as(args) == "video"
+        frame_resize = None
+        if as_video and resize is not None:  # frames of a video input: qwen_vl_utils' per-frame cap
+            from model.loading import make_adapter
+
+            ip_max = int(processor.image_processor.size["longest_edge"])
+            frame_resize = make_adapter(family_of(args), processor, model.config,
+                                        max_pixels=min(args.max_pixels or ip_max, VIDEO_MAX_PIXELS)).resize
+        loader = runner.MediaLoader(resize or _to_pil, num_frames=args.num_frames, frame_resize=frame_resize)
         progress = runner.Progress(len(pending), quiet=args.quiet)
         try:
             runner.run(pending, bench, model, processor, loader, store, batch_size=args.batch_size,
-                       max_new_tokens=max_new_tokens, device=device, resized=resize is not None, progress=progress)
+                       max_new_tokens=max_new_tokens, device=device, resized=resize is not None, progress=progress,
+                       as_video=as_video)
         except runner.MediaError as e:
             print(f"{PROG}: error: {e} (answered questions are kept in {store.path}; rerun to resume)",
                   file=sys.stderr)

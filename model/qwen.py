@@ -61,6 +61,62 @@ class QwenVLProcessor(Qwen2VLProcessor):
         out["processor_class"] = self.hf_processor_class
         return out
 
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        """As the stock processor; `videos` (one list of frames per text, each text holding one
+        `<|video_pad|>`) goes through `video_patches` instead of a torchvision video processor."""
+        if videos is None:
+            return super().__call__(images=images, text=text, **kwargs)
+        if images is not None:
+            raise ValueError("this processor takes images or videos in one call, not both")
+        texts = [text] if isinstance(text, str) else list(text)
+        if len(texts) != len(videos):
+            raise ValueError(f"{len(texts)} texts for {len(videos)} videos: give one video per text")
+        second_per_grid_ts = kwargs.pop("second_per_grid_ts", None)
+        return_tensors = kwargs.pop("return_tensors", "pt")
+        ip_kwargs = {k: kwargs.pop(k) for k in ("do_resize", "min_pixels", "max_pixels") if k in kwargs}
+        merge = int(self.image_processor.merge_size) ** 2
+        patches, grids, expanded = [], [], []
+        for t, frames in zip(texts, videos):
+            if t.count(self.video_token) != 1:
+                raise ValueError(f"each text needs exactly one {self.video_token} (got {t.count(self.video_token)})")
+            pv, grid = video_patches(self.image_processor, frames, **ip_kwargs)
+            patches.append(pv)
+            grids.append(grid)
+            expanded.append(t.replace(self.video_token, self.video_token * (int(grid.prod()) // merge)))
+        enc = self.tokenizer(expanded, return_tensors=return_tensors, **kwargs)
+        data = dict(enc)
+        data["mm_token_type_ids"] = (enc["input_ids"] == self.video_token_id).long() * 2  # 0 text, 2 video
+        data["pixel_values_videos"] = torch.cat(patches)
+        data["video_grid_thw"] = torch.cat(grids)
+        if second_per_grid_ts is not None:
+            data["second_per_grid_ts"] = torch.as_tensor(second_per_grid_ts, dtype=torch.float32)
+        from transformers import BatchFeature
+
+        return BatchFeature(data)
+
+
+def video_patches(image_processor, frames: Sequence, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen video input of `frames` (PIL or uint8 arrays of one size): (patches, video_grid_thw (1, 3)).
+
+    The image processor resizes, normalizes and cuts each frame as it does an image (an image
+    fills both temporal slots of a patch with itself); here consecutive frames fill the two
+    slots instead, as the stock video processor does: patch rows run frame pair by frame pair
+    (temporal grid outermost), then in the image order, and each row holds channel, temporal
+    slot, row, column. An odd frame count repeats the last frame.
+    """
+    out = image_processor(images=list(frames), return_tensors="pt", **kwargs)
+    pv, grid = out["pixel_values"], out["image_grid_thw"]
+    if not bool((grid == grid[0]).all()):
+        raise ValueError("the frames of one video must have one size")
+    tps, p = int(image_processor.temporal_patch_size), int(image_processor.patch_size)
+    T, n = len(frames), int(grid[0, 1] * grid[0, 2])
+    x = pv.reshape(T, n, -1, tps, p, p)[:, :, :, 0]  # each frame once: (T, n, C, p, p)
+    if pad := -T % tps:
+        x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+    tg = x.shape[0] // tps
+    x = x.reshape(tg, tps, *x.shape[1:]).permute(0, 2, 3, 1, 4, 5)  # (tg, n, C, tps, p, p)
+    return x.reshape(tg * n, -1), torch.tensor([[tg, int(grid[0, 1]), int(grid[0, 2])]])
+
 
 def make_processor(image_processor, tokenizer, chat_template: str, family: str) -> QwenVLProcessor:
     """A `QwenVLProcessor` that saves as the stock processor class of `family`."""

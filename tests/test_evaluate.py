@@ -370,6 +370,43 @@ def test_vsi_bench_end_to_end_limit_then_resume(tmp_path, count_generate):
     assert run_main(base) == 0 and len(count_generate["texts"]) == n
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen2.5"])
+def test_vsi_bench_feeds_qwen_a_video_input(tmp_path, monkeypatch, preset):
+    """Qwen models get each question's frames as ONE video input (temporal patches of frame pairs; for
+    Qwen2.5-VL the time per temporal patch), as lmms-eval does; --frames-as images keeps one image each."""
+    data = str(tmp_path / "vsi")
+    make_vsi(data)  # 8 frames at 4 fps: 2 s per video
+    seen = []
+    real = generation.encode_video
+    monkeypatch.setattr(generation, "encode_video", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    args = ["--benchmark", "vsi-bench", "--data", data, "--preset", preset, "--num-frames", "4", "--limit", "2",
+            "--batch-size", "2", "--max-new-tokens", "4", "--no-mlflow"]
+    assert run_main(args + ["--output", str(tmp_path / "video")]) == 0
+    assert len(seen) == 1
+    inputs = seen[0]
+    assert "pixel_values" not in inputs and inputs["video_grid_thw"][:, 0].tolist() == [2, 2]  # 4 frames -> 2
+    n_tokens = int(inputs["video_grid_thw"][0].prod()) // 4
+    assert ((inputs["mm_token_type_ids"] == 2).sum(1) == n_tokens).all()
+    if preset == "tiny-qwen2.5":
+        assert inputs["second_per_grid_ts"].tolist() == [1.0, 1.0]  # 2 x (2 s / 4 frames)
+    else:
+        assert "second_per_grid_ts" not in inputs
+    assert read_results(str(tmp_path / "video"))["config"]["frames_as"] == "auto"
+    with open(os.path.join(str(tmp_path / "video"), "run.json")) as f:
+        assert json.load(f)["signature"]["frames_as"] == "video"
+    seen.clear()
+    assert run_main(args + ["--output", str(tmp_path / "images"), "--frames-as", "images"]) == 0
+    assert seen == [] and [p["n_images"] for p in read_predictions(str(tmp_path / "images"))] == [4, 4]
+
+
+def test_frames_as_video_is_refused_for_llava(tmp_path, capsys, no_model):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--benchmark", "vsi-bench", "--data", str(tmp_path), "--preset", "tiny-llava-ov",
+                       "--frames-as", "video"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "--frames-as video" in err[0], err
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "json"])
 def test_vsi_bench_reads_json_and_jsonl_annotations(tmp_path, fmt):
     data, out = str(tmp_path / "vsi"), str(tmp_path / "out")

@@ -134,6 +134,43 @@ def test_precomputed_rope_positions_equal_the_models_own(tiny, monkeypatch):
     assert n_own - (len(items) - n_own) >= 4 * B, (n_own, len(items) - n_own)  # the per-image syncs are gone
 
 
+def test_video_input_matches_its_frames(tiny):
+    """The torchvision-free video input: a temporal patch of one frame twice is that frame's image
+    patch, the tower sees [f0, f0, f1, f1] as the images f0 and f1, consecutive frames fill the two
+    temporal slots in order, and the model generates from it."""
+    from model.qwen import video_patches
+
+    name, model, processor, adapter = tiny
+    rng = np.random.default_rng(3)
+    f = [adapter.resize(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)) for _ in range(3)]
+    ip = processor.image_processor
+    img = ip(images=f, do_resize=False, return_tensors="pt")
+    n = int(img["image_grid_thw"][0].prod())
+    per_frame = img["pixel_values"].reshape(3, n, 3, 2, 14, 14)
+    vid, grid = video_patches(ip, [f[0], f[1], f[2]], do_resize=False)  # odd: the last frame repeats
+    assert grid.tolist() == [[2] + img["image_grid_thw"][0, 1:].tolist()]
+    slots = vid.reshape(2, n, 3, 2, 14, 14)
+    for t, (first, second) in enumerate(((0, 1), (2, 2))):
+        assert torch.equal(slots[t, :, :, 0], per_frame[first, :, :, 0])
+        assert torch.equal(slots[t, :, :, 1], per_frame[second, :, :, 0])
+    visual = model.model.visual
+    pv, pv_grid = video_patches(ip, [f[0], f[0], f[1], f[1]], do_resize=False)
+    with torch.no_grad():
+        as_video = visual(pv, grid_thw=pv_grid)
+        as_images = visual(img["pixel_values"][:2 * n], grid_thw=img["image_grid_thw"][:2])
+    as_video, as_images = (getattr(o, "pooler_output", o) for o in (as_video, as_images))
+    torch.testing.assert_close(as_video, as_images, rtol=1e-5, atol=1e-5)
+
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text":
+                                          "How many chairs?"}]}], tokenize=False, add_generation_prompt=True)
+    extra = {"second_per_grid_ts": [1.0]} if name == "tiny-qwen2.5" else {}
+    inputs = processor(text=[text], videos=[f], do_resize=False, **extra)
+    n_video = int((inputs["mm_token_type_ids"] == 2).sum())
+    assert n_video == int(inputs["video_grid_thw"].prod()) // 4 == 2 * n // 4
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=3)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
 def test_prompt_text_is_fixed(tiny):
     _, _, processor, adapter = tiny
     assert adapter.text == (

@@ -28,14 +28,34 @@ class Request:
 
     images: list
     text: str
+    video_seconds: float | None = None
+    """Set: `images` are a video's frames, sampled uniformly over this many seconds, given to the
+    model as one video input (Qwen's temporal patches and time positions)."""
 
 
-def chat_text(processor, n_images: int, text: str) -> str:
-    """The templated prompt of one user turn [image x n, text] plus the generation prompt."""
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
+def chat_text(processor, n_images: int, text: str, video: bool = False) -> str:
+    """The templated prompt of one user turn [image x n, text] (or [video, text]) plus the generation prompt."""
+    content: list[dict[str, Any]] = [{"type": "video"}] if video else [{"type": "image"} for _ in range(n_images)]
     content.append({"type": "text", "text": text})
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_video(processor, requests: Sequence[Request], resized: bool, time_positions: bool) -> dict:
+    """Left-padded inputs of a batch of video requests (Qwen: `QwenVLProcessor(videos=...)`).
+
+    time_positions (Qwen2.5-VL): `second_per_grid_ts` = temporal patch size x seconds per
+    sampled frame, what qwen_vl_utils passes for frames sampled at n / duration fps.
+    """
+    texts = [chat_text(processor, 0, r.text, video=True) for r in requests]
+    kwargs: dict[str, Any] = dict(text=texts, videos=[list(r.images) for r in requests], padding=True,
+                                  padding_side="left", return_tensors="pt")
+    if resized:
+        kwargs["do_resize"] = False
+    if time_positions:
+        tps = int(processor.image_processor.temporal_patch_size)
+        kwargs["second_per_grid_ts"] = [tps * r.video_seconds / max(len(r.images), 1) for r in requests]
+    return dict(processor(**kwargs))
 
 
 def encode(processor, requests: Sequence[Request], resized: bool,
@@ -57,8 +77,14 @@ def generate_batch(model, processor, requests: Sequence[Request], *, max_new_tok
                    device: torch.device | str, resized: bool = True) -> list[str]:
     """Greedy answers of a batch of requests (decoded new tokens, one string each)."""
     tok = processor.tokenizer
-    per_request = getattr(model.config, "model_type", "") == "llava_onevision"
-    inputs = encode(processor, requests, resized, per_request=per_request)
+    model_type = getattr(model.config, "model_type", "")
+    videos = [r.video_seconds is not None for r in requests]
+    if any(videos):
+        if not all(videos):
+            raise ValueError("a batch mixes video and image requests")
+        inputs = encode_video(processor, requests, resized, time_positions=model_type == "qwen2_5_vl")
+    else:
+        inputs = encode(processor, requests, resized, per_request=model_type == "llava_onevision")
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,

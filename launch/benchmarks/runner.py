@@ -23,7 +23,7 @@ import numpy as np
 
 from launch.benchmarks import BenchmarkError, Question
 from launch.benchmarks import generation
-from launch.benchmarks.video import FrameCache, VideoError, sample_frames
+from launch.benchmarks.video import FrameCache, VideoError, sample_frames, video_seconds
 
 RUN_FILE, PREDICTIONS, RESULTS = "run.json", "predictions.jsonl", "results.json"
 RUN_VERSION = 1
@@ -117,18 +117,30 @@ class PredictionStore:
 class MediaLoader:
     """Images for the model: video frames (sampled, cached per video) and view images, resized."""
 
-    def __init__(self, resize: Callable[[np.ndarray], Any], num_frames: int, cache_videos: int = 4):
+    def __init__(self, resize: Callable[[np.ndarray], Any], num_frames: int, cache_videos: int = 4,
+                 frame_resize: Callable[[np.ndarray], Any] | None = None):
         self.resize, self.num_frames = resize, num_frames
+        self.frame_resize = frame_resize or resize
         self._videos = FrameCache(self._load_video, size=cache_videos)
+        self._seconds: dict[str, float] = {}
 
     def _load_video(self, path: str, num: int) -> list:
         try:
-            return [self.resize(f) for f in sample_frames(path, num)]
+            return [self.frame_resize(f) for f in sample_frames(path, num)]
         except VideoError as e:
             raise MediaError(str(e)) from None
 
     def frames(self, path: str) -> list:
         return self._videos.get(path, self.num_frames)
+
+    def seconds(self, path: str) -> float:
+        """The video's duration (cached)."""
+        if path not in self._seconds:
+            try:
+                self._seconds[path] = video_seconds(path)
+            except VideoError as e:
+                raise MediaError(str(e)) from None
+        return self._seconds[path]
 
     def image(self, path: str):
         from PIL import Image
@@ -187,18 +199,21 @@ def batches(items: Sequence[Any], size: int) -> Iterable[list[Any]]:
 
 
 def run(pending: Sequence[Question], bench, model, processor, loader: MediaLoader, store: PredictionStore, *,
-        batch_size: int, max_new_tokens: int, device, resized: bool, progress: Progress) -> int:
+        batch_size: int, max_new_tokens: int, device, resized: bool, progress: Progress,
+        as_video: bool = False) -> int:
     """Answer `pending` in batches, appending each batch to the store. Returns the number answered.
 
     The media of the next batch are decoded in a background thread while the model
-    generates the current one.
+    generates the current one. `as_video`: a video question's frames go in as one video
+    input (Qwen), with the video's duration, instead of as images.
     """
+    as_video = as_video and getattr(bench, "IS_VIDEO", False)
     todo = list(batches(order_by_group(pending), batch_size))
     if not todo:
         return 0
 
-    def visuals(batch: list[Question]) -> list[list]:
-        return [bench.visuals(q, loader) for q in batch]
+    def visuals(batch: list[Question]) -> list[tuple[list, float | None]]:
+        return [(bench.visuals(q, loader), loader.seconds(q.media[0]) if as_video else None) for q in batch]
 
     n = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -207,7 +222,9 @@ def run(pending: Sequence[Question], bench, model, processor, loader: MediaLoade
             images = nxt.result()
             if i + 1 < len(todo):
                 nxt = pool.submit(visuals, todo[i + 1])
-            requests = [generation.Request(images=ims, text=q.prompt) for q, ims in zip(batch, images)]
+            requests = [generation.Request(images=ims, text=q.prompt, video_seconds=sec)
+                        for q, (ims, sec) in zip(batch, images)]
+            images = [ims for ims, _ in images]
             answers = generation.generate_batch(model, processor, requests, max_new_tokens=max_new_tokens,
                                                 device=device, resized=resized)
             rows = []

@@ -86,6 +86,29 @@ def sample_frames(path: str, num_frames: int) -> list[np.ndarray]:
         container.close()
 
 
+def video_seconds(path: str) -> float:
+    """Duration in seconds: the stream's frame count over its average frame rate (as qwen_vl_utils
+    computes a video's sampling rate); the container's duration when the rate is unknown."""
+    import av
+
+    try:
+        container = av.open(path)
+    except Exception as e:
+        raise VideoError(f"cannot open video {path}: {type(e).__name__}: {e}") from None
+    try:
+        if not container.streams.video:
+            raise VideoError(f"{path} holds no video stream")
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        if rate > 0:
+            return _count_frames(container, stream) / rate
+        if container.duration:
+            return container.duration / 1e6
+        raise VideoError(f"{path}: neither a frame rate nor a duration")
+    finally:
+        container.close()
+
+
 class FrameCache:
     """A small LRU of processed frame lists keyed by (path, num_frames).
 

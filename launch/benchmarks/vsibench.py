@@ -38,6 +38,8 @@ from launch.benchmarks import scoring
 from launch.benchmarks.tables import read_records, require_fields
 
 NAME = "vsi-bench"
+IS_VIDEO = True
+"""Questions are about one video each (Qwen models can take it as a video input)."""
 DEFAULT_MAX_NEW_TOKENS = 16
 """lmms-eval vsibench.yaml `generation_kwargs.max_new_tokens`."""
 DEFAULT_NUM_FRAMES = 32
