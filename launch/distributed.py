@@ -9,6 +9,7 @@ import datetime
 import logging
 import os
 import signal
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -87,7 +88,46 @@ def init_distributed(timeout_min: float = 30.0) -> tuple[int, int, "torch.device
 
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    timeout=datetime.timedelta(minutes=timeout_min), verbose=False)
+        release_shm_buffer_at_exit()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+SHM_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+"""DeepSpeed's CPU all-reduce workspace (ops/csrc/cpu/comm/shm.cpp): one ~66 MB shared-memory file per
+rank and run, named by MASTER_ADDR / MASTER_PORT and the rank, which DeepSpeed never unlinks: on a CPU
+machine every run left 2 x 66 MB in /dev/shm (RAM) until Ray's OOM killer stopped the next jobs."""
+_shm_buffers: set[str] = set()
+
+
+def release_shm_buffer_at_exit() -> str | None:
+    """Unlink this rank's DeepSpeed shm buffer at teardown or interpreter exit; returns its path.
+
+    Call right after the process group starts (the name needs MASTER_ADDR / MASTER_PORT then).
+    Unlinking only removes the name: other ranks' mappings stay valid. A SIGKILLed rank still
+    leaves its file behind.
+    """
+    import atexit
+
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port and _up()):
+        return None
+    path = SHM_BUFFER.format(uid=os.getuid(), addr=addr, port=port, rank=dist.get_rank())
+    if path not in _shm_buffers:
+        _shm_buffers.add(path)
+        atexit.register(_unlink_shm, path)
+    return path
+
+
+def _unlink_shm(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        print(f"[dist] could not remove {path}: {e}", file=sys.stderr)
+    _shm_buffers.discard(path)
 
 
 def _up() -> bool:
@@ -142,3 +182,5 @@ def teardown() -> None:
             dist.destroy_process_group()
         except Exception:
             pass
+    for path in list(_shm_buffers):
+        _unlink_shm(path)

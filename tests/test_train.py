@@ -110,6 +110,18 @@ def test_zero3_partitions_every_parameter(reference_run):
     assert "head.weight" in dumps[0]["params"] and total > 300_000
 
 
+def test_ranks_leave_no_shared_memory_behind(reference_run):
+    """DeepSpeed's CPU all-reduce workspace (/dev/shm, ~66 MB a rank) is unlinked when the ranks exit."""
+    _ok(reference_run)
+    port = reference_run.launch.cmd[reference_run.launch.cmd.index("--master_port") + 1]
+    import glob
+
+    from launch.distributed import SHM_BUFFER
+
+    pattern = SHM_BUFFER.format(uid=os.getuid(), addr="127.0.0.1", port=port, rank="*")
+    assert glob.glob(pattern) == [], glob.glob(pattern)
+
+
 def test_loss_falls(reference_run):
     _ok(reference_run)
     rows = read_jsonl(os.path.join(reference_run.dir, "train_log.jsonl"))

@@ -23,6 +23,9 @@ def test_preset_weights_are_identical_under_zero3(name, monkeypatch):
         monkeypatch.setenv(k, v)
     if not dist.is_initialized():
         deepspeed.init_distributed("gloo", verbose=False)
+        from launch.distributed import release_shm_buffer_at_exit
+
+        release_shm_buffer_at_exit()
     keep = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
     try:
         model = build_preset_model(preset)

@@ -128,6 +128,9 @@ def main(argv=None) -> int:
         print(f"card: {torch.cuda.get_device_name(0)}; measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s",
               flush=True)
     deepspeed.init_distributed(dist_backend="gloo" if smoke else "nccl", verbose=False)
+    from launch.distributed import release_shm_buffer_at_exit
+
+    release_shm_buffer_at_exit()  # DeepSpeed's CPU shm workspace (the --smoke run makes one)
     ds = {"train_micro_batch_size_per_gpu": args.pairs, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
           "steps_per_print": 10 ** 9, "bf16": {"enabled": not smoke},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 0.0, "torch_adam": True,
