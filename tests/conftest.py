@@ -308,6 +308,13 @@ class Launch:
             pass
         if sig is None:
             self.proc.wait(timeout=60)
+            # SIGKILLed ranks cannot unlink DeepSpeed's /dev/shm workspace: do it for them
+            if "--master_port" in self.cmd:
+                import glob
+
+                port = self.cmd[self.cmd.index("--master_port") + 1]
+                for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+                    os.unlink(path)
 
     def rank_pids(self) -> dict[int, int]:
         """{local rank: pid} from the launcher's 'process PID spawned with command' lines."""
