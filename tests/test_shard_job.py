@@ -205,6 +205,18 @@ def test_rerun_reuses_plan_and_refuses_other_arguments(reference, tiny_corpus, t
     assert set(shard_hashes(out).values()).isdisjoint(hashes.values())
 
 
+def small_layout_job(root, fmt: str, tmp_path, shard_checks, *, max_side: int, max_gap: int) -> list[dict]:
+    """The shard job on a 3-scene corpus of one layout: checked output, no flagged scene; its raw samples."""
+    out = str(tmp_path / "out")
+    rc, _, _ = run_main(["--input", root, "--format", fmt, "--output", out, "--pairs-per-scene", "4",
+                         "--samples-per-shard", "4", "--max-side", str(max_side), "--max-gap", str(max_gap),
+                         "--gap-buckets", "1,4", "--val-fraction", "0.34", "--quiet"])
+    assert rc == 0
+    manifest, _ = verify_output(out, shard_checks)
+    assert manifest["counts"]["pairs"] >= 9 and manifest["flagged_scenes"] == {}
+    return read_samples(sorted(glob.glob(os.path.join(out, "*.tar"))))
+
+
 def test_end_to_end_scannet_layout(ray_local, tmp_path, shard_checks):
     """SensReader layout: colour 324x242 and depth 160x120 with different K, aligned on read."""
     from corpus_writers import write_scannet_scene
@@ -213,14 +225,7 @@ def test_end_to_end_scannet_layout(ray_local, tmp_path, shard_checks):
     truths = {f"scene{i:04d}_00": write_scannet_scene(root, f"scene{i:04d}_00", seed=40 + i, n_frames=16,
                                                      color_size=(324, 242), depth_size=(160, 120))
               for i in range(3)}
-    out = str(tmp_path / "out")
-    rc, _, _ = run_main(["--input", root, "--format", "scannet", "--output", out, "--pairs-per-scene", "4",
-                         "--samples-per-shard", "4", "--max-side", "160", "--max-gap", "12", "--gap-buckets", "1,4",
-                         "--val-fraction", "0.34", "--quiet"])
-    assert rc == 0
-    manifest, metas = verify_output(out, shard_checks)
-    assert manifest["counts"]["pairs"] >= 9 and manifest["flagged_scenes"] == {}
-    samples = read_samples(sorted(glob.glob(os.path.join(out, "*.tar"))))
+    samples = small_layout_job(root, "scannet", tmp_path, shard_checks, max_side=160, max_gap=12)
     from data import shardformat
 
     for raw in samples:
@@ -353,16 +358,10 @@ def test_end_to_end_nerfstudio_with_lens_distortion(ray_local, tmp_path, shard_c
     truths = {f"scene_{i}": write_nerfstudio_scene(root, f"scene_{i}", seed=60 + i, n_frames=12, size=(192, 144),
                                                    applied_transform=False, dist=lens)
               for i in range(3)}
-    out = str(tmp_path / "out")
-    rc, _, _ = run_main(["--input", root, "--format", "nerfstudio", "--output", out, "--pairs-per-scene", "4",
-                         "--samples-per-shard", "4", "--max-side", "192", "--max-gap", "8", "--gap-buckets", "1,4",
-                         "--val-fraction", "0.34", "--quiet"])
-    assert rc == 0
-    manifest, metas = verify_output(out, shard_checks)
-    assert manifest["counts"]["pairs"] >= 9 and manifest["flagged_scenes"] == {}
+    samples = small_layout_job(root, "nerfstudio", tmp_path, shard_checks, max_side=192, max_gap=8)
     from data import shardformat
 
-    for raw in read_samples(sorted(glob.glob(os.path.join(out, "*.tar")))):
+    for raw in samples:
         s = shardformat.decode_sample(raw)
         truth = truths[s.meta["scene"]]
         ia = truth.names.index(s.meta["frame_a"])
