@@ -291,10 +291,16 @@ def monotonic_radius(dist, rho_max: float, n: int = 4096) -> float:
 def folded_fraction(K: np.ndarray, dist, size: tuple[int, int], step: int = 8) -> float:
     """Share of the undistorted image beyond `monotonic_radius` (no unambiguous source), on a
     grid of every `step`-th pixel: cheap enough to check every camera of a scene up front."""
+    xy = _normalized_grid(K, size, step)
+    rho = np.hypot(xy[:, 0], xy[:, 1])
+    return float((rho >= monotonic_radius(dist, float(rho.max()) + 1e-9)).mean())
+
+
+def _normalized_grid(K: np.ndarray, size: tuple[int, int], step: int = 1) -> np.ndarray:
+    """Normalized coordinates ((u - cx) / fx, (v - cy) / fy) of every `step`-th pixel, row-major: (N, 2)."""
     W, H = size
     v, u = np.mgrid[0:H:step, 0:W:step]
-    rho = np.hypot((u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1])
-    return float((rho >= monotonic_radius(dist, float(rho.max()) + 1e-9)).mean())
+    return np.stack([(u.ravel() - K[0, 2]) / K[0, 0], (v.ravel() - K[1, 2]) / K[1, 1]], axis=1)
 
 
 def undistortion_map(K: np.ndarray, dist, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -303,14 +309,11 @@ def undistortion_map(K: np.ndarray, dist, size: tuple[int, int]) -> tuple[np.nda
     Returns uv_src (H*W, 2) continuous pixel coordinates (centre convention) and valid (H*W,)
     bool: False where the lens model folds back (beyond `monotonic_radius`). Row-major order.
     """
-    W, H = size
-    v, u = np.mgrid[0:H, 0:W]
-    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
-    xy = np.stack([(u.ravel() - cx) / fx, (v.ravel() - cy) / fy], axis=1)
-    rho = np.sqrt((xy ** 2).sum(axis=1))
+    xy = _normalized_grid(K, size)
+    rho = np.hypot(xy[:, 0], xy[:, 1])
     valid = rho < monotonic_radius(dist, float(rho.max()) + 1e-9)
     xyd = distort_normalized(xy, dist)
-    uv = np.stack([fx * xyd[:, 0] + cx, fy * xyd[:, 1] + cy], axis=1)
+    uv = np.stack([K[0, 0] * xyd[:, 0] + K[0, 2], K[1, 1] * xyd[:, 1] + K[1, 2]], axis=1)
     return uv, valid
 
 

@@ -100,7 +100,7 @@ class Candidate:
         return self.index_b - self.index_a
 
 
-REFERENCE_OVERLAP = (0.3, 0.98)
+REFERENCE_OVERLAP = (PairConfig.min_overlap, PairConfig.max_overlap)
 """The default overlap window: the pose-convention check measures the yield against it, so a
 narrow --min/--max-overlap window of the user's does not read as a broken scene."""
 

@@ -409,18 +409,7 @@ def _cpu(stats):
 
 
 def _to_device(batch: dict[str, Any], loaded: Loaded) -> tuple[dict[str, Any], dict[str, Any]]:
-    import torch
-
-    from model.qwen import rope_position_ids
-
-    positions = rope_position_ids(loaded.gasp._base_vlm(), loaded.adapter.model_inputs(batch))  # CPU: no host syncs
-    out = {k: (v.to(loaded.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    inputs = loaded.adapter.model_inputs(out)
-    if positions is not None:
-        inputs["position_ids"] = positions.to(loaded.device, non_blocking=True)
-    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.torch_dtype)
-    return out, inputs
+    return loaded.gasp.batch_to_device(batch, loaded.adapter, loaded.device, loaded.torch_dtype)
 
 
 @dataclass

@@ -104,13 +104,12 @@ def find_resume(cfg: TrainConfig, world: int) -> str | None:
         if r != "auto":
             raise TrainError(f"--resume {r}: no checkpoint there (no 'latest' file)")
         return None
-    tag = open(latest).read().strip()
-    meta_path = os.path.join(ckpt_dir, tag, "trainer_meta.json")
-    if not os.path.isfile(meta_path):
+    try:
+        tag, meta = checkpoint_meta(ckpt_dir)
+    except FileNotFoundError:
+        tag = open(latest).read().strip()
         raise TrainError(f"checkpoint {ckpt_dir}/{tag} is incomplete (no trainer_meta.json); "
-                         f"remove it or pass --resume never")
-    with open(meta_path) as f:
-        meta = json.load(f)
+                         f"remove it or pass --resume never") from None
     if meta["world_size"] != world and not cfg.run.elastic_resume:
         raise TrainError(f"checkpoint {ckpt_dir}/{tag} was written by {meta['world_size']} ranks, this run has "
                          f"{world}: an exact resume needs the same number of ranks (the loader position is per "
@@ -120,7 +119,7 @@ def find_resume(cfg: TrainConfig, world: int) -> str | None:
 
 
 def checkpoint_meta(ckpt_dir: str) -> tuple[str, dict[str, Any]]:
-    """(tag, trainer_meta.json) of the checkpoint `latest` points to (find_resume checked both exist)."""
+    """(tag, trainer_meta.json) of the checkpoint `latest` points to; FileNotFoundError if either is missing."""
     tag = open(os.path.join(ckpt_dir, "latest")).read().strip()
     with open(os.path.join(ckpt_dir, tag, "trainer_meta.json")) as f:
         return tag, json.load(f)
@@ -391,17 +390,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _to_device(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        from model.qwen import rope_position_ids
-
-        positions = rope_position_ids(self.model._base_vlm(), self.adapter.model_inputs(batch))  # on the CPU
-        out = {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-               for k, v in batch.items()}
-        inputs = self.adapter.model_inputs(out)
-        if positions is not None:
-            inputs["position_ids"] = positions.to(self.device, non_blocking=True)
-        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return out, inputs
+        return self.model.batch_to_device(batch, self.adapter, self.device, self.dtype)
 
     def step_counts(self, micro: list[dict[str, Any]] | None) -> tuple[torch.Tensor, bool]:
         """All-reduce the step's item counts (3,) and the stop flag in ONE collective (before any forward)."""

@@ -22,6 +22,7 @@ and the processor expands each `<|image_pad|>` to one pad per cell of that view.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -250,6 +251,14 @@ class QwenAdapter(FamilyAdapter):
         return {k: batch[k] for k in self.model_input_names}
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_token_types(cls: type) -> bool:
+    """Whether `cls.get_rope_index` takes mm_token_type_ids (transformers 5.x; 4.x did not)."""
+    import inspect
+
+    return "mm_token_type_ids" in inspect.signature(cls.get_rope_index).parameters
+
+
 def rope_position_ids(vlm: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
     """The 3-D (M-RoPE) position ids (3, B, S) of a Qwen2-VL / Qwen2.5-VL batch, or None for other models.
 
@@ -262,11 +271,9 @@ def rope_position_ids(vlm: torch.nn.Module, inputs: dict[str, Any]) -> torch.Ten
     rope_index = getattr(body, "get_rope_index", None)
     if rope_index is None or inputs.get("image_grid_thw") is None:
         return None
-    import inspect
-
     kw = {"input_ids": inputs["input_ids"], "image_grid_thw": inputs["image_grid_thw"],
           "attention_mask": inputs.get("attention_mask")}
-    if "mm_token_type_ids" in inspect.signature(rope_index).parameters:
+    if _takes_token_types(type(body)):
         kw["mm_token_type_ids"] = inputs["mm_token_type_ids"]
     position_ids, _ = rope_index(**kw)
     return position_ids

@@ -208,6 +208,21 @@ class GaspVLM(nn.Module):
         feats = torch.stack([self._captured[l] for l in range(self.num_layers)])  # (L, B, Na + Nb, D)
         return feats[:, :, :Na], feats[:, :, Na:]
 
+    def batch_to_device(self, batch: dict[str, Any], adapter, device: torch.device,
+                        dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(batch on `device`, the model's inputs): M-RoPE positions computed on the CPU batch first
+        (Qwen; no per-image host syncs on a GPU), floating pixel values cast to `dtype`."""
+        from model.qwen import rope_position_ids
+
+        positions = rope_position_ids(self._base_vlm(), adapter.model_inputs(batch))
+        out = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        inputs = adapter.model_inputs(out)
+        if positions is not None:
+            inputs["position_ids"] = positions.to(device, non_blocking=True)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        return out, inputs
+
     def release(self) -> None:
         """Stop capturing (e.g. before using the VLM for generation)."""
         self._positions = None

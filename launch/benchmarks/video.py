@@ -10,6 +10,7 @@ decoded once, in order; only the wanted ones are converted to RGB.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 from typing import Callable
@@ -40,8 +41,9 @@ def _count_frames(container, stream) -> int:
     return n
 
 
-def sample_frames(path: str, num_frames: int) -> list[np.ndarray]:
-    """`num_frames` uint8 (H, W, 3) RGB frames sampled uniformly over the whole video."""
+@contextlib.contextmanager
+def _video_stream(path: str):
+    """(container, first video stream) of `path`, closed afterwards; VideoError (one line) otherwise."""
     import av
 
     try:
@@ -51,7 +53,19 @@ def sample_frames(path: str, num_frames: int) -> list[np.ndarray]:
     try:
         if not container.streams.video:
             raise VideoError(f"{path} holds no video stream")
-        stream = container.streams.video[0]
+        yield container, container.streams.video[0]
+    finally:
+        container.close()
+
+
+def sample_frames(path: str, num_frames: int) -> list[np.ndarray]:
+    """`num_frames` uint8 (H, W, 3) RGB frames sampled uniformly over the whole video."""
+    with _video_stream(path) as (container, stream):
+        return _sample(path, container, stream, num_frames)
+
+
+def _sample(path: str, container, stream, num_frames: int) -> list[np.ndarray]:
+    try:
         stream.thread_type = "AUTO"
         n = _count_frames(container, stream)
         if n < 1:
@@ -82,31 +96,18 @@ def sample_frames(path: str, num_frames: int) -> list[np.ndarray]:
         raise
     except Exception as e:
         raise VideoError(f"cannot decode video {path}: {type(e).__name__}: {e}") from None
-    finally:
-        container.close()
 
 
 def video_seconds(path: str) -> float:
     """Duration in seconds: the stream's frame count over its average frame rate (as qwen_vl_utils
     computes a video's sampling rate); the container's duration when the rate is unknown."""
-    import av
-
-    try:
-        container = av.open(path)
-    except Exception as e:
-        raise VideoError(f"cannot open video {path}: {type(e).__name__}: {e}") from None
-    try:
-        if not container.streams.video:
-            raise VideoError(f"{path} holds no video stream")
-        stream = container.streams.video[0]
+    with _video_stream(path) as (container, stream):
         rate = float(stream.average_rate or stream.guessed_rate or 0)
         if rate > 0:
             return _count_frames(container, stream) / rate
         if container.duration:
             return container.duration / 1e6
         raise VideoError(f"{path}: neither a frame rate nor a duration")
-    finally:
-        container.close()
 
 
 class FrameCache:
