@@ -37,3 +37,21 @@ def test_bench_vision_small(tmp_path):
     assert res["patches"] == 2 * (112 // 14) ** 2
     assert res["max_rel_diff"] < 1e-5  # packed == Hugging Face's loop
     assert "(b) packed" in text
+
+
+def _stdout(args: list[str]) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_syncs_and_lens_accuracy_print_their_tables():
+    import re
+
+    out = _stdout(["tests/benchmarks/bench_syncs.py", "--pairs", "2"])
+    before = int(re.search(r"computed by the model\s+(\d+)", out).group(1))
+    after = int(re.search(r"computed on the CPU batch\s+(\d+)", out).group(1))
+    assert after < before, out
+    out = _stdout(["tests/benchmarks/lens_accuracy.py"])
+    assert "RGB error vs the pinhole view" in out and "pair photo error" in out, out

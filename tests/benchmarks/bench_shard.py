@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--ray-only", action="store_true", help="only the Ray pairs/s part")
+    ap.add_argument("--scan-only", action="store_true", help="only the scan's read per frame (depth-only vs full)")
     ap.add_argument("--align", choices=["current", "pil"], default="current",
                     help="colour alignment: data.geometry as is, or the proposed PIL warp")
     a = ap.parse_args(argv)
@@ -301,9 +302,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(distinct)} shards without repeated frames; align={a.align}; load {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs", flush=True)
 
-    t_depth, t_full = scan_reads(cfg, list_scenes(a.corpus, "scannet")[0])
-    print(f"[bench] scan read per frame: {t_depth * 1e3:.1f} ms depth-only (load_depth: depth + colour decode "
-          f"check) vs {t_full * 1e3:.1f} ms full load (decode + align colour), {t_full / t_depth:.1f}x", flush=True)
+    for url in list_scenes(a.corpus, "scannet")[: 2 if a.scan_only else 1]:
+        t_depth, t_full = scan_reads(cfg, url)
+        print(f"[bench] scan read per frame ({url.rsplit('/', 1)[-1]}): {t_depth * 1e3:.1f} ms depth-only "
+              f"(load_depth: depth + colour decode check) vs {t_full * 1e3:.1f} ms full load (decode + align "
+              f"colour), {t_full / t_depth:.1f}x", flush=True)
+    if a.scan_only:
+        return 0
 
     workers = [int(w) for w in a.workers.split(",")]
     # Ray: full shards only, a multiple of the largest worker count (no idle worker at the end)
