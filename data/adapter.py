@@ -44,6 +44,11 @@ class FamilyAdapter(abc.ABC):
         """Cell grid of a stored view of size (W, H) after the processor's resize."""
 
     @abc.abstractmethod
+    def max_cells(self) -> int:
+        """The most cells one view can have after the resize (its pixel budget over the cell area):
+        what memory guards size the similarity tensors by."""
+
+    @abc.abstractmethod
     def encode_pair(self, rgb_a: np.ndarray, rgb_b: np.ndarray) -> dict[str, Any]:
         """Model inputs for one pair (two uint8 (H, W, 3) views), unbatched.
 

@@ -49,12 +49,23 @@ def check_version(version: Any, where: str) -> None:
 
 
 def depth_scale_for(max_depth: float, metric: bool) -> float:
-    """Units per metre of the uint16 depth: 1000 (mm) unless the range needs coarser units."""
+    """Units per metre (per scene unit) of the uint16 depth.
+
+    Metric depth: 1000 (mm) unless the range needs coarser units. Depth without metric scale
+    (COLMAP units, often 0.01-10): the full uint16 range over the sample's largest depth, so the
+    quantisation step is max_depth / 65535 whatever the unit (mm steps would be percent errors
+    at COLMAP scale). The scale is rounded down to 6 significant digits (stored in the json).
+    """
     if not np.isfinite(max_depth) or max_depth <= 0:
         return 1000.0
-    if max_depth * 1000.0 < UINT16_MAX:
-        return 1000.0
-    return float(np.floor(UINT16_MAX / max_depth))
+    if metric:
+        if max_depth * 1000.0 < UINT16_MAX:
+            return 1000.0
+        return float(np.floor(UINT16_MAX / max_depth))
+    raw = UINT16_MAX / max_depth
+    digits = 6 - int(np.floor(np.log10(raw))) - 1
+    scale = float(np.floor(raw * 10.0 ** digits) / 10.0 ** digits)
+    return scale if scale * max_depth <= UINT16_MAX else float(np.nextafter(scale, 0.0))
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:

@@ -59,6 +59,12 @@ class ModelConfig:
     lora_r: int = opt(16, "LoRA rank (--trainable lora)")
     lora_alpha: int = opt(32, "LoRA alpha (--trainable lora)")
 
+    def __post_init__(self) -> None:
+        if self.trainable == "heads" and not self.freeze_vision:
+            raise ValueError("--trainable heads trains the heads only (the VLM runs without gradients), but "
+                             "--no-freeze-vision asks to train the vision tower; use --trainable lora or full with "
+                             "--no-freeze-vision, or drop --no-freeze-vision")
+
 
 @dataclass
 class LossConfig:
@@ -120,7 +126,8 @@ class OptimConfig:
 class RunConfig:
     ds_config: str = opt("launch/zero3.json", "DeepSpeed config JSON ('auto' values are filled from these flags)")
     output_dir: str = opt("", "run folder: checkpoints, export, plots (default runs/train/<run name>)")
-    run_name: str = opt("", "run name (default: <preset or model>-<timestamp>)")
+    run_name: str = opt("", "run name (default: <preset or model>-<hash of the flags that define the training>, "
+                            "so the same command resumes its own run and a changed one starts a new folder)")
     val_every: int = opt(20, "validate every N steps (and at the end; 0: only at the end)")
     val_batches: int = opt(8, "validation batches per rank")
     log_every: int = opt(1, "log training metrics every N steps")
@@ -134,12 +141,20 @@ class RunConfig:
     experiment: str = opt("gasp", "MLflow experiment name")
     system_metrics: bool = opt(True, "log system metrics (CPU, memory, GPU) to MLflow")
     build_shards: bool = opt(True, "build the embedded default shards with the shard job when they are missing")
+    sim_memory_gib: float = opt(0.0, "memory the similarity tensors of one micro-batch may take, forward and "
+                                     "backward (0: a quarter of the GPU's memory, or of this rank's share of free "
+                                     "RAM on CPU); a run that needs more is refused at start")
 
     def __post_init__(self) -> None:
         if self.resume not in ("auto", "never") and not self.resume:
             raise ValueError("--resume must be auto, never or a checkpoint folder")
+        if self.elastic_resume and self.resume == "never":
+            raise ValueError("--elastic-resume and --resume never contradict each other (there is nothing to resume); "
+                             "drop one")
         if self.val_every < 0 or self.save_every < 0:
             raise ValueError("--val-every and --save-every must be >= 0")
+        if self.sim_memory_gib < 0:
+            raise ValueError(f"--sim-memory-gib must be >= 0 (got {self.sim_memory_gib})")
 
 
 @dataclass
@@ -151,6 +166,71 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+
+# ------------------------------------------------------------------ what defines a run
+# DESIGN §7: the default run name carries a short hash of the flags that define the training,
+# so the same command (a requeue after preemption) resumes its own folder and a changed one
+# starts a new folder. These flags change where or how a run is watched, never what it trains.
+NON_DEFINING = frozenset({
+    "data.val_shards", "run.output_dir", "run.run_name", "run.val_every", "run.val_batches", "run.log_every",
+    "run.save_every", "run.resume", "run.elastic_resume", "run.export", "run.mlflow", "run.experiment",
+    "run.system_metrics", "run.build_shards", "run.sim_memory_gib",
+})
+RUN_RECORD = "run_config.json"
+"""Written in the run folder at start: the defining flags of the run that owns the folder."""
+
+
+def flag_of(key: str) -> str:
+    """'optim.lr' -> '--lr' (the flag of a flat config key)."""
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def defining_flags(flat: dict[str, Any], ds_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The flat config entries that define the training (everything but NON_DEFINING).
+
+    `run.ds_config` is replaced by the DeepSpeed JSON's content when it is given (the file's
+    settings define the run, not its path).
+    """
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if k not in NON_DEFINING}
+    if ds_config is not None:
+        out["run.ds_config"] = json.loads(json.dumps(ds_config, sort_keys=True))
+    return out
+
+
+def raw_ds_config(cfg: "TrainConfig") -> dict[str, Any] | None:
+    """The DeepSpeed JSON of --ds-config as written (None when unreadable: the config check says why)."""
+    try:
+        return load_ds_config(cfg.run.ds_config)
+    except TrainError:
+        return None
+
+
+def current_defining(cfg: "TrainConfig") -> dict[str, Any]:
+    """The defining flags of `cfg` (with the DeepSpeed JSON's content)."""
+    from data.cli import flat_dict
+
+    return defining_flags(flat_dict(cfg), raw_ds_config(cfg))
+
+
+def defining_hash(defining: dict[str, Any]) -> str:
+    """8 hex digits of the sha256 of the defining flags (sorted JSON)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def changed_flags(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'--lr 0.002 -> 0.001' for each defining flag that differs (keys of either side)."""
+    out = []
+    for k in sorted(set(recorded) | set(now)):
+        if k in NON_DEFINING:
+            continue
+        a, b = recorded.get(k, "(unset)"), now.get(k, "(unset)")
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            shown = (lambda v: "(changed)" if isinstance(v, dict) else v)
+            out.append(f"{flag_of(k)} {shown(a)} -> {shown(b)}")
+    return out
 
 
 # ------------------------------------------------------------------ DeepSpeed config

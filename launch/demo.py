@@ -69,6 +69,21 @@ def check_run_sizes(args) -> None:
         raise ValueError(f"--max-pixels must be >= {56 * 56} (2x2 cells; got {args.max_pixels})")
 
 
+def claim_folder(record: str, settings: dict) -> str | None:
+    """Reuse of a work folder is only safe for the settings that made it: the first run writes them to
+    `record`; a later run with other settings gets the differences ('steps 30 -> 40'), else None."""
+    if os.path.isfile(record):
+        with open(record) as f:
+            before = json.load(f)
+        if before != settings:
+            return ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in settings.items() if before.get(k) != v) \
+                or "settings differ"
+        return None
+    with open(record, "w") as f:
+        json.dump(settings, f, indent=1)
+    return None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -154,6 +169,16 @@ def _f(x) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_into(DemoArgs, argv, "python -m launch.demo", "GASP demo: corpus -> shards -> train -> probes.")
+    from launch.probe_lib import ProbeError
+
+    try:
+        return _main(args)
+    except ProbeError as e:
+        print(f"python -m launch.demo: error: probe: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(args: DemoArgs) -> int:
     from launch.probe_lib import ProbeArgs, format_table, run_probe
 
     out = os.path.abspath(args.output)
@@ -162,18 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(out, exist_ok=True)
     sizes = {k: getattr(args, k) for k in ("scenes", "frames", "pairs_per_scene", "steps", "batch_size", "ranks",
                                            "max_pixels", "preset")}
-    record = os.path.join(out, "demo_args.json")
-    if os.path.isfile(record):  # reuse is only safe for the same sizes
-        with open(record) as f:
-            before_sizes = json.load(f)
-        if before_sizes != sizes:
-            diff = ", ".join(f"{k} {before_sizes.get(k)} -> {v}" for k, v in sizes.items() if before_sizes.get(k) != v)
-            print(f"python -m launch.demo: error: {out} holds a demo of other settings ({diff}); pass --fresh to "
-                  f"start over there, or --output another folder", file=sys.stderr)
-            return 2
-    else:
-        with open(record, "w") as f:
-            json.dump(sizes, f, indent=1)
+    refused = claim_folder(os.path.join(out, "demo_args.json"), sizes)
+    if refused:
+        print(f"python -m launch.demo: error: {out} holds a demo of other settings ({refused}); pass --fresh to "
+              f"start over there, or --output another folder", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("PYTHONPATH", ROOT)

@@ -45,7 +45,7 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, tag: str | None = None) -> st
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from model.head import save_heads
-    from model.loading import build_model_and_processor
+    from model.loading import ModelLoadError, build_model_and_processor
     from model.wrapper import GaspConfig, GaspVLM
 
     latest = os.path.join(ckpt_dir, "latest")
@@ -61,7 +61,12 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, tag: str | None = None) -> st
     cfg = _config_from_meta(meta)
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     source = cfg.model.model or cfg.model.preset
-    vlm, processor, _ = build_model_and_processor(source, dtype=torch.float32, device="cpu")
+    try:
+        vlm, processor, _ = build_model_and_processor(source, dtype=torch.float32, device="cpu")
+    except ModelLoadError as e:
+        raise ExportError(f"checkpoint {ckpt_dir}/{tag} was trained from {source}, which does not load now ({e}); "
+                          f"put the base model back at that path (the checkpoint holds only its trained weights)") \
+            from None
     gcfg = GaspConfig(trainable=cfg.model.trainable, head_dim=cfg.loss.head_dim, lora_r=cfg.model.lora_r,
                       lora_alpha=cfg.model.lora_alpha)
     gasp = GaspVLM(vlm, gcfg)

@@ -46,11 +46,11 @@ from typing import Any, Callable
 from data.cli import opt
 from data.pairs import DEFAULT_GAP_BUCKETS
 from data.storage import sha256_file
+from losses.metrics import RAW_TAU
 
 log = logging.getLogger("gasp.probe")
 
 SCHEMA = "gasp-probe/1"
-RAW_TAU = 0.07
 SVD_NOTE = ("untrained heads: the SVD initialisation of each layer's query projection (no --heads); "
             "head columns are a baseline, not a trained result")
 GENERIC_DIRS = {"model", "export", "hf", "checkpoint", "final", "merged"}
@@ -86,8 +86,8 @@ class ProbeArgs:
     max_pixels: int = opt(0, "per-view pixel budget of the processor resize (0: the model's default; use the "
                              "training run's value)")
     head_dim: int = opt(256, "d of the SVD-initialised heads when no --heads is given (min(d, D) is used)")
-    tau: float | None = opt(None, "softmax temperature of the confidences (unset: 0.07 raw; the heads file's "
-                                  "tau, else 0.07, for the heads)")
+    tau: float | None = opt(None, "softmax temperature of the head confidences (unset: the heads file's tau, else "
+                                  "0.07); raw scores always use 0.07, as training validation does")
     output: str = opt("", "output folder (default runs/probe/<run name>)")
     run_name: str = opt("", "run name (default <model>-<heads|svdinit|raw>)")
     mlflow: bool = opt(True, "track the probe in MLflow (MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
@@ -637,7 +637,7 @@ def run_probe(args: ProbeArgs, emit: Callable[[str], None] | None = None) -> dic
         emit(f"[probe] warning: {w}")
     t_start = time.monotonic()
     loaded = load_model(plan)
-    tau_raw = args.tau if args.tau is not None else RAW_TAU
+    tau_raw = RAW_TAU  # DESIGN §6: raw confidences at 0.07 whatever --tau (the trainer's validation agrees)
     tau_head = args.tau if args.tau is not None else float((plan.heads_meta or {}).get("tau", RAW_TAU))
     emit(f"[probe] {plan.source} ({loaded.family}, L={loaded.num_layers}, D={loaded.hidden_size}) on "
          f"{loaded.device} {plan.dtype}; heads: {plan.heads_kind}"

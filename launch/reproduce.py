@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from data.cli import opt, parse_into
-from launch.demo import ROOT, SYNTHETIC_STEP, _free_port, check_run_sizes, run
+from launch.demo import ROOT, SYNTHETIC_STEP, _free_port, check_run_sizes, claim_folder, run
 
 RUNS = {"main-s0": dict(seed=0), "main-s1": dict(seed=1), "main-s2": dict(seed=2),
         "no-depth": dict(seed=0, lambda_depth=0.0), "last-layer": dict(seed=0, head_layers="last")}
@@ -47,6 +47,7 @@ class ReproArgs:
     max_pixels: int = opt(448 * 336, "per-view pixel budget (448x336 = 16x12 cells)")
     runs: str = opt(",".join(RUNS), "comma-separated subset of: " + ", ".join(RUNS))
     experiment: str = opt("gasp-repro", "MLflow experiment")
+    fresh: bool = opt(False, "delete the work folder first (a folder made with other settings is refused)")
 
     def __post_init__(self) -> None:
         if self.report:
@@ -92,10 +93,21 @@ def main(argv: list[str] | None = None) -> int:
         print(report(json.load(open(args.report))))
         return 0
     from data import synthetic
-    from launch.probe_lib import ProbeArgs, run_probe
+    from launch.probe_lib import ProbeArgs, ProbeError, run_probe
 
     out = os.path.abspath(args.output)
+    if args.fresh and os.path.isdir(out):
+        import shutil
+
+        shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
+    # finished trainings and probe results are reused: only under the settings that made them
+    settings = {k: v for k, v in asdict(args).items() if k not in ("report", "runs", "experiment", "fresh")}
+    refused = claim_folder(os.path.join(out, "repro_args.json"), settings)
+    if refused:
+        print(f"python -m launch.reproduce: error: {out} holds results of other settings ({refused}); pass --fresh "
+              f"to start over there, or --output another folder", file=sys.stderr)
+        return 2
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
     py = sys.executable
     t_start = time.time()
@@ -118,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         path = os.path.join(out, "probe", name, "probe.json")
         if os.path.isfile(path):
             return json.load(open(path))
-        return run_probe(ProbeArgs(run_name=f"repro-probe-{name}", output=os.path.dirname(path), **common, **kw))
+        try:
+            return run_probe(ProbeArgs(run_name=f"repro-probe-{name}", output=os.path.dirname(path), **common, **kw))
+        except ProbeError as e:
+            raise SystemExit(f"python -m launch.reproduce: error: probe {name}: {e}") from None
 
     t0 = time.time()
     results["before"] = summarise(probe("before", preset="tiny"))

@@ -56,10 +56,87 @@ def parse_config(argv: list[str] | None):
         cfg = apply_overrides(base, values)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
+    cfg = _drop_contradictions(cfg, values, parser)
     if not cfg.run.run_name:
-        name = os.path.basename(os.path.normpath(cfg.model.model)) if cfg.model.model else cfg.model.preset
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_name=name))
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, run_name=default_run_name(cfg)))
     return cfg, parser
+
+
+def _drop_contradictions(cfg, given: dict, parser):
+    """Flags that cannot act under the chosen --trainable: refused when the user gave them, dropped
+    when a preset did (a preset's activation checkpointing means nothing for heads-only training)."""
+    m = cfg.model
+    if m.trainable == "heads" and m.gradient_checkpointing:
+        if given.get("model__gradient_checkpointing"):
+            parser.error("--gradient-checkpointing has nothing to recompute under --trainable heads (the VLM runs "
+                         "without gradients); drop it or use --trainable lora / full")
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, gradient_checkpointing=False))
+    lora_given = [f"--{k.split('__')[1].replace('_', '-')}" for k in ("model__lora_r", "model__lora_alpha")
+                  if k in given]
+    if lora_given and cfg.model.trainable != "lora":
+        parser.error(f"{' and '.join(lora_given)} only act with --trainable lora (this run trains "
+                     f"{cfg.model.trainable}); drop them or pass --trainable lora")
+    return cfg
+
+
+def default_run_name(cfg) -> str:
+    """`<preset or model>-<hash of the defining flags>` (DESIGN §7): a requeue of the same command
+    resumes its own folder; any change of what defines the training gets a new one."""
+    from launch.config import current_defining, defining_hash
+
+    base = os.path.basename(os.path.normpath(cfg.model.model)) if cfg.model.model else cfg.model.preset
+    return f"{base}-{defining_hash(current_defining(cfg))}"
+
+
+def recorded_defining(folder: str) -> dict | None:
+    """The defining flags of the run that owns `folder`: its run_config.json, else (runs written before
+    that file existed) the config of its latest checkpoint; None for a folder no run owns."""
+    from launch.config import RUN_RECORD, defining_flags
+
+    path = os.path.join(folder, RUN_RECORD)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)["defining"]
+    meta = os.path.join(folder, "checkpoints", "latest")
+    if os.path.isfile(meta):
+        tag = open(meta).read().strip()
+        tm = os.path.join(folder, "checkpoints", tag, "trainer_meta.json")
+        if os.path.isfile(tm):
+            with open(tm) as f:
+                flat = json.load(f).get("config") or {}
+            return {k: v for k, v in defining_flags(flat).items() if k != "run.ds_config"}
+    return None
+
+
+def check_run_folder(cfg) -> None:
+    """Refuse (TrainError, one line) to continue a run folder that holds a run of other defining flags.
+
+    Only `--resume auto` continues what a folder holds; `--resume never` starts over there, and an
+    explicit `--resume CHECKPOINT` is the user's own choice of what to continue.
+    """
+    from launch.config import TrainError, changed_flags, current_defining
+    from launch.trainer import run_dir
+
+    if cfg.run.resume != "auto":
+        return
+    folder = run_dir(cfg)
+    try:
+        before = recorded_defining(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise TrainError(f"run folder {folder}: unreadable run record ({type(e).__name__}: {e}); remove it or "
+                         f"pass --resume never") from None
+    if before is None:
+        return
+    now = current_defining(cfg)
+    if "run.ds_config" not in before or isinstance(before.get("run.ds_config"), str):
+        now = {k: v for k, v in now.items() if k != "run.ds_config"}
+        before = {k: v for k, v in before.items() if k != "run.ds_config"}
+    diff = changed_flags(before, now)
+    if diff:
+        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+        raise TrainError(f"run folder {folder} holds a run with other defining flags ({shown}): it would continue "
+                         f"that run under these flags; pass another --run-name (or none: the default name follows "
+                         f"the flags), or --resume never to start over in this folder")
 
 
 def _recipe_for_checkpoint(path: str, parser):
@@ -79,48 +156,130 @@ def _recipe_for_checkpoint(path: str, parser):
 def check_config(cfg, parser) -> dict:
     """Everything checkable before the process group: DeepSpeed JSON, shards, model.
 
-    The file checks come first and need no torch, so a bad flag or a missing file fails
-    on every rank within a second of its start (the launcher then stops the others).
+    The DeepSpeed JSON check comes first and needs no torch; then the shard sets are
+    resolved (manifests or listings) and the model source checked, all before any model
+    is built, so a bad flag or bad data fails on every rank within seconds of its start
+    (the launcher then stops the others).
     """
-    from data.sources import parse_spec
     from launch.config import TrainError, fill_ds_config, load_ds_config
 
     try:
         ds = load_ds_config(cfg.run.ds_config)
     except TrainError as e:
         parser.error(str(e))
-    for src in cfg.data.shards + cfg.data.val_shards:
-        if src == cfg.data.shards[0] and _is_default_shards(src) and cfg.run.build_shards:
-            continue
-        if "://" in src:
-            continue  # remote sets are checked by the loader, with one line
-        try:
-            loc = parse_spec(src)[0]
-        except ValueError as e:
-            parser.error(f"--shards {e}")
-        if "{" not in loc and not os.path.exists(loc):
-            parser.error(f"--shards {src}: no such file or folder (run pipeline/shard.py first, or omit --shards "
-                         f"for the embedded default)")
-    if cfg.model.model:
-        from model.loading import ModelLoadError, checkpoint_family
+    check_sources(cfg, parser)
+    from model.loading import ModelLoadError, processor_and_adapter
 
-        try:
-            checkpoint_family(cfg.model.model)
-        except ModelLoadError as e:
-            parser.error(str(e))
+    try:  # the processor and cell grid only, no weights
+        _, num_layers, _, adapter = processor_and_adapter(cfg.model.model or cfg.model.preset,
+                                                          max_pixels=cfg.data.max_pixels or None)
+    except ModelLoadError as e:
+        parser.error(str(e))
     import torch
 
     on_cuda = torch.cuda.is_available()
+    check_similarity_memory(cfg, parser, num_layers, adapter.max_cells(), on_cuda)
     prec = cfg.model.precision
-    if prec == "bf16" and not on_cuda:
-        parser.error("--precision bf16 needs a GPU here; use --precision auto (fp32 on CPU)")
-    bf16 = on_cuda if prec == "auto" else prec == "bf16"
+    bf16 = on_cuda if prec == "auto" else prec == "bf16"  # bf16 on CPU runs (slowly): tests use it
     hidden = _hidden_size(cfg)
     try:
         ds = fill_ds_config(ds, cfg, bf16=bf16, on_cuda=on_cuda, hidden=hidden)
     except TrainError as e:
         parser.error(str(e))
     return ds
+
+
+def check_similarity_memory(cfg, parser, num_layers: int, cells: int, on_cuda: bool) -> None:
+    """Refuse at start (one line) a micro-batch whose similarity tensors cannot fit (DESIGN §6).
+
+    (L x pairs x N_a x N_b) float32 and what backward keeps of the loss over it, at the largest view
+    the resize allows; the budget is --sim-memory-gib, else a quarter of the device's memory.
+    """
+    import torch
+
+    from losses.gasp import similarity_bytes
+
+    pairs = cfg.data.batch_size
+    need = similarity_bytes(num_layers, pairs, cells, cells) / 2 ** 30
+    if cfg.run.sim_memory_gib:
+        budget, why = cfg.run.sim_memory_gib, "--sim-memory-gib"
+    elif on_cuda:
+        total = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", 0) or 0)).total_memory
+        budget, why = total / 4 / 2 ** 30, "a quarter of the GPU's memory"
+    else:
+        import psutil
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
+        budget, why = psutil.virtual_memory().available / local / 4 / 2 ** 30, "a quarter of this rank's free RAM"
+    if need > budget:
+        parser.error(f"the similarity tensors of one micro-batch would take ~{need:.1f} GiB (L={num_layers} layers "
+                     f"x {pairs} pairs x {cells}x{cells} cells, float32, with what backward keeps) but the budget is "
+                     f"{budget:.1f} GiB ({why}); lower --max-pixels (now {cfg.data.max_pixels or 'the model default'}, "
+                     f"{cells} cells a view) or --batch-size, or raise --sim-memory-gib")
+
+
+def check_sources(cfg, parser) -> None:
+    """Every shard set resolves (manifest or listing, local or s3://) before anything heavy starts.
+
+    An empty folder, a manifest without the split, an unknown format version, an unreachable or
+    empty s3:// prefix, or too few samples for one batch on every rank: one line, exit 2. A missing
+    val split of the training sets only skips validation (said in one line); an explicit
+    --val-shards set must have one.
+    """
+    from data.shardformat import FormatError
+    from data.stream import resolve_source
+
+    def resolve(src: str, split: str, flag: str):
+        from data.sources import parse_spec
+
+        try:
+            loc = parse_spec(src)[0]
+        except ValueError as e:
+            parser.error(f"{flag} {e}")
+        if "://" not in loc and "{" not in loc and "::" not in loc and not os.path.exists(loc):
+            parser.error(f"{flag} {src}: no such file or folder (run pipeline/shard.py first, or omit --shards "
+                         f"for the embedded default)")
+        try:
+            return resolve_source(src, split)
+        except (FileNotFoundError, FormatError, ValueError) as e:
+            parser.error(f"{flag} {src}: {_first_line(e)} (make shards with pipeline/shard.py, or omit --shards for "
+                         f"the embedded default)")
+        except Exception as e:  # unreachable endpoint, credentials, permissions
+            parser.error(f"{flag} {src}: cannot be read ({type(e).__name__}: {_first_line(e)}); check the path, "
+                         f"AWS_ENDPOINT_URL and credentials")
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    sets = []
+    for src in cfg.data.shards:
+        if src == cfg.data.shards[0] and _is_default_shards(src) and cfg.run.build_shards \
+                and not os.path.isfile(os.path.join(src, "manifest.json")):
+            return  # rank 0 builds the embedded default before training (checked by the shard job)
+        sets.append(resolve(src, "train", "--shards"))
+    weighted = [s.weight is not None for s in sets]
+    if any(weighted) and not all(weighted):
+        parser.error("--shards: give a weight to every shard set (LOCATION:WEIGHT) or to none")
+    total = sum(s.n_samples for s in sets)
+    need = cfg.data.batch_size * world
+    if total < need:
+        parser.error(f"--shards: {total} training samples make no batch of --batch-size {cfg.data.batch_size} on "
+                     f"each of {world} ranks; shard more scenes or lower --batch-size")
+    for src in cfg.data.val_shards:
+        resolve(src, "val", "--val-shards")
+    if not cfg.data.val_shards:
+        missing = []
+        for src in cfg.data.shards:
+            try:
+                resolve_source(src, "val")
+            except Exception:
+                missing.append(src)
+        if missing and int(os.environ.get("RANK", "0") or 0) == 0:
+            print(f"[train] note: no val split in {', '.join(missing)}: validation skips those sets "
+                  f"(pass --val-shards to validate elsewhere)", flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _hidden_size(cfg) -> int:
@@ -155,7 +314,10 @@ def ensure_default_shards(cfg) -> None:
                                                             "MASTER_PORT", "CUDA_VISIBLE_DEVICES")}
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
-        raise RuntimeError(f"building the default shards failed (pipeline/shard.py exit {rc})")
+        from launch.config import TrainError
+
+        raise TrainError(f"building the default shards with pipeline/shard.py failed (exit {rc}, its error is above); "
+                         f"fix that, or pass --shards")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +343,7 @@ def _main(argv: list[str] | None, D) -> int:
     from launch.trainer import Trainer, find_resume
 
     try:
+        check_run_folder(cfg)  # a folder of another run is never continued under changed flags
         find_resume(cfg, D.env_rank()[2])  # a checkpoint of another world size is refused here, in one line
     except TrainError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
@@ -194,9 +357,15 @@ def _main(argv: list[str] | None, D) -> int:
     status = "FAILED"
     try:
         rank, world, device = D.init_distributed()
+        built = None
         if rank == 0:
-            ensure_default_shards(cfg)
-        D.barrier()
+            try:
+                ensure_default_shards(cfg)
+            except TrainError as e:
+                built = str(e)
+        failed = [e for e in D.gather_objects(built) if e]  # every rank stops with rank 0's one line
+        if failed:
+            raise TrainError(failed[0])
         trainer = Trainer(cfg, rank, world, device)
         trainer.setup(ds_config)
         t0 = time.time()

@@ -56,6 +56,7 @@ from launch.config import TrainConfig, TrainError
 log = logging.getLogger("gasp.train")
 FAULT_ENV = "GASP_FAULT_NONFINITE"  # testing: "STEP:RANK[,STEP:RANK]" poisons that rank's loss at that step
 PARTITION_ENV = "GASP_DEBUG_PARTITION"  # testing: "1" writes partition_rank{r}.json after the engine is built
+HEAD_MASTER_ENV = "GASP_DEBUG_HEAD_MASTER"  # testing: "1" saves the heads' fp32 masters (bf16 runs) at start
 TRAIN_LOG = "train_log.jsonl"
 
 
@@ -231,6 +232,9 @@ class Trainer:
         if self.zero_stage != 3:
             self.model.to(self.device)
         self.model.init_heads()  # SVD of each layer's q_proj (gathered under ZeRO-3, a collective)
+        # the exact float32 initial values: DeepSpeed makes its fp32 master weights from the bf16
+        # working copy, so they are written back into the masters once the engine exists
+        exact_heads = {n: p.detach().float().clone() for n, p in self.model.head.named_parameters()}
         if self.bf16:  # DeepSpeed partitions all trainable params in one dtype (fp32 masters are kept);
             self.model.head.to(torch.bfloat16)  # the head still computes in float32 (measured on an H200)
         head_params = list(self.model.head.parameters())
@@ -246,6 +250,8 @@ class Trainer:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
         self.gas = self.engine.gradient_accumulation_steps()
         self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.bf16:
+            self._set_head_masters(exact_heads)
         if os.environ.get(PARTITION_ENV) == "1":
             self._dump_partition()
 
@@ -255,6 +261,8 @@ class Trainer:
                                        pixel_dtype=None if self.dtype == torch.float32 else self.dtype)
         self.val_sources = cfg.data.val_shards or cfg.data.shards
         client = self._load_checkpoint() if self.resume_from else None
+        if client is None and self.rank == 0:
+            self._claim_run_folder()
         if self.rank == 0 and cfg.run.mlflow:
             self.tracker = MlflowTracker(run_name=cfg.run.run_name, experiment=cfg.run.experiment,
                                          run_id=(client or {}).get("mlflow_run_id"),
@@ -266,6 +274,34 @@ class Trainer:
             print(f"[train] MLflow run {self.tracker.run_id} ({'resumed' if client is not None else 'new'}) "
                   f"in experiment {cfg.run.experiment!r}", flush=True)
         D.print0(f"[train] {self.train_stream.describe()}")
+
+    def _set_head_masters(self, exact: dict[str, torch.Tensor]) -> None:
+        """Write the exact SVD initialisation into the heads' fp32 master weights (DESIGN §6).
+
+        Every rank sets its own partition (`deepspeed.utils.safe_set_full_fp32_param`). Testing hook:
+        GASP_DEBUG_HEAD_MASTER=1 makes rank 0 save the full masters as heads_master.pt in the run folder.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        params = dict(self.engine.module.head.named_parameters())
+        for name, value in exact.items():
+            safe_set_full_fp32_param(params[name], value.to(self.device))
+        if os.environ.get(HEAD_MASTER_ENV) == "1":
+            full = {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in params.items()}  # collective
+            if self.rank == 0:
+                os.makedirs(self.run_dir, exist_ok=True)
+                torch.save(full, os.path.join(self.run_dir, "heads_master.pt"))
+
+    def _claim_run_folder(self) -> None:
+        """A fresh start: record this run's defining flags in its folder (what a later `--resume auto` is
+        checked against) and restart the step log (steps of an earlier run there must not mix in)."""
+        from launch.config import RUN_RECORD, current_defining, defining_hash
+
+        os.makedirs(self.run_dir, exist_ok=True)
+        defining = current_defining(self.cfg)
+        _atomic_json(os.path.join(self.run_dir, RUN_RECORD),
+                     {"run_name": self.cfg.run.run_name, "hash": defining_hash(defining), "defining": defining})
+        self._truncate_train_log(0)
 
     def _dump_partition(self) -> None:
         """partition_rank{r}.json: {name: [local elements, full elements, elements held outside the partition]}."""

@@ -37,6 +37,27 @@ def similarities(fa: torch.Tensor, fb: torch.Tensor, tau: float = 0.07) -> torch
         return torch.matmul(fa.float(), fb.float().transpose(-1, -2)) / tau  # (L, B, Na, Nb)
 
 
+SAVED_PER_SIMILARITY = 3.0
+"""What autograd keeps of the loss terms, in units of one float32 similarity tensor s
+(L, B, Na, Nb), when no cell of A is an anchor ..."""
+SAVED_PER_ANCHOR_ROW = 10.6
+"""... plus this much per unit of anchors-per-cell-of-A (M / Na): measured with
+`saved_tensors_hooks` (tests/test_losses.py keeps the estimate above the measured bytes)."""
+BACKWARD_TRANSIENT = 2.0
+"""Gradient buffers of s-sized tensors alive at once during backward (the grad of s and one more)."""
+
+
+def similarity_bytes(num_layers: int, pairs: int, cells_a: int, cells_b: int, anchors: int | None = None) -> int:
+    """Estimated peak bytes of the similarity tensors of one micro-batch, forward and backward.
+
+    (L, pairs, cells_a, cells_b) float32 and what backward keeps of the loss over it; `anchors`
+    per pair (default cells_a, the worst case: every cell of A an anchor).
+    """
+    m = cells_a if anchors is None else min(anchors, cells_a)
+    s = 4 * num_layers * pairs * cells_a * cells_b
+    return int(s * (SAVED_PER_SIMILARITY + SAVED_PER_ANCHOR_ROW * m / max(cells_a, 1) + BACKWARD_TRANSIENT))
+
+
 def _masked_lse(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
     """logsumexp of x over `dim` where `keep` (broadcast to x); an empty slice gives 0 with zero gradient."""
     any_kept = keep.any(dim, keepdim=True)

@@ -22,9 +22,12 @@ from losses.gasp import Batch, item_masks, similarities
 
 MIN_BUCKET_ANCHORS = 200
 MIN_CHANCE_RATIO = 3.0
+RAW_TAU = 0.07
+"""Temperature of the "raw" scores (DESIGN §6): fixed, whatever the training tau, so a training
+validation and a probe of the same features agree."""
 
 
-def raw_similarities(fa: torch.Tensor, fb: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
+def raw_similarities(fa: torch.Tensor, fb: torch.Tensor, tau: float = RAW_TAU) -> torch.Tensor:
     """Cosine of the captured features (no head) / tau: (L, B, Na, D), (L, B, Nb, D) -> (L, B, Na, Nb) float32."""
     return similarities(F.normalize(fa.float(), dim=-1), F.normalize(fb.float(), dim=-1), tau)
 

@@ -250,6 +250,10 @@ class LlavaAdapter(FamilyAdapter):
 
     # ------------------------------------------------------------------ geometry
 
+    def max_cells(self) -> int:
+        """Every view is the tower's S x S input: always side x side cells."""
+        return self.n_cells
+
     def grid(self, size: tuple[int, int]) -> CellGrid:
         """Every view: S x S resized pixels, `side x side` cells of `patch_size` pixels."""
         S = self.image_size

@@ -301,6 +301,30 @@ def make_adapter(family: str, processor, config, *, max_pixels: int | None = Non
     return QwenAdapter(processor, family=family, max_pixels=max_pixels)
 
 
+def processor_and_adapter(preset_or_path: str, *, max_pixels: int | None = None):
+    """(family, L, D, adapter) without building the weights: for checks before a model is loaded
+    (the adapter knows the cell grid, hence the size of the similarity tensors). ModelLoadError."""
+    if preset_or_path in PRESETS:
+        preset = get_preset(preset_or_path)
+        family, config = preset.family, preset.config()
+        processor = build_preset_processor(preset)
+    else:
+        from transformers import AutoConfig
+
+        family = checkpoint_family(preset_or_path)
+        try:
+            config = AutoConfig.from_pretrained(preset_or_path, local_files_only=True)
+            processor = load_processor(preset_or_path, family)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load {preset_or_path}: {_first_line(e)}") from None
+    text = getattr(config, "text_config", None) or config
+    try:
+        adapter = make_adapter(family, processor, config, max_pixels=max_pixels)
+    except ValueError as e:
+        raise ModelLoadError(f"{preset_or_path}: {_first_line(e)}") from None
+    return family, int(text.num_hidden_layers), int(text.hidden_size), adapter
+
+
 def save_preset_checkpoint(name: str, out_dir: str | Path) -> Path:
     """Write preset `name` (weights, config, processor) as a Hugging Face checkpoint folder."""
     if name not in PRESETS:

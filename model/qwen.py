@@ -176,6 +176,10 @@ class QwenAdapter(FamilyAdapter):
         W2, H2 = self.resized_size(size)
         return CellGrid(size=(W2, H2), cell_px=self.cell_px, rows=H2 // self.cell_px, cols=W2 // self.cell_px)
 
+    def max_cells(self) -> int:
+        """smart_resize keeps the resized area within max_pixels: at most max_pixels / 28^2 cells."""
+        return self.max_pixels // (self.cell_px * self.cell_px)
+
     def resize(self, rgb: np.ndarray) -> Image.Image:
         """uint8 (H, W, 3) -> PIL image of size `resized_size((W, H))` (bicubic)."""
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:

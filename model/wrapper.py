@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from losses.gasp import count_items, gasp_loss_terms, loss_to_backward, combine, similarities
-from losses.metrics import match_stats, raw_similarities
+from losses.metrics import RAW_TAU, match_stats, raw_similarities
 from model.head import FusedCorrespondenceHead, head_dim_for
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,7 @@ class GaspVLM(nn.Module):
         feat_a, feat_b = self.capture(batch, model_inputs)
         s_head = similarities(self.head(feat_a), self.head(feat_b), self.cfg.tau)
         head_stats = match_stats(s_head, batch)
-        raw_stats = match_stats(raw_similarities(feat_a, feat_b, self.cfg.tau), batch) if raw else None
+        raw_stats = match_stats(raw_similarities(feat_a, feat_b, RAW_TAU), batch) if raw else None  # tau 0.07 always
         return head_stats, raw_stats
 
 

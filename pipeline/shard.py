@@ -200,13 +200,42 @@ def prepare(args: ShardArgs) -> tuple[stages.JobConfig, list[str], dict[str, Any
         old_plan = {"content_hash": "unreadable"}
     if old_plan is not None and (old_plan.get("content_hash") != cfg.content_hash()
                                  or old_plan.get("plan_version") != stages.PLAN_VERSION):
-        if not args.overwrite:
-            raise JobError(f"{stages.public_url(cfg.output)} holds shards made with different arguments "
-                           f"(plan.json differs); use another --output or pass --overwrite")
-        n = clear_output(cfg.output)
-        print(f"[overwrite] removed {n} files of the earlier job from {stages.public_url(cfg.output)}", flush=True)
-        old_plan = None
+        why = ("plan.json was written by another version of the shard job"
+               if old_plan.get("content_hash") == cfg.content_hash() else "plan.json differs")
+        old_plan = _replan_or_refuse(args, cfg, f"holds shards made with different arguments ({why})")
+    if old_plan is not None and not synthetic_todo:
+        old_plan = check_plan_inputs(args, cfg, old_plan, scenes)
     return cfg, scenes, old_plan, synthetic_todo
+
+
+def _replan_or_refuse(args: ShardArgs, cfg: stages.JobConfig, what: str) -> None:
+    """Without --overwrite: JobError (one line). With it: remove the earlier job's files (replan)."""
+    if not args.overwrite:
+        raise JobError(f"{stages.public_url(cfg.output)} {what}; use another --output or pass --overwrite to replan")
+    n = clear_output(cfg.output)
+    print(f"[overwrite] removed {n} files of the earlier job from {stages.public_url(cfg.output)}", flush=True)
+    return None
+
+
+def check_plan_inputs(args: ShardArgs, cfg: stages.JobConfig, old_plan: dict[str, Any],
+                      scenes: list[str]) -> dict[str, Any] | None:
+    """A plan is reused only for the scene list and reader version it was made from (else refused, or
+    replanned with --overwrite): added or removed scenes would otherwise be silently ignored."""
+    keys = [stages.scene_key(u, cfg.input) for u in scenes]
+    now = stages.inputs_record(keys, cfg.format)
+    was = old_plan.get("inputs") or {}
+    if was == now:
+        return old_plan
+    if was.get("reader") != now["reader"]:
+        what = (f"holds shards read by reader {was.get('reader')}, this job reads with {now['reader']} "
+                f"(its output changed)")
+    else:
+        before = set((old_plan.get("scan") or {}).keys())
+        added, removed = sorted(set(keys) - before), sorted(before - set(keys))
+        example = ", ".join((["+" + k for k in added[:2]] + ["-" + k for k in removed[:2]]))
+        what = (f"holds a plan made from {was.get('scenes')} scenes; the corpus now lists {now['scenes']} "
+                f"({len(added)} added, {len(removed)} removed{': ' + example if example else ''})")
+    return _replan_or_refuse(args, cfg, what)
 
 
 def clear_output(output: str) -> int:
@@ -240,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         if synthetic_todo:
             build_default_corpus(args, cfg.input, synthetic_todo)
             scenes = list_scenes(cfg.input, cfg.format)
+            if old_plan is not None:
+                old_plan = check_plan_inputs(args, cfg, old_plan, scenes)
         print(f"[job] input {stages.public_url(cfg.input)} ({cfg.format}, {len(scenes)} scenes) -> "
               f"{stages.public_url(cfg.output)}", flush=True)
         return run_job(args, cfg, scenes, old_plan, t_start)

@@ -31,7 +31,7 @@ from data.scenes import FrameError, SceneError, open_scene
 from data.scenes.base import Scene, fit_view
 from data.storage import fresh_fs, is_local, open_fs, read_json, url_join  # noqa: F401  (used as stages.*)
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: plan.json records its inputs (the scene list and the reader's version)
 # Self-check (DESIGN §4). A pair fails when photo_err > PHOTO_FLAG_RATIO * photo_err_shuffled;
 # a scene is flagged when the median of its pairs' ratios is above it.
 PHOTO_FLAG_RATIO = 0.5
@@ -83,6 +83,20 @@ class JobConfig:
 
     def scene_url(self, key: str) -> str:
         return url_join(self.input, key)
+
+
+def reader_version(format: str) -> int:
+    """Version of a corpus reader (`Scene.reader_version`; bumped when what it reads changes)."""
+    from data.scenes import _resolve
+
+    return int(getattr(_resolve(format)[0], "reader_version", 1))
+
+
+def inputs_record(scene_keys: list[str], format: str) -> dict[str, Any]:
+    """What a plan was made from besides the arguments: the scene list and the reader version."""
+    keys = sorted(scene_keys)
+    return {"scenes": len(keys), "scenes_sha256": hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16],
+            "reader": f"{format}/{reader_version(format)}"}
 
 
 def scene_seed(seed: int, *parts: Any) -> int:
@@ -255,6 +269,7 @@ def make_plan(scans: list[dict[str, Any]], cfg: JobConfig) -> dict[str, Any]:
                            "pairs": items[k:k + n]})
     return {"plan_version": PLAN_VERSION, "format_version": shardformat.FORMAT_VERSION,
             "content_hash": cfg.content_hash(), "config": cfg.content_dict(), "scenes": split,
+            "inputs": inputs_record([s["scene"] for s in scans], cfg.format),
             "scan": {s["scene"]: {k: s.get(k) for k in SCAN_SUMMARY_KEYS} for s in scans},
             "shards": shards}
 

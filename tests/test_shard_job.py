@@ -205,6 +205,39 @@ def test_rerun_reuses_plan_and_refuses_other_arguments(reference, tiny_corpus, t
     assert set(shard_hashes(out).values()).isdisjoint(hashes.values())
 
 
+def test_rerun_refuses_a_plan_of_another_scene_list_or_reader(ray_local, tiny_corpus, tmp_path, capsys):
+    """plan.json is reused only for the scene list and reader version it was made from (issue 15)."""
+    from conftest import write_tiny_corpus
+
+    out, corpus = str(tmp_path / "out"), str(tmp_path / "corpus")
+    shutil.copytree(tiny_corpus, corpus)
+    rc, _, _ = run_main(["--input", corpus, "--output", out, *TINY, "--quiet"], capsys)
+    assert rc == 0
+    hashes = shard_hashes(out)
+    write_tiny_corpus(corpus, n_scenes=4, n_frames=24)  # one scene more than the plan was made from
+    rc, so, se = run_main(["--input", corpus, "--output", out, *TINY], capsys)
+    err = se.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "3 scenes; the corpus now lists 4 (1 added, 0 removed: +scene_0003)" \
+        in err[0] and "--overwrite" in err[0], se
+    assert shard_hashes(out) == hashes  # nothing was touched
+
+    shutil.rmtree(os.path.join(corpus, "scene_0003"))
+    with open(os.path.join(out, "plan.json")) as f:
+        plan = json.load(f)
+    plan["inputs"]["reader"] = "synthetic/0"  # a plan of an older reader of this layout
+    with open(os.path.join(out, "plan.json"), "w") as f:
+        json.dump(plan, f)
+    rc, _, se = run_main(["--input", corpus, "--output", out, *TINY], capsys)
+    assert rc == 2 and "read by reader synthetic/0, this job reads with synthetic/1" in se, se
+
+    write_tiny_corpus(corpus, n_scenes=4, n_frames=24)
+    rc, so, _ = run_main(["--input", corpus, "--output", out, *TINY, "--overwrite", "--quiet"], capsys)
+    assert rc == 0 and "[overwrite]" in so
+    with open(os.path.join(out, "manifest.json")) as f:
+        m = json.load(f)
+    assert m["counts"]["scenes"] == 4 and "scene_0003" in m["scenes"]
+
+
 def small_layout_job(root, fmt: str, tmp_path, shard_checks, *, max_side: int, max_gap: int) -> list[dict]:
     """The shard job on a 3-scene corpus of one layout: checked output, no flagged scene; its raw samples."""
     out = str(tmp_path / "out")

@@ -99,6 +99,8 @@ class Scene(abc.ABC):
     """One scene of a corpus: frames in order, lazy RGB and depth."""
 
     dataset: str = "?"
+    reader_version: int = 1
+    """Bumped when what the reader returns changes: a shard job never reuses a plan of another version."""
 
     def __init__(self, url: str, name: str | None = None):
         self.url = url.rstrip("/")
