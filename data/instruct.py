@@ -115,7 +115,7 @@ def read_annotations(data: bytes, name: str) -> list[tuple[int, Any]]:
     except ValueError as e:
         raise AnnotationError(f"{name}: not valid JSON ({e}); a file of one record per line must be named .jsonl")\
             from None
-    if isinstance(obj, dict):  # one record on its own
+    if isinstance(obj, dict) and "conversations" in obj:  # one record on its own
         obj = [obj]
     if not isinstance(obj, list):
         raise AnnotationError(f"{name}: expected a JSON list of records, got {type(obj).__name__}")

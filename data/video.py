@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, Iterable, Union
 
 import numpy as np
 
@@ -201,23 +201,27 @@ def video_seconds(path: str) -> float:
         raise VideoError(f"{path}: neither a frame rate nor a duration")
 
 
-def write_video(path: str, frames: list[np.ndarray], fps: float = 4.0, codec: str = "libx264",
+def write_video(path: str, frames: Iterable[np.ndarray], fps: float = 4.0, codec: str = "libx264",
                 **options: Any) -> None:
     """Write RGB uint8 frames (H, W, 3), even H and W, as a video file (tests, demo data, benchmarks).
 
-    `options` go to the encoder (e.g. preset="ultrafast", crf="23" for libx264).
+    `frames` may be a generator (a long video need not sit in memory); `options` go to the
+    encoder (e.g. preset="veryfast", crf=23, or qp=0 for lossless libx264).
     """
     import fractions
+    import itertools
 
     import av
 
-    H, W = frames[0].shape[:2]
+    it = iter(frames)
+    first = next(it)
+    H, W = first.shape[:2]
     with av.open(path, "w") as c:
         s = c.add_stream(codec, rate=fractions.Fraction(fps).limit_denominator(1001))
         s.width, s.height, s.pix_fmt = W, H, "yuv420p"
         if options:
             s.options = {k: str(v) for k, v in options.items()}
-        for a in frames:
+        for a in itertools.chain([first], it):
             for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a, dtype=np.uint8), format="rgb24")):
                 c.mux(p)
         for p in s.encode():

@@ -102,25 +102,27 @@ class Loaded:
     media: dict[str, Any]  # {"count", "sha256"} of the sorted list of media paths the records name
 
 
-def annotation_files(url: str) -> list[tuple[str, str]]:
+def annotation_files(url: str, output: str = "") -> list[tuple[str, str]]:
     """[(url, name)] of the annotation files at --input: the file itself, or every .json / .jsonl under
-    the folder (recursively, sorted; names relative to it)."""
+    the folder (recursively, sorted; names relative to it), except hidden ones and what lies under
+    `output` (the job's own plan.json, manifest.json and stats)."""
     fs, path = stages.fresh_fs(url)
     if not fs.isdir(path):
         return [(url, url.rstrip("/").rsplit("/", 1)[-1])]
     root = path.rstrip("/") + "/"
+    skip = open_fs(output)[1].rstrip("/") + "/" if output else None
     out = []
     for p in sorted(fs.find(path)):
         rel = p[len(root):] if p.startswith(root) else p.rsplit("/", 1)[-1]
-        base = rel.rsplit("/", 1)[-1]
-        if rel.lower().endswith(ANNOTATION_SUFFIXES) and not base.startswith("."):
+        if (rel.lower().endswith(ANNOTATION_SUFFIXES) and not any(part.startswith(".") for part in rel.split("/"))
+                and not (skip and (p + "/").startswith(skip))):
             out.append((url_join(url, rel), rel))
     return out
 
 
-def load_annotations(url: str) -> Loaded:
+def load_annotations(url: str, output: str = "") -> Loaded:
     """Read, hash and validate every annotation file (raises InstructError for an unreadable file)."""
-    files = annotation_files(url)
+    files = annotation_files(url, output)
     if not files:
         raise InstructError(f"--input {stages.public_url(url)}: no .json or .jsonl annotation file in that folder")
     records, errors, annotations = [], [], []
@@ -373,7 +375,7 @@ def prepare(args: Any) -> tuple[InstructConfig, Loaded, dict[str, Any] | None]:
     cfg = InstructConfig(input=args.input.rstrip("/"), media_root=args.media_root.rstrip("/"),
                          output=args.output.rstrip("/"), frames=args.frames, samples_per_shard=args.samples_per_shard,
                          val_fraction=args.val_fraction, seed=args.seed)
-    loaded = load_annotations(cfg.input)
+    loaded = load_annotations(cfg.input, cfg.output)
     want = content_hash(cfg.content_dict(loaded.annotations, loaded.media))
     try:
         old_plan = stages.read_json(url_join(cfg.output, "plan.json"))

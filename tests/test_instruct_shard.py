@@ -8,12 +8,9 @@ session and kills exactly that session; the S3 test reads and writes through mot
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
-import shutil
 import signal
-import time
 
 import numpy as np
 import pytest
