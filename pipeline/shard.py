@@ -2,6 +2,7 @@
 
     python pipeline/shard.py                      # embedded default: local Ray, synthetic scenes, ./runs/shards
     python pipeline/shard.py --input ROOT --format scannet --output OUT
+    python pipeline/shard.py --format llava-json --input ANNOTATIONS.jsonl --media-root ROOT --output OUT  # pipeline/instruct.py
     ray job submit --address URL --working-dir . -- python pipeline/shard.py --input s3://... --output s3://...
 
 Stages (each a Ray workload): scan (one task per scene) -> plan (driver, written to
@@ -32,7 +33,7 @@ from data.cli import flat_dict, opt, parse_into
 from data.pairs import DEFAULT_GAP_BUCKETS, PairConfig
 from data.scenes import FORMATS, SceneError, list_scenes
 from data.scenes.base import open_fs, url_join
-from pipeline import stages
+from pipeline import instruct, stages
 
 DEFAULT_ROOT = "runs"
 DEFAULT_SYNTHETIC = os.path.join(DEFAULT_ROOT, "synthetic")
@@ -51,7 +52,8 @@ class ShardArgs:
 
     input: str = opt("", "corpus root (local path or s3://), one folder per scene; empty: build the "
                          "embedded synthetic corpus under runs/synthetic")
-    format: str = opt("synthetic", "corpus layout", choices=sorted(FORMATS))
+    format: str = opt("synthetic", "corpus layout; llava-json: LLaVA instruction data (pipeline/instruct.py)",
+                      choices=sorted([*FORMATS, instruct.FORMAT]))
     output: str = opt(DEFAULT_OUTPUT, "output folder or s3:// prefix for shards, plan.json and manifest.json")
     pairs_per_scene: int = opt(24, "pairs drawn per scene, spread across gap buckets")
     samples_per_shard: int = opt(64, "pairs per tar shard")
@@ -65,6 +67,8 @@ class ShardArgs:
     gap_buckets: tuple[int, ...] = opt(DEFAULT_GAP_BUCKETS, "gap bucket edges in frames (comma-separated)")
     max_corr: int = opt(4096, "most correspondences stored per pair")
     depth_root: str = opt("", "nerfstudio/DL3DV only: folder of per-scene depth maps (see README)")
+    media_root: str = opt("", "llava-json only: folder or s3:// prefix the records' image and video paths are relative to")
+    frames: int = opt(32, "llava-json only: most frames kept per video, sampled uniformly over its length")
     overwrite: bool = opt(False, "replace an output written with different arguments")
     max_broken_fraction: float = opt(0.5, "exit 1 when more than this fraction of all frames is broken "
                                           "(broken frames are always skipped and counted)")
@@ -95,6 +99,10 @@ class ShardArgs:
             raise ValueError("--retries and --num-cpus must be >= 0")
         if self.synthetic_scenes < 1 or self.synthetic_frames < 2:
             raise ValueError("--synthetic-scenes must be >= 1 and --synthetic-frames >= 2")
+        if self.media_root and self.format != instruct.FORMAT:
+            raise ValueError(f"--media-root is only for --format {instruct.FORMAT}")
+        if not 1 <= self.frames <= instruct.MAX_FRAMES:
+            raise ValueError(f"--frames must be in [1, {instruct.MAX_FRAMES}] (got {self.frames})")
 
     def job_config(self) -> stages.JobConfig:
         pc = PairConfig(min_gap=self.min_gap, max_gap=self.max_gap, min_overlap=self.min_overlap,
@@ -255,6 +263,8 @@ def clear_output(output: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_into(ShardArgs, argv, PROG, "Corpora -> WebDataset shards of frame pairs (Ray).", EPILOG)
     t_start = time.time()
+    if args.format == instruct.FORMAT:  # LLaVA instruction data: its own job
+        return instruct.main(args, t_start)
     try:
         cfg, scenes, old_plan, synthetic_todo = prepare(args)
     except (JobError, SceneError) as e:
