@@ -427,8 +427,10 @@ def test_all_angles_end_to_end(tmp_path):
     for r in recs:
         p = by_key[str(r["index"])]
         assert p["n_images"] == len(r["image_path"]) and p["answer"] == r["answer"]
+        # Qwen2.5-VL: the dataset's own prompt, unstripped, as the authors' VLMEvalKit fork passes it
+        # (its Qwen2.5-VL configs set use_custom_prompt=False; issue 23)
         assert p["prompt"] == (f"Question: {r['question']}\nOptions:\nA. left\nB. right\nC. behind\n"
-                               "Please select the correct answer from the options above.")
+                               "Please select the correct answer from the options above. \n")
         assert p["extracted"] == scoring.extract_choice(p["prediction"], p["options"])
     res = read_results(out)
     expected = scoring.aggregate_allangles(
