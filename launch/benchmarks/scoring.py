@@ -1,10 +1,13 @@
-"""Scoring of VSI-Bench and All-Angles Bench, as their reference evaluation code scores.
+"""Scoring of VSI-Bench, All-Angles Bench and BLINK multi-view, as their reference evaluation code scores.
 
 Pure functions of the saved predictions (numpy only, no model, no I/O), so a
-results.json can always be recomputed from predictions.jsonl.
+results.json can always be recomputed from predictions.jsonl. The version-dependent
+pieces (lmms-eval main's `extract_number`, v0.7's `strip_reasoning_tags`, v0.5's
+`parse_reasoning_model_answer`, VLMEvalKit main's `can_infer` rules) are here too; which
+version uses which is `references.py`.
 
 VSI-Bench follows lmms-eval's `vsibench` task (the code the VSI-Bench authors
-released their numbers with):
+released their numbers with); the rules below are v0.5 / v0.6's (the default):
 
 - EvolvingLMMs-Lab/lmms-eval  lmms_eval/tasks/vsibench/utils.py   (scoring, aggregation)
 - EvolvingLMMs-Lab/lmms-eval  lmms_eval/tasks/vsibench/vsibench.yaml (prompts, greedy, max_new_tokens 16)
@@ -45,6 +48,10 @@ Accuracy is the fraction of hits overall (VLMEvalKit `report_acc`: a mean over
 questions) and per `category`. Pair consistency over `pair_idx` twins is this
 project's definition (see `pair_consistency`), in the CC / WW / IC terms of the
 All-Angles Bench paper.
+
+BLINK multi-view follows lmms-eval's `blink` task (lmms_eval/tasks/blink/utils.py,
+the same from v0.6 to main): `_extract_answer_letter` against `answer.strip("()")`,
+accuracy over questions (`blink_extract_letter`, `score_blink`, `aggregate_blink`).
 """
 from __future__ import annotations
 
