@@ -67,7 +67,8 @@ def read_manifest(spec: str) -> TrainingManifest:
         raise ManifestError(f"--check-training-manifest {spec}: {url} is not JSON ({e})") from None
     except Exception as e:  # storage errors (permissions, endpoint)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ManifestError(f"--check-training-manifest {spec}: cannot read {url} ({type(e).__name__}: {msg})") from None
+        raise ManifestError(f"--check-training-manifest {spec}: cannot read {url} "
+                            f"({type(e).__name__}: {msg})") from None
     if data is None:
         raise ManifestError(f"--check-training-manifest {spec}: no {url}; name a shard job's manifest.json or the "
                             "folder holding it")
