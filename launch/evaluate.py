@@ -1,12 +1,17 @@
-"""Score a model on VSI-Bench or All-Angles Bench, as their reference code scores (DESIGN §7).
+"""Score a model on VSI-Bench, All-Angles Bench or BLINK multi-view, as their reference code scores
+(DESIGN §7), and put two models side by side.
 
-    python launch/evaluate.py --benchmark vsi-bench  --data ROOT --model PATH
-    python launch/evaluate.py --benchmark all-angles --data ROOT --preset tiny --limit 20
+    python launch/evaluate.py --benchmark vsi-bench       --data ROOT --model PATH
+    python launch/evaluate.py --benchmark all-angles      --data ROOT --preset tiny --limit 20
+    python launch/evaluate.py --benchmark blink-multiview --data ROOT --model PATH [--reference lmms-eval-main]
+    python launch/evaluate.py --compare RESULTS_A RESULTS_B
 
 Reads the user's benchmark files (never downloads; docs/evaluate.md gives the
 layouts), answers every question greedily with the model's chat template, appends each
 answer to OUT/predictions.jsonl as it comes (a rerun resumes), and writes
-OUT/results.json and one MLflow run. The benchmarks live in `launch/benchmarks/`.
+OUT/results.json (OUT/results-<version>.json under a non-default `--reference`) and one
+MLflow run; warns in one line when the benchmark's scenes are in the model's training
+manifests. The benchmarks live in `launch/benchmarks/`.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from typing import Any
 from data.cli import flat_dict, opt, parse_into
 from data.storage import sha256_file
 from launch.benchmarks import BENCHMARKS, BenchmarkError, Question
+from launch.benchmarks import references
 
 PROG = "launch/evaluate.py"
 DEFAULT_ROOT = os.path.join("runs", "eval")
@@ -35,7 +41,10 @@ REFUSED = {"llava_next_video": "its images go through any-resolution crops (~2,9
                                "pass its 4k context) and its video path needs torchvision"}
 """Why a supported training family is not evaluated."""
 PROMPT_VERSION = 1
-"""Bumped when prompts or decoding change, so old predictions are not resumed into new ones."""
+"""Bumped when prompts or decoding change, so old predictions are not resumed into new ones (a benchmark
+module's own PROMPT_VERSION, where it has one, takes its place)."""
+FRAMES_AS = ("auto", "video", "clip", "images")
+"""--frames-as values; `images` is the old name of `clip`."""
 log = logging.getLogger("evaluate")
 
 
@@ -43,17 +52,33 @@ log = logging.getLogger("evaluate")
 class EvalArgs:
     """Flags of launch/evaluate.py."""
 
-    benchmark: str = opt("", "which benchmark (required)", choices=sorted(BENCHMARKS))
-    data: str = opt("", "the benchmark folder you downloaded (required; layouts in docs/evaluate.md)")
+    benchmark: str = opt("", "which benchmark (required unless --compare)", choices=sorted(BENCHMARKS))
+    data: str = opt("", "the benchmark folder you downloaded (required unless --compare; layouts in "
+                        "docs/evaluate.md)")
     annotations: str = opt("", "annotation file; empty: found in --data (VSI-Bench test-00000-of-00001.parquet, "
-                               "test.parquet, test.jsonl or test.json; All-Angles data.json)")
+                               "test.parquet, test.jsonl or test.json; All-Angles data.json; BLINK "
+                               "Multi-view_Reasoning/val-00000-of-00001.parquet)")
+    reference: str = opt("default", "the version of the reference scoring to reproduce (docs/evaluate.md); default: "
+                                    "lmms-eval-v0.5 for VSI-Bench, lmms-eval-v0.6 for BLINK, vlmevalkit-18fc37a "
+                                    "for All-Angles", choices=["default", *references.REFERENCES])
+    check_training_manifest: list[str] = opt(default_factory=list, help=(
+        "a training shard set's manifest.json (or the folder holding it; local or s3://) whose train scenes are "
+        "checked against the benchmark's scenes; repeatable (an export's gasp_training.json is read too)"),
+        metavar="MANIFEST")
+    compare: list[str] = opt(default_factory=list, help=(
+        "RESULTS_A RESULTS_B: the paper-style table of two models (results.json files, output folders or folders "
+        "of them); no model is run"), metavar="RESULTS")
+    allow_mixed_references: bool = opt(False, "--compare: compare a benchmark scored under different reference "
+                                              "versions on the two sides (refused otherwise)")
     preset: str = opt("", "random-weight model preset (tiny, tiny-qwen2.5, qwen2-vl-7b, qwen2.5-vl-7b)")
     model: str = opt("", "a Hugging Face checkpoint directory (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)")
-    output: str = opt("", "output folder; empty: runs/eval/<benchmark>-<model name>")
+    output: str = opt("", "output folder; empty: runs/eval/<benchmark>-<model name> (--compare: the JSON file; "
+                          "empty: runs/eval/compare/<A>-vs-<B>.json)")
     num_frames: int = opt(32, "VSI-Bench: frames sampled uniformly from each video (lmms-eval's default 32)")
-    frames_as: str = opt("auto", "VSI-Bench frames: video (Qwen's video input, as lmms-eval feeds them), images "
-                                 "(one image each), auto (video for Qwen, images for LLaVA-OneVision)",
-                         choices=["auto", "video", "images"])
+    frames_as: str = opt("auto", "frames of a multi-frame question: auto (the benchmark's reference protocol: "
+                                 "VSI-Bench as one video input for Qwen, as lmms-eval; images otherwise), video, "
+                                 "clip (images in one sequence, the way GASP trains; `images` is the same)",
+                         choices=list(FRAMES_AS))
     batch_size: int = opt(1, "questions per generate() call (left-padded)")
     max_new_tokens: int = opt(0, "longest answer in tokens (0: the benchmark's default, VSI-Bench 16 as "
                                  "lmms-eval, All-Angles 32)")
@@ -73,6 +98,13 @@ class EvalArgs:
     quiet: bool = opt(False, "no progress lines")
 
     def __post_init__(self) -> None:
+        if self.compare:
+            if len(self.compare) != 2:
+                raise ValueError(f"--compare takes two results (A and B), got {len(self.compare)}")
+            if self.benchmark or self.data or self.preset or self.model:
+                raise ValueError("--compare reads two results files; give no --benchmark, --data, --preset or "
+                                 "--model with it")
+            return
         if not self.benchmark:
             raise ValueError(f"--benchmark is required: {' or '.join(sorted(BENCHMARKS))}")
         if not self.data:
@@ -96,9 +128,13 @@ class EvalArgs:
             if family not in FAMILIES:
                 raise ValueError(f"--model {self.model}: model_type {family!r}; evaluate.py runs "
                                  f"{' / '.join(FAMILIES)} checkpoints{_why_not(family)}")
+        if self.frames_as == "video" and self.benchmark != "vsi-bench":
+            raise ValueError(f"--frames-as video: {self.benchmark} questions are images, not a video (its reference "
+                             "feeds them as images); use --frames-as auto or clip")
         if self.frames_as == "video" and family_of(self) == "llava_onevision":
             raise ValueError("--frames-as video: LLaVA-OneVision takes the frames as images here (its video path "
-                             "needs torchvision); use --frames-as images or auto")
+                             "needs torchvision); use --frames-as clip or auto")
+        references.resolve(self.benchmark, self.reference)  # ValueError (one line) when it does not score it
         for flag, value, low in (("--num-frames", self.num_frames, 1), ("--batch-size", self.batch_size, 1),
                                  ("--max-new-tokens", self.max_new_tokens, 0), ("--max-pixels", self.max_pixels, 0),
                                  ("--limit", self.limit, 0)):
@@ -176,11 +212,13 @@ def model_fingerprint(args: EvalArgs) -> Any:
     return {"path": path, "files": files}
 
 
-def signature(args: EvalArgs, annotations: str, max_new_tokens: int, dtype) -> dict[str, Any]:
-    """The settings predictions depend on (run.json); a rerun must match them to resume."""
+def signature(args: EvalArgs, annotations: str, max_new_tokens: int, dtype, bench=None) -> dict[str, Any]:
+    """The settings predictions depend on (run.json); a rerun must match them to resume. The reference
+    version is not one of them: predictions are saved raw and scored afterwards."""
     sig = {"benchmark": args.benchmark, "annotations_sha256": sha256_file(annotations),
            "model": model_fingerprint(args), "max_new_tokens": max_new_tokens, "max_pixels": args.max_pixels,
-           "dtype": str(dtype).replace("torch.", ""), "prompt_version": PROMPT_VERSION}
+           "dtype": str(dtype).replace("torch.", ""),
+           "prompt_version": getattr(bench, "PROMPT_VERSION", PROMPT_VERSION)}
     if args.benchmark == "vsi-bench":
         sig["num_frames"] = args.num_frames
         sig["frames_as"] = frames_as(args)
@@ -200,10 +238,35 @@ def family_of(args: EvalArgs) -> str | None:
 
 
 def frames_as(args: EvalArgs) -> str:
-    """'video' or 'images' for this model (auto: video for the Qwen families)."""
+    """'video' or 'clip' for this benchmark and model: auto is the benchmark's reference protocol (VSI-Bench:
+    video for the Qwen families, as lmms-eval; images otherwise); `images` is `clip`."""
+    if args.frames_as == "images":
+        return "clip"
     if args.frames_as != "auto":
         return args.frames_as
-    return "video" if family_of(args) in ("qwen2_vl", "qwen2_5_vl") else "images"
+    if args.benchmark == "vsi-bench" and family_of(args) in ("qwen2_vl", "qwen2_5_vl"):
+        return "video"
+    return "clip"
+
+
+def merge_repeats(argv: list[str], flag: str) -> list[str]:
+    """argv with every occurrence of a repeatable list flag (`flag A --x flag B`, `flag=A`) merged into one
+    (`flag A B`), so that repeating it adds values instead of the last one winning."""
+    values, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == flag:
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            continue
+        if a.startswith(flag + "="):
+            values.append(a[len(flag) + 1:])
+        else:
+            rest.append(a)
+        i += 1
+    return rest + [flag] + values if values or flag in argv else rest
 
 
 def select(bench, questions: list[Question], args: EvalArgs, root: str) -> tuple[list[Question], int]:
@@ -227,9 +290,11 @@ def print_summary(results: dict[str, Any]) -> None:
     w = max([len(k) for k in scores] + [10])
     print("=" * (w + 22))
     print(f"{results['benchmark']}  model {results['model']}  {results['n_answered']}/{results['n_questions']} "
-          f"questions{'' if results['complete'] else '  (INCOMPLETE: ' + results['incomplete_reason'] + ')'}")
+          f"questions  scored as {results['reference_version']}"
+          f"{'' if results['complete'] else '  (INCOMPLETE: ' + results['incomplete_reason'] + ')'}")
+    counts = results["counts"]
     for k, v in scores.items():
-        n = results["counts"].get(re.sub(r"_(accuracy|MRA:.*)$", "", k), "")
+        n = counts.get(re.sub(r"_(accuracy|MRA:.*)$", "", k), results["n_answered"] if k == "blink_acc" else "")
         print(f"  {k:<{w}}  {100 * v:7.2f}  {n}")
     pairs = results.get("pairs")
     if pairs and pairs.get("n_pairs"):
@@ -238,37 +303,108 @@ def print_summary(results: dict[str, Any]) -> None:
     print("=" * (w + 22), flush=True)
 
 
+def _error(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def leakage_report(args: EvalArgs, bench, questions: list[Question]) -> dict[str, Any]:
+    """The training-leakage check of the selected questions (leakage.py); prints its one line."""
+    from launch.benchmarks import leakage
+
+    manifests = [leakage.read_manifest(m) for m in args.check_training_manifest]
+    exported = leakage.read_export(args.model) if args.model else None
+    manifests += exported or []
+    if not manifests:
+        return {"checked": False, "reason": "no training manifests: none named by --check-training-manifest and no "
+                                            f"{leakage.EXPORT_FILE} in the model folder"}
+    scenes = bench.scenes(questions)
+    if scenes is None:
+        print(f"[eval] note: {args.benchmark} questions name no scenes of the corpora this pipeline reads; the "
+              f"training-manifest check does not apply", file=sys.stderr, flush=True)
+        return {"checked": False, "reason": f"{args.benchmark} questions name no corpus scenes"}
+    report = leakage.check(scenes, manifests)
+    hit = set(report["train_scenes"]) | set(report["rescan_scenes"])
+    scene_of = (lambda q: f"{q.record.get('dataset')}/{q.record.get('scene_name')}")
+    report["n_questions_on_training_scenes"] = sum(1 for q in questions if scene_of(q) in hit)
+    line = leakage.warning(args.benchmark, report, report["n_questions_on_training_scenes"])
+    if line:
+        print(f"[eval] {line}", file=sys.stderr, flush=True)
+    return report
+
+
+def run_compare(args: EvalArgs) -> int:
+    """--compare A B: the table on the terminal, the JSON file, one MLflow run."""
+    from launch.benchmarks import compare, runner
+
+    try:
+        a = compare.load_side(args.compare[0], "A")
+        b = compare.load_side(args.compare[1], "B")
+        cmp = compare.compare(a, b, allow_mixed_references=args.allow_mixed_references)
+    except compare.CompareError as e:
+        return _error(str(e))
+    cmp["inputs"] = {"A": args.compare[0], "B": args.compare[1]}
+    name = lambda side: re.sub(r"[^A-Za-z0-9_.-]+", "_", "+".join(cmp[side]["models"]))  # noqa: E731
+    path = args.output or os.path.join(DEFAULT_ROOT, "compare", f"{name('a')}-vs-{name('b')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    runner._write_atomic(path, json.dumps(cmp, indent=1) + "\n")
+    if not args.quiet:
+        print(compare.render(cmp))
+        print(f"[eval] wrote {path}", flush=True)
+    if args.mlflow:
+        try:
+            run_id = runner.log_mlflow(
+                {"A": args.compare[0], "B": args.compare[1], "models_A": ", ".join(cmp["a"]["models"]),
+                 "models_B": ", ".join(cmp["b"]["models"]), "allow_mixed_references": args.allow_mixed_references,
+                 **{f"reference/{bn}": f"{v['a']} / {v['b']}" for bn, v in cmp["references"].items()}},
+                compare.metrics(cmp), [path], run_name=args.run_name or f"compare-{name('a')}-vs-{name('b')}",
+                experiment=args.experiment, tags={"kind": "eval-compare", "A": name("a"), "B": name("b")})
+        except Exception as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"{PROG}: error: MLflow logging failed ({type(e).__name__}: {msg}); the comparison is in {path}",
+                  file=sys.stderr)
+            return 1
+        if not args.quiet:
+            print(f"[mlflow] run {run_id} in experiment {args.experiment!r}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_into(EvalArgs, argv, PROG, "Score a checkpoint on VSI-Bench or All-Angles Bench (reference "
-                      "scoring).", epilog="Expected data layouts and scoring details: docs/evaluate.md")
+    argv = merge_repeats(list(sys.argv[1:] if argv is None else argv), "--check-training-manifest")
+    args = parse_into(EvalArgs, argv, PROG, "Score a checkpoint on VSI-Bench, All-Angles Bench or BLINK "
+                      "multi-view (reference scoring), or compare two results.",
+                      epilog="Expected data layouts, scoring and reference versions: docs/evaluate.md")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.compare:
+        return run_compare(args)
     from launch import benchmarks
-    from launch.benchmarks import runner
+    from launch.benchmarks import leakage, runner
 
     t0 = time.time()
+    family = family_of(args)
+    reference = references.resolve(args.benchmark, args.reference)
     try:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.precision, device)
         bench = benchmarks.get(args.benchmark)
         max_new_tokens = args.max_new_tokens or bench.DEFAULT_MAX_NEW_TOKENS
-        root, annotations, questions = bench.load(args.data, args.annotations)
+        root, annotations, questions = bench.load(args.data, args.annotations, family=family)
         selected, n_skipped = select(bench, questions, args, root)
+        training_leakage = leakage_report(args, bench, selected)
         out = args.output or os.path.join(DEFAULT_ROOT, f"{args.benchmark}-{args.model_name}")
-        runner.prepare_output(out, signature(args, annotations, max_new_tokens, dtype), args.overwrite)
+        sig = signature(args, annotations, max_new_tokens, dtype, bench)
+        runner.prepare_output(out, sig, args.overwrite)
         store = runner.PredictionStore(out)
         done = store.load()
         pending = [q for q in selected if q.key not in done]
-    except (BenchmarkError, ArgError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    except (BenchmarkError, ArgError, leakage.ManifestError, OSError) as e:
+        return _error(str(e))
 
+    protocol = frames_as(args)
     if not args.quiet:
         print(f"[eval] {args.benchmark}: {len(selected)} questions ({len(selected) - len(pending)} answered before, "
               f"{len(pending)} to go{f', {n_skipped} skipped for missing media' if n_skipped else ''}); "
-              f"model {args.model_name}; output {out}", flush=True)
+              f"model {args.model_name}; scored as {reference.name}; output {out}", flush=True)
     if pending:
         from model.loading import ModelLoadError, build_model_and_processor
 
@@ -277,23 +413,22 @@ def main(argv: list[str] | None = None) -> int:
                 args.model or args.preset, dtype=dtype, device=device, max_pixels=args.max_pixels or None,
                 attn_implementation=None if args.attn == "auto" else args.attn)
         except (ModelLoadError, ValueError) as e:
-            print(f"{PROG}: error: {str(e).splitlines()[0]}", file=sys.stderr)
-            return 2
+            return _error(str(e).splitlines()[0])
         resize = getattr(adapter, "resize", None)
-        as_video = frames_as(args) == "video"
+        as_video = protocol == "video"
         frame_resize = None
         if as_video and resize is not None:  # frames of a video input: qwen_vl_utils' per-frame cap
             from model.loading import make_adapter
 
             ip_max = int(processor.image_processor.size["longest_edge"])
-            frame_resize = make_adapter(family_of(args), processor, model.config,
+            frame_resize = make_adapter(family, processor, model.config,
                                         max_pixels=min(args.max_pixels or ip_max, VIDEO_MAX_PIXELS)).resize
         loader = runner.MediaLoader(resize or _to_pil, num_frames=args.num_frames, frame_resize=frame_resize)
         progress = runner.Progress(len(pending), quiet=args.quiet)
         try:
             runner.run(pending, bench, model, processor, loader, store, batch_size=args.batch_size,
                        max_new_tokens=max_new_tokens, device=device, resized=resize is not None, progress=progress,
-                       as_video=as_video)
+                       as_video=as_video, family=family)
         except runner.MediaError as e:
             print(f"{PROG}: error: {e} (answered questions are kept in {store.path}; rerun to resume)",
                   file=sys.stderr)
@@ -301,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         done = store.load()
 
     rows = [done[q.key] for q in selected]
-    agg = bench.aggregate(rows)
+    agg = bench.aggregate(rows, reference, family)
     reasons = []
     if args.limit and args.limit < len(questions):
         reasons.append(f"--limit {args.limit} of {len(questions)}")
@@ -311,27 +446,35 @@ def main(argv: list[str] | None = None) -> int:
         reasons.append("not all object_rel_direction levels present")
     results = {
         "benchmark": args.benchmark, "model": args.model_name, "model_source": args.model or f"preset {args.preset}",
-        "scores": agg["scores"], "counts": agg["counts"],
+        "family": family, "scores": agg["scores"], "counts": agg["counts"],
         **{k: v for k, v in agg.items() if k not in ("scores", "counts", "complete_levels")},
+        "headline": {bench.HEADLINE: agg["scores"].get(bench.HEADLINE)},
         "n_questions": len(selected), "n_answered": len(rows), "n_in_file": len(questions),
         "n_skipped_missing_media": n_skipped, "complete": not reasons, "incomplete_reason": "; ".join(reasons),
         "scale": "fractions in [0, 1] (the reference's; papers print x100)",
-        "reference": bench.REFERENCE,
-        "config": flat_dict(args), "annotations": os.path.abspath(annotations), "seconds": round(time.time() - t0, 1),
+        "reference_version": reference.name, "reference_code": reference.code, "reference": bench.REFERENCE,
+        "frames_as": protocol,
+        "training_leakage": training_leakage,
+        "config": flat_dict(args), "annotations": os.path.abspath(annotations),
+        "annotations_sha256": sig["annotations_sha256"], "seconds": round(time.time() - t0, 1),
     }
-    results_path = runner.write_results(out, results)
+    default_ref = references.DEFAULTS[args.benchmark]
+    results_path = runner.write_results(out, results, runner.results_name(reference.name, default_ref))
     if not args.quiet:
         print_summary(results)
         print(f"[eval] wrote {results_path} and {store.path}", flush=True)
     if args.mlflow:
+        suffix = "" if reference.name == default_ref else f"-{reference.name}"
         try:
             params = {**flat_dict(args), "model_name": args.model_name, "n_questions": len(selected),
-                      "max_new_tokens_used": max_new_tokens, "output": os.path.abspath(out)}
+                      "max_new_tokens_used": max_new_tokens, "output": os.path.abspath(out),
+                      "reference_version": reference.name, "frames_as_used": protocol}
             run_id = runner.log_mlflow(
                 params, bench.metrics(agg), [store.path, results_path],
-                run_name=args.run_name or f"eval-{args.benchmark}-{args.model_name}", experiment=args.experiment,
+                run_name=args.run_name or f"eval-{args.benchmark}-{args.model_name}{suffix}",
+                experiment=args.experiment,
                 tags={"kind": "eval", "benchmark": args.benchmark, "model": args.model_name,
-                      "complete": results["complete"]})
+                      "complete": results["complete"], "reference_version": reference.name})
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"{PROG}: error: MLflow logging failed ({type(e).__name__}: {msg}); results are in {results_path}",

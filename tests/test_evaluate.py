@@ -427,8 +427,10 @@ def test_all_angles_end_to_end(tmp_path):
     for r in recs:
         p = by_key[str(r["index"])]
         assert p["n_images"] == len(r["image_path"]) and p["answer"] == r["answer"]
+        # Qwen2.5-VL: the dataset's own prompt, unstripped, as the authors' VLMEvalKit fork passes it
+        # (its Qwen2.5-VL configs set use_custom_prompt=False; issue 23)
         assert p["prompt"] == (f"Question: {r['question']}\nOptions:\nA. left\nB. right\nC. behind\n"
-                               "Please select the correct answer from the options above.")
+                               "Please select the correct answer from the options above. \n")
         assert p["extracted"] == scoring.extract_choice(p["prediction"], p["options"])
     res = read_results(out)
     expected = scoring.aggregate_allangles(
@@ -708,3 +710,49 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(tmp_path, monkeypatch):
     assert "object_counting_MRA:.5:.95:.05" in run.data.metrics and "overall" in run.data.metrics
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"predictions.jsonl", "results.json"} <= names
+
+
+# ============================================================ issue 23: prompts per family, --frames-as clip
+
+def test_all_angles_prompt_per_family_as_the_authors_fork(tmp_path, monkeypatch):
+    """Qwen2-VL gets VLMEvalKit's Qwen2-VL MCQ prompt (stripped); Qwen2.5-VL and LLaVA-OneVision the dataset's
+    own build_prompt, unstripped, as the authors' fork passes it."""
+    data = str(tmp_path / "aab")
+    recs = make_allangles(data)
+    seen = {}
+
+    def fake(model, processor, requests, **kw):
+        seen.setdefault(model.config.model_type, []).extend(r.text for r in requests)
+        return ["B"] * len(requests)
+
+    monkeypatch.setattr(generation, "generate_batch", fake)
+    for preset in ("tiny", "tiny-qwen2.5", "tiny-llava-ov"):
+        assert run_main(["--benchmark", "all-angles", "--data", data, "--preset", preset, "--limit", "2",
+                         "--output", str(tmp_path / preset), "--no-mlflow"]) == 0
+    q = recs[0]["question"]
+    body = f"Question: {q}\nOptions:\nA. left\nB. right\nC. behind\n"
+    assert seen["qwen2_vl"][0] == body + "Please select the correct answer from the options above."
+    assert seen["qwen2_5_vl"][0] == seen["llava_onevision"][0] == (
+        body + "Please select the correct answer from the options above. \n")
+
+
+def test_frames_as_clip_is_images_and_resumes_an_images_run(tmp_path, count_generate):
+    """--frames-as clip is the documented name of images: the same input, and a run made as `images` (its run.json
+    says so) resumes under `clip` without asking anything again."""
+    data, out = str(tmp_path / "vsi"), str(tmp_path / "out")
+    make_vsi(data)
+    base = ["--benchmark", "vsi-bench", "--data", data, "--preset", "tiny", "--num-frames", "3", "--limit", "2",
+            "--max-new-tokens", "2", "--output", out, "--no-mlflow"]
+    assert run_main(base + ["--frames-as", "clip"]) == 0
+    assert [p["n_images"] for p in read_predictions(out)] == [3, 3] and read_results(out)["frames_as"] == "clip"
+    run_json = os.path.join(out, "run.json")
+    with open(run_json) as f:
+        run = json.load(f)
+    assert run["signature"]["frames_as"] == "clip"
+    run["signature"]["frames_as"] = "images"  # what the tool wrote before `clip` was the name
+    with open(run_json, "w") as f:
+        json.dump(run, f)
+    n = len(count_generate["texts"])
+    assert run_main(base + ["--frames-as", "clip"]) == 0 and run_main(base + ["--frames-as", "images"]) == 0
+    assert len(count_generate["texts"]) == n == 2
+    assert run_main(base) == 2  # auto is video for Qwen: other predictions, refused

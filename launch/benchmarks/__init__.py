@@ -1,21 +1,27 @@
-"""Downstream benchmarks of `launch/evaluate.py`: VSI-Bench and All-Angles Bench.
+"""Downstream benchmarks of `launch/evaluate.py`: VSI-Bench, All-Angles Bench, BLINK multi-view.
 
-One module per benchmark (`vsibench`, `allangles`), each exposing the same small
+One module per benchmark (`vsibench`, `allangles`, `blink`), each exposing the same small
 interface that the runner (`runner.py`) drives:
 
 - `NAME`, `DEFAULT_MAX_NEW_TOKENS`, `WHERE` (where the data come from, one line),
-  `REFERENCE` (the reference code followed);
-- `load(data, annotations) -> (root, annotation file, list[Question])`: read and validate the
-  annotations (BenchmarkError, one line, on anything malformed);
+  `REFERENCE` (the reference code followed), `PROMPT_VERSION`, `HEADLINE` (the paper's
+  headline sub-score key) and `LABEL` (its name in tables);
+- `load(data, annotations, family) -> (root, annotation file, list[Question])`: read and
+  validate the annotations (BenchmarkError, one line, on anything malformed); prompts may
+  depend on the model family (All-Angles, as the authors' fork prompts each family);
 - `missing_media(questions) -> list[str]`: files the selected questions need but lack;
 - `missing_message(root, missing, total) -> str`: the one line telling the user what to get;
 - `visuals(question, loader) -> list[PIL.Image]`: the images fed to the model
-  (`loader.frames(video)` / `loader.image(path)`, resized for the model);
-- `score(record, prediction) -> dict`: per-question score fields (pure, `scoring.py`);
-- `aggregate(rows) -> dict`, `metrics(aggregate) -> dict[str, float]`.
+  (`loader.frames(video)` / `loader.image(path)` / `loader.image_bytes(data, name)`, resized);
+- `scenes(questions) -> set[(dataset, scene)] | None`: the corpus scenes the questions are
+  built on, for the training-leakage check (`leakage.py`; None: they name none);
+- `score(record, prediction, reference, family) -> dict`: per-question score fields (pure,
+  `scoring.py`, under a `references.Reference`);
+- `aggregate(rows, reference, family) -> dict`, `metrics(aggregate) -> dict[str, float]`.
 
-Scoring is pure and lives in `scoring.py` (numpy only); `generation.py` runs the
-model; `video.py` samples frames with PyAV.
+Scoring is pure and lives in `scoring.py` (numpy only), its versions in `references.py`;
+`generation.py` runs the model; `video.py` samples frames with PyAV; `compare.py` puts two
+models side by side; `leakage.py` checks benchmark scenes against training manifests.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-BENCHMARKS = {"vsi-bench": "vsibench", "all-angles": "allangles"}
+BENCHMARKS = {"vsi-bench": "vsibench", "all-angles": "allangles", "blink-multiview": "blink"}
 """`--benchmark` name -> module of this package."""
 
 
@@ -47,6 +53,8 @@ class Question:
     """Fields saved with its prediction (ids, type or category, ground truth, ...)."""
     group: str = ""
     """Questions of one group share media (same scene video); they run next to each other."""
+    payload: dict[str, Any] = field(default_factory=dict, repr=False)
+    """What the model needs that is not saved with the prediction (BLINK's embedded image bytes)."""
 
 
 def get(name: str) -> ModuleType:

@@ -13,15 +13,20 @@ not redistributed: with an Ego-Exo4D licence, download the takes and run
     ROOT/egohumans_scenes/...      (every path of image_path, relative to ROOT)
     ROOT/ego_exo4d_scenes/...
 
-Prompt: the authors evaluate with their VLMEvalKit fork; for Qwen2-VL / Qwen2.5-VL
-VLMEvalKit builds multiple-choice prompts with `Qwen2VLPromptMixin._build_mcq_prompt`
-(open-compass/VLMEvalKit vlmeval/vlm/qwen2_vl/prompt.py): the view images, then
+Prompt: the authors evaluate with their VLMEvalKit fork (Chenyu-Wang567/All-Angles-Bench
+VLMEvalkit/), which gives each family the prompt its VLMEvalKit model class asks for:
 
-    "Question: {question}\\nOptions:\\nA. {A}\\nB. {B}\\nC. {C}\\n"
-    "Please select the correct answer from the options above."
+- Qwen2-VL (`use_custom_prompt` left on): `Qwen2VLPromptMixin._build_mcq_prompt`
+  (vlmeval/vlm/qwen2_vl/prompt.py): the view images, then
+  "Question: {question}\\nOptions:\\nA. {A}\\nB. {B}\\nC. {C}\\n"
+  "Please select the correct answer from the options above." (the Chinese instruction when
+  the text holds CJK characters; trailing whitespace stripped);
+- Qwen2.5-VL (its config entries set `use_custom_prompt=False`) and LLaVA-OneVision
+  (`LLaVA_OneVision_HF` has no custom prompt): the dataset's own
+  `ImageMCQDataset.build_prompt` (vlmeval/dataset/image_mcq.py, hint lines commented out
+  in the fork): the same text ending "...options above. \\n", NOT stripped.
 
-(the Chinese instruction when the text holds CJK characters, trailing whitespace
-stripped). Scoring: `scoring.score_allangles` (VLMEvalKit `can_infer`, exact matching).
+Scoring: `scoring.score_allangles` (VLMEvalKit `can_infer`, exact matching).
 """
 from __future__ import annotations
 
@@ -30,11 +35,17 @@ import re
 from typing import Any
 
 from launch.benchmarks import BenchmarkError, Question, given_annotations
-from launch.benchmarks import scoring
+from launch.benchmarks import references, scoring
+from launch.benchmarks.references import Reference
 from launch.benchmarks.tables import read_records, require_fields
 
 NAME = "all-angles"
 DEFAULT_MAX_NEW_TOKENS = 32
+PROMPT_VERSION = 2
+"""2: Qwen2.5-VL and LLaVA-OneVision get the dataset's own (unstripped) prompt, as the authors' fork."""
+HEADLINE = "camera_pose_estimation"
+"""The paper's headline sub-score of this benchmark (GASP: +18.2 camera pose)."""
+LABEL = "All-Angles"
 HF_URL = "https://huggingface.co/datasets/ch-chenyu/All-Angles-Bench"
 REPO_URL = "https://github.com/Chenyu-Wang567/All-Angles-Bench"
 REFERENCE = ("open-compass/VLMEvalKit vlmeval/vlm/qwen2_vl/prompt.py (MCQ prompt) + vlmeval/utils/matching_util.py "
@@ -50,8 +61,12 @@ EXPECTED = ("a JSON list of questions with " + ", ".join(ALL_FIELDS) + f" (data.
             "image_path being the view images relative to the data folder")
 
 
+DATASET_PROMPT_FAMILIES = ("qwen2_5_vl", "llava_onevision")
+"""Families the fork prompts with the dataset's own `build_prompt` (no model-specific prompt)."""
+
+
 def build_prompt(question: str, options: dict[str, str], hint: str | None = None) -> str:
-    """The text of VLMEvalKit's Qwen2-VL multiple-choice prompt."""
+    """The text of VLMEvalKit's Qwen2-VL multiple-choice prompt (`_build_mcq_prompt`)."""
     prompt = ""
     if hint is not None:
         prompt += f"Hint: {hint}\n"
@@ -60,6 +75,22 @@ def build_prompt(question: str, options: dict[str, str], hint: str | None = None
         prompt += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
         prompt += MCQ_CN_PROMPT if re.search("[\u4e00-\u9fff]", prompt) else MCQ_EN_PROMPT
     return prompt.rstrip()
+
+
+def build_dataset_prompt(question: str, options: dict[str, str]) -> str:
+    """The text of the fork's `ImageMCQDataset.build_prompt` (no hint, not stripped)."""
+    prompt = f"Question: {question}\n"
+    if options:
+        prompt += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
+        prompt += MCQ_EN_PROMPT + " \n"
+    return prompt
+
+
+def prompt_for(family: str | None, question: str, options: dict[str, str]) -> str:
+    """The prompt the authors' fork gives `family`."""
+    if family in DATASET_PROMPT_FAMILIES:
+        return build_dataset_prompt(question, options)
+    return build_prompt(question, options)
 
 
 def find_annotations(data: str, annotations: str) -> tuple[str, str]:
@@ -83,8 +114,9 @@ def _pair(value: Any) -> str | None:
     return str(value).strip()
 
 
-def load(data: str, annotations: str = "") -> tuple[str, str, list[Question]]:
-    """(image root, annotation file, questions in file order) for `--data` / `--annotations`."""
+def load(data: str, annotations: str = "", family: str | None = None) -> tuple[str, str, list[Question]]:
+    """(image root, annotation file, questions in file order) for `--data` / `--annotations`; the
+    prompts are the ones the authors' fork gives `family` (`prompt_for`)."""
     root, path = find_annotations(data, annotations)
     records = read_records(path, NAME)
     require_fields(records, FIELDS, path, NAME, EXPECTED)
@@ -113,7 +145,7 @@ def load(data: str, annotations: str = "") -> tuple[str, str, list[Question]]:
         record = {"index": idx, "folder": r.get("folder"), "category": str(r["category"]),
                   "sourced_dataset": r.get("sourced_dataset"), "pair_idx": _pair(r.get("pair_idx")),
                   "image_path": images, "question": r["question"], "options": dict(options), "answer": answer}
-        questions.append(Question(key=key, prompt=build_prompt(r["question"], options), media=media,
+        questions.append(Question(key=key, prompt=prompt_for(family, r["question"], options), media=media,
                                   record=record, group=str(r.get("folder") or os.path.dirname(images[0]))))
     return root, path, questions
 
@@ -138,17 +170,27 @@ def visuals(question: Question, loader) -> list:
     return [loader.image(p) for p in question.media]
 
 
-def score(record: dict[str, Any], prediction: str) -> dict[str, Any]:
+def scenes(questions: list[Question]) -> None:
+    """All-Angles views come from EgoHumans and Ego-Exo4D, corpora this pipeline does not read: no scene
+    of a training manifest can be one of them (the leakage check does not apply)."""
+    return None
+
+
+def score(record: dict[str, Any], prediction: str, reference: Reference | None = None,
+          family: str | None = None) -> dict[str, Any]:
     """Per-question fields saved beside the prediction: the option VLMEvalKit infers and the hit."""
-    extracted, hit = scoring.score_allangles(prediction, record["options"], record["answer"])
+    ref = reference or references.resolve(NAME)
+    extracted, hit = scoring.score_allangles(ref.postprocess(prediction, family), record["options"],
+                                             record["answer"], ref.can_infer)
     return {"extracted": extracted, "hit": hit}
 
 
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate(rows: list[dict[str, Any]], reference: Reference | None = None,
+              family: str | None = None) -> dict[str, Any]:
     """Accuracy overall / per category and pair consistency, re-scored from each row's `prediction`."""
     scored = []
     for r in rows:
-        _, hit = scoring.score_allangles(r["prediction"], r["options"], r["answer"])
+        hit = score(r, r["prediction"], reference, family)["hit"]
         scored.append({"index": r["key"], "category": r["category"], "pair_idx": r.get("pair_idx"), "hit": hit})
     return scoring.aggregate_allangles(scored)
 

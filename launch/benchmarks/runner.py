@@ -7,11 +7,14 @@ Output folder (one per benchmark x model x settings):
     OUT/predictions.jsonl   one JSON line per answered question, appended and fsync'ed after
                             every batch; a rerun skips the questions it holds (a torn last
                             line from a crash is dropped)
-    OUT/results.json        scores recomputed from predictions.jsonl (written atomically)
+    OUT/results.json        scores recomputed from predictions.jsonl (written atomically), under
+                            the benchmark's default reference version; results-<version>.json
+                            under another `--reference`
 """
 from __future__ import annotations
 
 import concurrent.futures
+import glob
 import json
 import os
 import re
@@ -44,6 +47,10 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+LEGACY_VALUES = {"frames_as": {"images": "clip"}}
+"""Signature values written by earlier versions under another name (--frames-as images is now clip)."""
+
+
 def prepare_output(out: str, signature: dict[str, Any], overwrite: bool) -> None:
     """Create OUT and its run.json; BenchmarkError if OUT holds predictions of other settings."""
     os.makedirs(out, exist_ok=True)
@@ -55,13 +62,16 @@ def prepare_output(out: str, signature: dict[str, Any], overwrite: bool) -> None
                 old = json.load(f).get("signature")
         except (OSError, ValueError):
             old = None
+    if isinstance(old, dict):
+        old = {k: LEGACY_VALUES.get(k, {}).get(v, v) if isinstance(v, str) else v for k, v in old.items()}
     has_preds = os.path.isfile(os.path.join(out, PREDICTIONS))
     if (old is not None and old != signature) or (old is None and has_preds):
         if not overwrite:
             diff = sorted(k for k in set(old or {}) | set(signature) if (old or {}).get(k) != signature.get(k))
             raise BenchmarkError(f"{out} holds predictions made with other settings ({', '.join(diff)} differ); "
                                  f"use another --output or pass --overwrite to discard them")
-        for name in (PREDICTIONS, RESULTS):
+        for name in [PREDICTIONS, RESULTS] + sorted(os.path.basename(p) for p in
+                                                    glob.glob(os.path.join(out, "results-*.json"))):
             if os.path.exists(os.path.join(out, name)):
                 os.remove(os.path.join(out, name))
         old = None
@@ -152,6 +162,19 @@ class MediaLoader:
             raise MediaError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
         return self.resize(rgb)
 
+    def image_bytes(self, data: bytes, name: str):
+        """An image embedded in the annotation file (encoded bytes), RGB, resized; `name` for messages."""
+        import io
+
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise MediaError(f"cannot decode embedded image {name}: {type(e).__name__}: {e}") from None
+        return self.resize(rgb)
+
 
 # ------------------------------------------------------------------ progress
 
@@ -200,12 +223,14 @@ def batches(items: Sequence[Any], size: int) -> Iterable[list[Any]]:
 
 def run(pending: Sequence[Question], bench, model, processor, loader: MediaLoader, store: PredictionStore, *,
         batch_size: int, max_new_tokens: int, device, resized: bool, progress: Progress,
-        as_video: bool = False) -> int:
+        as_video: bool = False, family: str | None = None) -> int:
     """Answer `pending` in batches, appending each batch to the store. Returns the number answered.
 
     The media of the next batch are decoded in a background thread while the model
     generates the current one. `as_video`: a video question's frames go in as one video
-    input (Qwen), with the video's duration, instead of as images.
+    input (Qwen), with the video's duration, instead of as images. Each saved row carries
+    its score under the benchmark's default reference version (`family` for the versions
+    whose post-processing depends on it); results files rescore under `--reference`.
     """
     as_video = as_video and getattr(bench, "IS_VIDEO", False)
     todo = list(batches(order_by_group(pending), batch_size))
@@ -230,7 +255,7 @@ def run(pending: Sequence[Question], bench, model, processor, loader: MediaLoade
             rows = []
             for q, ims, ans in zip(batch, images, answers):
                 row = {"key": q.key, **q.record, "prompt": q.prompt, "n_images": len(ims), "prediction": ans}
-                row.update(bench.score(q.record, ans))
+                row.update(bench.score(q.record, ans, family=family))
                 rows.append(row)
             store.append(rows)
             n += len(rows)
@@ -240,8 +265,14 @@ def run(pending: Sequence[Question], bench, model, processor, loader: MediaLoade
 
 # ------------------------------------------------------------------ results and tracking
 
-def write_results(out: str, results: dict[str, Any]) -> str:
-    path = os.path.join(out, RESULTS)
+def results_name(reference: str, default: str) -> str:
+    """results.json under the benchmark's default reference version, results-<version>.json under another
+    (so rescoring a finished run under several versions keeps each)."""
+    return RESULTS if reference == default else f"results-{reference}.json"
+
+
+def write_results(out: str, results: dict[str, Any], name: str = RESULTS) -> str:
+    path = os.path.join(out, name)
     _write_atomic(path, json.dumps(results, indent=1, ensure_ascii=False, default=str) + "\n")
     return path
 

@@ -1,10 +1,13 @@
-"""Scoring of VSI-Bench and All-Angles Bench, as their reference evaluation code scores.
+"""Scoring of VSI-Bench, All-Angles Bench and BLINK multi-view, as their reference evaluation code scores.
 
 Pure functions of the saved predictions (numpy only, no model, no I/O), so a
-results.json can always be recomputed from predictions.jsonl.
+results.json can always be recomputed from predictions.jsonl. The version-dependent
+pieces (lmms-eval main's `extract_number`, v0.7's `strip_reasoning_tags`, v0.5's
+`parse_reasoning_model_answer`, VLMEvalKit main's `can_infer` rules) are here too; which
+version uses which is `references.py`.
 
 VSI-Bench follows lmms-eval's `vsibench` task (the code the VSI-Bench authors
-released their numbers with):
+released their numbers with); the rules below are v0.5 / v0.6's (the default):
 
 - EvolvingLMMs-Lab/lmms-eval  lmms_eval/tasks/vsibench/utils.py   (scoring, aggregation)
 - EvolvingLMMs-Lab/lmms-eval  lmms_eval/tasks/vsibench/vsibench.yaml (prompts, greedy, max_new_tokens 16)
@@ -45,6 +48,10 @@ Accuracy is the fraction of hits overall (VLMEvalKit `report_acc`: a mean over
 questions) and per `category`. Pair consistency over `pair_idx` twins is this
 project's definition (see `pair_consistency`), in the CC / WW / IC terms of the
 All-Angles Bench paper.
+
+BLINK multi-view follows lmms-eval's `blink` task (lmms_eval/tasks/blink/utils.py,
+the same from v0.6 to main): `_extract_answer_letter` against `answer.strip("()")`,
+accuracy over questions (`blink_extract_letter`, `score_blink`, `aggregate_blink`).
 """
 from __future__ import annotations
 
@@ -121,13 +128,70 @@ def mean_relative_accuracy(pred: float, target: float) -> float:
     return float((rel <= _TOLERANCES).mean())
 
 
-def score_vsi(question_type: str, prediction: str, ground_truth: str) -> float:
-    """The per-question score of the reference's `vsibench_process_results`."""
+_NUMBER_WORDS = {w: float(v) for w, v in (
+    ("zero", 0), ("one", 1), ("two", 2), ("three", 3), ("four", 4), ("five", 5), ("six", 6), ("seven", 7),
+    ("eight", 8), ("nine", 9), ("ten", 10), ("eleven", 11), ("twelve", 12), ("thirteen", 13), ("fourteen", 14),
+    ("fifteen", 15), ("sixteen", 16), ("seventeen", 17), ("eighteen", 18), ("nineteen", 19), ("twenty", 20),
+    ("thirty", 30), ("forty", 40), ("fifty", 50), ("sixty", 60), ("seventy", 70), ("eighty", 80), ("ninety", 90),
+    ("hundred", 100), ("thousand", 1000))}
+_DIGITS = re.compile(r"-?\d+(?:\.\d+)?")
+_WORD = re.compile(r"[a-z]+")
+
+
+def extract_number(text: Any) -> float | None:
+    """lmms-eval main's numeric parser (lmms_eval/tasks/vsibench/utils.py `extract_number`, commit 75571cfe).
+
+    On the whole answer, lower-cased and stripped: the first number token wins, a run
+    of digits (`-?\\d+(\\.\\d+)?`, so "3m" -> 3, "About 10" -> 10, "1e3" -> 1, "+3" -> 3) or a
+    run of English number words (zero ... ninety, hundred, thousand; "and" inside a run
+    is skipped, hyphens split words: "twenty-one" -> 21, "three hundred and twenty-one"
+    -> 321). None when there is neither.
+    """
+    if text is None:
+        return None
+    s = str(text).strip().lower()
+    if not s:
+        return None
+    digits = _DIGITS.search(s)
+    run_start, run = None, []
+    for m in _WORD.finditer(s):
+        tok = m.group(0)
+        if run_start is None:
+            if tok in _NUMBER_WORDS:
+                run_start, run = m.start(), [tok]
+        elif tok in _NUMBER_WORDS:
+            run.append(tok)
+        elif tok != "and":
+            break
+    if digits is not None and (run_start is None or digits.start() < run_start):
+        return float(digits.group(0))
+    if run_start is None:
+        return None
+    total = current = 0.0
+    for tok in run:
+        value = _NUMBER_WORDS[tok]
+        if value == 100:
+            current = max(current, 1.0) * 100
+        elif value == 1000:
+            total += max(current, 1.0) * 1000
+            current = 0.0
+        else:
+            current += value
+    return total + current
+
+
+def score_vsi(question_type: str, prediction: str, ground_truth: str, numeric: str = "float") -> float:
+    """The per-question score of the reference's `vsibench_process_results`.
+
+    numeric: how a numerical answer is read: "float" (`float(fuzzy_matching(answer))`, lmms-eval
+    up to v0.7.2 and thinking-in-space) or "extract_number" (lmms-eval main).
+    """
     if question_type in MCA_QUESTION_TYPES:
         return exact_match(fuzzy_matching(prediction), ground_truth)
     if question_type in NA_QUESTION_TYPES:
+        value = extract_number(prediction) if numeric == "extract_number" else to_float(fuzzy_matching(prediction))
         try:
-            return mean_relative_accuracy(to_float(fuzzy_matching(prediction)), to_float(ground_truth))
+            return mean_relative_accuracy(value, to_float(ground_truth))
         except TypeError:
             return 0.0
     raise ValueError(f"unknown VSI-Bench question type {question_type!r}")
@@ -142,7 +206,7 @@ def vsi_metric_key(question_type: str) -> str:
     raise ValueError(f"unknown VSI-Bench question type {question_type!r}")
 
 
-def aggregate_vsi(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def aggregate_vsi(rows: Iterable[Mapping[str, Any]], round_digits: int | None = None) -> dict[str, Any]:
     """Per-type scores and `overall` from rows with `question_type` and `score`.
 
     Returns {"scores": OrderedDict(reference keys -> value, `overall` last),
@@ -150,8 +214,11 @@ def aggregate_vsi(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     `object_rel_direction` levels present (the full benchmark) this is the reference's
     `vsibench_aggregate_results` exactly. When a partial run (--limit) lacks some
     levels, `object_rel_direction_accuracy` is the mean of the levels present (absent
-    when none is), where the reference would fail (lmms-eval) or count them as 0
-    (thinking-in-space); `complete_levels` is then False.
+    when none is), where the references do otherwise: lmms-eval raises KeyError;
+    thinking-in-space leaves relative direction out when the easy level is absent and
+    raises KeyError when easy is present but medium or hard is missing.
+    `complete_levels` is then False. `round_digits` (lmms-eval v0.7.2 and main: 6) rounds
+    every reported value, `overall` being computed from the unrounded ones first.
     """
     by_type: dict[str, list[float]] = {}
     for r in rows:
@@ -165,6 +232,8 @@ def aggregate_vsi(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         out[f"object_rel_direction_{MCA_METRIC}"] = sum(levels) / float(len(levels))
     if out:
         out["overall"] = sum(v for v in out.values()) / len(out)
+    if round_digits is not None:  # lmms-eval v0.7.2+: each reported value rounded, `overall` from unrounded ones
+        out = OrderedDict((k, round(v, round_digits)) for k, v in out.items())
     return {"scores": out, "counts": {k: len(v) for k, v in sorted(by_type.items())},
             "complete_levels": len(levels) == len(REL_DIRECTION_LEVELS)}
 
@@ -180,12 +249,23 @@ _REJECT_TO_ANSWER = (
 )
 
 
-def can_infer_option(answer: str, choices: Mapping[str, Any]) -> str | bool:
+CAN_INFER_RULES = ("18fc37a", "main")
+"""VLMEvalKit `can_infer` versions: commit 18fc37a (the All-Angles authors' fork) and main (e8e78f05)."""
+_VERBOSE_ANSWER = re.compile(r"(?i)(?:correct\s+)?answer\s+is\s+\**([ABCD])\**")
+"""VLMEvalKit main's `_VERBOSE_ANSWER_RE` ("The answer is C", "correct answer is **B**"); case-insensitive,
+so the letter may be lower case ("the answer is behind" reads B)."""
+
+
+def can_infer_option(answer: str, choices: Mapping[str, Any], rules: str = "18fc37a") -> str | bool:
     """VLMEvalKit's option-letter extraction (VERBOSE unset, its default).
 
     Punctuation `.()[],:;!*#{}` becomes spaces, the text is split on whitespace, and
     when exactly one option letter occurs as a token that letter is the answer; a
     refusal phrase, or no letter but a lone 'Z' token, gives 'Z'; otherwise False.
+    rules="main" (VLMEvalKit main): the one letter counts only when its first
+    occurrence is among the last 4 tokens (`splits.index(ch) > len(splits) - 5`), and
+    when no letter was taken, "answer is X" (`_VERBOSE_ANSWER`, X in A-D and an option)
+    gives X.
     """
     if FAIL_MSG in answer:
         return False
@@ -199,26 +279,37 @@ def can_infer_option(answer: str, choices: Mapping[str, Any]) -> str | bool:
     count = sum(1 for c in choices if c in splits)
     if count == 1:
         for ch in choices:
-            if ch in splits:
+            if ch in splits and (rules != "main" or splits.index(ch) > len(splits) - 5):
                 return ch
     elif count == 0 and sum(1 for c in ("Z", "") if c in splits) == 1:
         return "Z"
+    if rules == "main":
+        m = _VERBOSE_ANSWER.search(answer or "")
+        if m and m.group(1).upper() in choices:
+            return m.group(1).upper()
     return False
 
 
-def can_infer_text(answer: str, choices: Mapping[str, Any]) -> str | bool:
-    """VLMEvalKit's option-text extraction: the one option whose lower-cased text occurs in the answer."""
+def can_infer_text(answer: str, choices: Mapping[str, Any], rules: str = "18fc37a") -> str | bool:
+    """VLMEvalKit's option-text extraction: the one option whose lower-cased text occurs in the answer.
+
+    rules="main": an answer longer than twice the options' total length matches no text.
+    """
     answer = answer.lower()
+    if rules == "main" and len(answer) > 2 * sum(len(str(v)) for v in choices.values()):
+        return False
     lowered = {k: str(v).lower() for k, v in choices.items()}
     cands = [k for k in lowered if lowered[k] in answer]
     return cands[0] if len(cands) == 1 else False
 
 
-def can_infer(answer: Any, choices: Mapping[str, Any]) -> str | bool:
+def can_infer(answer: Any, choices: Mapping[str, Any], rules: str = "18fc37a") -> str | bool:
     """VLMEvalKit's `can_infer`: option letter first, else option text."""
+    if rules not in CAN_INFER_RULES:
+        raise ValueError(f"unknown can_infer rules {rules!r}")
     answer = str(answer)
-    copt = can_infer_option(answer, choices)
-    return copt if copt else can_infer_text(answer, copy.copy(dict(choices)))
+    copt = can_infer_option(answer, choices, rules)
+    return copt if copt else can_infer_text(answer, copy.copy(dict(choices)), rules)
 
 
 def options_of(item: Mapping[str, Any]) -> "OrderedDict[str, str]":
@@ -230,15 +321,16 @@ def options_of(item: Mapping[str, Any]) -> "OrderedDict[str, str]":
     return out
 
 
-def extract_choice(prediction: str, choices: Mapping[str, Any]) -> str:
+def extract_choice(prediction: str, choices: Mapping[str, Any], rules: str = "18fc37a") -> str:
     """The option the prediction names ('Z' when none can be inferred: exact matching, no judge)."""
-    opt = can_infer(prediction, choices)
+    opt = can_infer(prediction, choices, rules)
     return opt if opt else "Z"
 
 
-def score_allangles(prediction: str, choices: Mapping[str, Any], answer: str) -> tuple[str, float]:
+def score_allangles(prediction: str, choices: Mapping[str, Any], answer: str,
+                    rules: str = "18fc37a") -> tuple[str, float]:
     """(extracted option, hit) of one All-Angles question."""
-    opt = extract_choice(prediction, choices)
+    opt = extract_choice(prediction, choices, rules)
     return opt, 1.0 if opt == str(answer) else 0.0
 
 
@@ -300,6 +392,86 @@ def aggregate_allangles(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"scores": scores, "counts": {c: len(v) for c, v in sorted(hits_by_cat.items())},
             "macro_category_mean": (sum(cat_means) / len(cat_means)) if cat_means else None,
             "pairs": pair_consistency(rows)}
+
+
+# ------------------------------------------------------------------- BLINK multi-view
+
+_BLINK_LETTER = re.compile(r"[(\s]*([A-Z])", re.IGNORECASE)
+"""The match that decides lmms-eval's `_extract_answer_letter` (its trailing `[\\)\\.\\s]*` never changes
+whether or what it matches)."""
+
+
+def blink_extract_letter(text: str) -> str:
+    """lmms-eval's BLINK answer extraction (lmms_eval/tasks/blink/utils.py `_extract_answer_letter`).
+
+    The stripped answer must START with optional '(' / whitespace and then a letter; that
+    letter, upper-cased, is the answer ("B", "(b)", "C. left" -> B, B, C). Anything else
+    gives "": a leading word counts as its first letter ("The answer is B" -> "T"), and a
+    leading '*' or '<' gives "" ("**B**", "<think>..." -> "").
+    """
+    m = _BLINK_LETTER.match(text.strip())
+    return m.group(1).upper() if m else ""
+
+
+def blink_answer_letter(answer: str) -> str:
+    """The gold letter as lmms-eval's `blink_process_results` reads it: `answer.strip("()")` ("(A)" -> "A")."""
+    return str(answer).strip("()")
+
+
+def score_blink(prediction: str, answer: str) -> tuple[str, float]:
+    """(extracted letter, hit) of one BLINK question (lmms-eval `blink_process_results`)."""
+    letter = blink_extract_letter(prediction)
+    return letter, 1.0 if letter == blink_answer_letter(answer) else 0.0
+
+
+def aggregate_blink(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """lmms-eval's `blink_aggregate_results`: correct / total (0 when empty), keyed `blink_acc`.
+
+    rows: dicts with `hit` and `sub_task`. Returns {"scores": {"blink_acc": ...}, "counts": {sub_task: n}}.
+    """
+    n = len(rows)
+    correct = sum(1 for r in rows if r["hit"])
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[str(r["sub_task"])] = counts.get(str(r["sub_task"]), 0) + 1
+    return {"scores": OrderedDict([("blink_acc", correct / n if n > 0 else 0)]), "counts": dict(sorted(counts.items()))}
+
+
+# ------------------------------------------------------- answer post-processing (versions)
+
+LMMS_EVAL_REASONING_TAGS = (("<think>", "</think>"), ("<analysis>", "</analysis>"))
+"""lmms-eval v0.7+'s default `--reasoning_tags` (lmms_eval/__main__.py)."""
+
+
+def strip_reasoning_tags(text: str, tag_pairs: Sequence[Sequence[str]] = LMMS_EVAL_REASONING_TAGS) -> str:
+    """lmms-eval v0.7+'s evaluator step before every task's scoring (lmms_eval/api/reasoning.py
+    `strip_reasoning_tags`): each start...end block is cut out (per pair, leftmost first, while
+    both tags occur and the end follows the start), then surrounding whitespace is stripped."""
+    out = text
+    for start_tag, end_tag in tag_pairs:
+        while start_tag in out and end_tag in out:
+            start = out.find(start_tag)
+            end = out.find(end_tag, start)
+            if end == -1:
+                break
+            out = out[:start] + out[end + len(end_tag):]
+    return out.strip()
+
+
+_ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+_BOXED = re.compile(r"\\boxed\{\s*(.*?)\s*\}", re.DOTALL)
+
+
+def parse_reasoning_model_answer(text: str) -> str:
+    """lmms-eval v0.5 / v0.6's Qwen2.5-VL model wrappers (lmms_eval/models/model_utils/reasoning_model_utils.py
+    `parse_reasoning_model_answer`, called by models/simple/qwen2_5_vl.py and models/chat/qwen2_5_vl.py on
+    every answer): the content of the first `<answer>...</answer>`, else of the first `\\boxed{...}`
+    (up to the first '}'), else the answer unchanged."""
+    m = _ANSWER_TAG.search(text)
+    if m:
+        return m.group(1)
+    m = _BOXED.search(text)
+    return m.group(1) if m else text
 
 
 # --------------------------------------------------------------------------- helpers

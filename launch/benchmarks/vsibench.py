@@ -22,9 +22,10 @@ Prompts are that task's `vsibench_doc_to_text` with its default kwargs
     multiple choice:  "These are frames of a video.\\n{question}\\nOptions:\\n{options joined by \\n}\\n"
                       "Answer with the option's letter from the given choices directly."
 
-The sampled frames go in as images (one `{"type": "image"}` each, before the text):
-this project's processor has no video path. Scoring: `scoring.score_vsi`,
-`scoring.aggregate_vsi`.
+The sampled frames reach Qwen models as one video input (lmms-eval's protocol), or as
+images (one `{"type": "image"}` each, before the text: `--frames-as clip`, the way GASP
+trains, and LLaVA-OneVision's only path here). Scoring: `scoring.score_vsi`,
+`scoring.aggregate_vsi`, under the `--reference` version (references.py).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ import os
 from typing import Any
 
 from launch.benchmarks import BenchmarkError, Question, given_annotations
-from launch.benchmarks import scoring
+from launch.benchmarks import references, scoring
+from launch.benchmarks.references import Reference
 from launch.benchmarks.tables import read_records, require_fields
 
 NAME = "vsi-bench"
@@ -42,6 +44,9 @@ IS_VIDEO = True
 """Questions are about one video each (Qwen models can take it as a video input)."""
 DEFAULT_MAX_NEW_TOKENS = 16
 """lmms-eval vsibench.yaml `generation_kwargs.max_new_tokens`."""
+HEADLINE = f"object_counting_{scoring.NA_METRIC}"
+"""The paper's headline sub-score of this benchmark (GASP: +29.0 object counting)."""
+LABEL = "VSI-Bench"
 DEFAULT_NUM_FRAMES = 32
 """Frames per video: lmms-eval's default video budget (`max_num_frames` / `max_frames_num` 32)."""
 HF_URL = "https://huggingface.co/datasets/nyu-visionx/VSI-Bench"
@@ -95,7 +100,7 @@ def _options(value: Any, qtype: str, rec_id: Any, path: str) -> list[str] | None
     return [str(o) for o in value]
 
 
-def load(data: str, annotations: str = "") -> tuple[str, str, list[Question]]:
+def load(data: str, annotations: str = "", family: str | None = None) -> tuple[str, str, list[Question]]:
     """(video root, annotation file, questions in file order) for `--data` / `--annotations`."""
     root, path = find_annotations(data, annotations)
     records = read_records(path, NAME)
@@ -151,17 +156,32 @@ def visuals(question: Question, loader) -> list:
     return loader.frames(question.media[0])
 
 
-def score(record: dict[str, Any], prediction: str) -> dict[str, Any]:
+def scenes(questions: list[Question]) -> set[tuple[str, str]]:
+    """(dataset, scene_name) of every question: the ScanNet, ScanNet++ and ARKitScenes scenes it is built on."""
+    return {(q.record["dataset"], q.record["scene_name"]) for q in questions}
+
+
+def score(record: dict[str, Any], prediction: str, reference: Reference | None = None,
+          family: str | None = None) -> dict[str, Any]:
     """Per-question fields saved beside the prediction: the extracted answer and its score."""
-    return {"extracted": scoring.fuzzy_matching(prediction),
-            "score": scoring.score_vsi(record["question_type"], prediction, record["ground_truth"])}
+    ref = reference or references.resolve(NAME)
+    answer = ref.postprocess(prediction, family)
+    qtype = record["question_type"]
+    if qtype in scoring.NA_QUESTION_TYPES and ref.vsi_numeric == "extract_number":
+        extracted = scoring.extract_number(answer)
+    else:
+        extracted = scoring.fuzzy_matching(answer)
+    return {"extracted": extracted,
+            "score": scoring.score_vsi(qtype, answer, record["ground_truth"], numeric=ref.vsi_numeric)}
 
 
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def aggregate(rows: list[dict[str, Any]], reference: Reference | None = None,
+              family: str | None = None) -> dict[str, Any]:
     """Reference scores from saved rows (re-scored from their `prediction`)."""
-    scored = [{"question_type": r["question_type"],
-               "score": scoring.score_vsi(r["question_type"], r["prediction"], r["ground_truth"])} for r in rows]
-    agg = scoring.aggregate_vsi(scored)
+    ref = reference or references.resolve(NAME)
+    scored = [{"question_type": r["question_type"], "score": score(r, r["prediction"], ref, family)["score"]}
+              for r in rows]
+    agg = scoring.aggregate_vsi(scored, round_digits=ref.vsi_round)
     agg["metric"] = {qt: (scoring.MCA_METRIC if qt in scoring.MCA_QUESTION_TYPES else scoring.NA_METRIC)
                      for qt in agg["counts"]}
     return agg
