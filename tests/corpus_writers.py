@@ -405,16 +405,16 @@ def depth_bin_bytes(depths: list[np.ndarray], encoding: str) -> bytes:
 
 def write_scannetpp_scene(root: str | pathlib.Path, name: str, seed: int, n_frames: int = 12,
                           rgb_size: tuple[int, int] = (960, 720), encoding: str = "lz4", step: float = 0.06,
-                          fps: int = 60, gop: int = 6, t0: float = 2871.5124) -> Truth:
+                          fps: int = 60, gop: int = 6, t0: float = 2871.5124, view_renders: bool = True) -> Truth:
     """A ScanNet++ scene folder (SCENE/iphone/rgb.mkv, depth.bin, pose_intrinsic_imu.json) of one room.
 
     The RGB (rgb_size, ARKit-like K with an off-centre principal point) is ray-cast and encoded
     as H.264 in Matroska with PyAV; depth is ray-cast at 256x192 with the RGB K resized by
     DESIGN §3's rule and stored with `encoding` (see depth_bin_bytes); `aligned_pose` holds the
     OpenCV camera-to-world, `pose` the same camera in another world (as the raw ARKit pose is).
-    The Truth is the reader's stored view (512x384): its K, the renders made directly in it,
-    and the depth the reader must return (each depth sample repeated over a 2x2 block;
-    millimetre-quantised for lz4).
+    The Truth is the reader's stored view (512x384): its K, the renders made directly in it
+    (`view_renders`; else the RGB renders resized to it, which is cheaper), and the depth the
+    reader must return (each depth sample repeated over a 2x2 block; millimetre-quantised for lz4).
     """
     scene = pathlib.Path(root) / name / "iphone"
     scene.mkdir(parents=True, exist_ok=True)
@@ -433,7 +433,8 @@ def write_scannetpp_scene(root: str | pathlib.Path, name: str, seed: int, n_fram
     for k, T in enumerate(synthetic.make_trajectory(room, n_frames, seed + 1, step=step)):
         rgb, _ = synthetic.render(room, K, T, W, H)
         _, depth = synthetic.render(room, K_d, T, *SCANNETPP_DEPTH_SIZE)
-        rgb_v, _ = synthetic.render(room, K_v, T, *SCANNETPP_VIEW_SIZE)
+        rgb_v = (synthetic.render(room, K_v, T, *SCANNETPP_VIEW_SIZE)[0] if view_renders else
+                 np.asarray(Image.fromarray(rgb).resize(SCANNETPP_VIEW_SIZE, Image.BICUBIC)))
         frames.append(rgb)
         depths.append(depth)
         stored = (synthetic.depth_to_png_mm(depth).astype(np.float32) / np.float32(1000.0)
