@@ -156,9 +156,9 @@ def read_sens_header(f, url: str, scene: str) -> SensHeader:
     """Parse a `.sens` header from a file object at offset 0. SceneError (one line) if it is not one."""
     (version,) = struct.unpack("<I", _read_exact(f, 4, "version", url, scene))
     if version != SENS_VERSION:
-        raise SceneError(f"scene {scene}: {url} is SensorData version {version}; this reader reads version "
-                         f"{SENS_VERSION}, ScanNet's .sens format (older files: re-save them with ScanNet's "
-                         f"SensReader/c++ tools, or export them with SensReader/python)")
+        raise SceneError(f"scene {scene}: {url} is SensorData version {version}, not version {SENS_VERSION} "
+                         f"(ScanNet v2's .sens, the only layout read): not a ScanNet .sens, or a damaged one; "
+                         f"fetch it again with download-scannet.py --type .sens")
     (n,) = struct.unpack("<Q", _read_exact(f, 8, "sensor name length", url, scene))
     if n > MAX_SENSOR_NAME:
         raise SceneError(f"scene {scene}: {url} is not a SensorData file (sensor name of {n} bytes)")
