@@ -354,3 +354,20 @@ def test_scannetpp_from_s3(s3_server, small, monkeypatch):
         for a, b in zip(remote.load(remote.frames[k]), local.load(local.frames[k])):
             np.testing.assert_array_equal(a, b)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.slow
+def test_shard_job_through_ray_reads_scannetpp(ray_local, corpus, tmp_path, shard_checks):
+    """`pipeline/shard.py --format scannetpp` end to end on Ray: the scan tasks' shells (video index,
+    per-frame depth offsets, carried depth of the deflate stream) go through Ray's object store."""
+    from test_shard_job import run_main, verify_output
+
+    root, truths = corpus
+    out = str(tmp_path / "out")
+    rc, _, _ = run_main(["--input", root, "--format", "scannetpp", "--output", out, "--pairs-per-scene", "4",
+                         "--samples-per-shard", "4", "--max-side", "640", "--max-gap", "10", "--gap-buckets", "1,4",
+                         "--val-fraction", "0.34", "--quiet"])
+    assert rc == 0
+    manifest, metas = verify_output(out, shard_checks)
+    assert manifest["flagged_scenes"] == {} and manifest["counts"]["pairs"] == 12
+    assert {m["scene"] for m in metas} == set(truths) and {m["dataset"] for m in metas} == {"scannetpp"}
