@@ -242,3 +242,212 @@ def write_nerfstudio_scene(root: str | pathlib.Path, name: str, seed: int, n_fra
     meta.update(json_extra or {})
     (scene / "transforms.json").write_text(json.dumps(meta, indent=2))
     return truth
+
+
+# ----------------------------------------------------------------------------- ScanNet .sens
+
+SENS_VERSION = 4  # ScanNet SensReader/c++/src/sensorData.h M_SENSOR_DATA_VERSION
+
+
+def _f32(M: np.ndarray) -> np.ndarray:
+    """float64 copy of M rounded to float32: what a `.sens` stores."""
+    return np.asarray(M, dtype=np.float32).astype(np.float64)
+
+
+def sens_file_bytes(K_color4: np.ndarray, ext_color: np.ndarray, K_depth4: np.ndarray, ext_depth: np.ndarray,
+                    color_size: tuple[int, int], depth_size: tuple[int, int], frames: list[tuple],
+                    depth_shift: float = 1000.0, version: int = SENS_VERSION, sensor_name: str = "StructureSensor",
+                    color_codec: int = 2, depth_codec: int = 1) -> bytes:
+    """A `.sens` file from ScanNet's published layout (SensReader/c++/src/sensorData.h
+    `writeHeaderToFile`, `RGBDFrame::saveToFile`, then the IMU count), written here with struct,
+    independently of the reader. frames: (cam2world 4x4, timestamp_color, timestamp_depth,
+    colour bytes, depth bytes) each. Little-endian, matrices row-major float32."""
+    import struct
+
+    name = sensor_name.encode()
+    out = [struct.pack("<IQ", version, len(name)), name]
+    for M in (K_color4, ext_color, K_depth4, ext_depth):
+        out.append(struct.pack("<16f", *np.asarray(M, dtype=np.float64).ravel()))
+    out.append(struct.pack("<ii", color_codec, depth_codec))
+    out.append(struct.pack("<4I", *color_size, *depth_size))
+    out.append(struct.pack("<f", depth_shift))
+    out.append(struct.pack("<Q", len(frames)))
+    for T, t_c, t_d, color, depth in frames:
+        out.append(struct.pack("<16f", *np.asarray(T, dtype=np.float64).ravel()))
+        out.append(struct.pack("<4Q", t_c, t_d, len(color), len(depth)))
+        out += [color, depth]
+    out.append(struct.pack("<Q", 0))  # no IMU frames
+    return b"".join(out)
+
+
+def _exact_text(M: np.ndarray) -> str:
+    """A matrix as text that parses back to exactly the same float64 numbers ('%.17g')."""
+    return "".join(" ".join("%.17g" % x for x in row) + "\n" for row in np.asarray(M, dtype=np.float64))
+
+
+def write_scannet_sens_scene(root: str | pathlib.Path, name: str, seed: int, layout: str = "sens",
+                             n_frames: int = 4, color_size: tuple[int, int] = (324, 242),
+                             depth_size: tuple[int, int] = (160, 120), step: float = 0.08,
+                             depth_to_color: np.ndarray | None = None, inf_pose_frames: tuple[int, ...] = (),
+                             export_text: str = "exact") -> Truth:
+    """One synthetic room as ScanNet ships it, `SCENE/SCENE.sens` (layout "sens"), or as the same
+    data after SensReader's export (layout "export": color/, depth/, pose/, intrinsic/).
+
+    Deterministic per seed: both layouts of one seed hold the same numbers. Everything the
+    `.sens` stores is float32 (K, extrinsics, poses; the Truth holds those float32 values), and
+    the export holds the very same JPEG bytes and uint16 depth. `export_text`: "exact" writes the
+    export's matrices with 17 significant digits (parse back to the `.sens` float32 values),
+    "sensreader" with '%f' as SensReader/python `save_mat_to_file` does (6 decimals). (SensReader
+    also decodes and re-encodes each JPEG; "exact" keeps the bytes, so both layouts must give
+    identical shards.) Frames at positions `inf_pose_frames` carry an all -inf pose, as SensReader
+    writes for lost tracking.
+    """
+    import io
+    import zlib
+
+    scene = pathlib.Path(root) / name
+    scene.mkdir(parents=True, exist_ok=True)
+    room = synthetic.make_room(seed)
+    K_d = _f32(geometry.resize_intrinsics(SCANNET_K_DEPTH, SCANNET_DEPTH_SIZE, depth_size))
+    K_c = _f32(geometry.resize_intrinsics(SCANNET_K_COLOR, SCANNET_COLOR_SIZE, color_size))
+    d2c = np.eye(4) if depth_to_color is None else _f32(depth_to_color)
+    K_c4, K_d4 = np.pad(K_c, (0, 1)), np.pad(K_d, (0, 1))
+    K_c4[3, 3] = K_d4[3, 3] = 1.0
+    truth = Truth(str(scene), room, K_d, [], [], [], [], extra={"K_color": K_c, "depth_to_color": d2c,
+                                                               "jpeg": [], "depth_mm": []})
+    records = []
+    for k, T_true in enumerate(synthetic.make_trajectory(room, n_frames, seed + 1, step=step)):
+        T_d = _f32(T_true)
+        rgb_d, depth = synthetic.render(room, K_d, T_d, *depth_size)
+        rgb_c, _ = synthetic.render(room, K_c, T_d @ geometry.invert_pose(d2c), *color_size)
+        buf = io.BytesIO()
+        Image.fromarray(rgb_c).save(buf, "JPEG", quality=92)
+        mm = synthetic.depth_to_png_mm(depth)
+        pose = np.full((4, 4), -np.inf) if k in inf_pose_frames else T_d
+        records.append((pose, 1_000_000 + 33_333 * k, 1_000_000 + 33_333 * k + 100, buf.getvalue(),
+                        zlib.compress(mm.astype("<u2").tobytes())))
+        truth.cam2world.append(T_d)
+        truth.depth.append(mm.astype(np.float32) / np.float32(1000.0))
+        truth.rgb.append(rgb_d)
+        truth.names.append(str(k))
+        truth.extra["jpeg"].append(buf.getvalue())
+        truth.extra["depth_mm"].append(mm)
+    if layout == "sens":
+        (scene / f"{name}.sens").write_bytes(sens_file_bytes(K_c4, np.eye(4), K_d4, d2c, color_size, depth_size,
+                                                             records))
+    elif layout == "export":
+        text = _exact_text if export_text == "exact" else _mat_text
+        for sub in ("color", "depth", "pose", "intrinsic"):
+            (scene / sub).mkdir(exist_ok=True)
+        for fname, M in (("intrinsic_color.txt", K_c4), ("intrinsic_depth.txt", K_d4),
+                         ("extrinsic_color.txt", np.eye(4)), ("extrinsic_depth.txt", d2c)):
+            (scene / "intrinsic" / fname).write_text(text(M))
+        for k, (pose, _, _, jpeg, _) in enumerate(records):
+            (scene / "color" / f"{k}.jpg").write_bytes(jpeg)
+            Image.fromarray(truth.extra["depth_mm"][k]).save(scene / "depth" / f"{k}.png")
+            (scene / "pose" / f"{k}.txt").write_text(text(pose))
+    else:
+        raise ValueError(f"layout must be 'sens' or 'export', got {layout!r}")
+    return truth
+
+
+# ----------------------------------------------------------------------------- ScanNet++ iPhone
+
+SCANNETPP_DEPTH_SIZE = (256, 192)
+SCANNETPP_VIEW_SIZE = (512, 384)  # the reader's stored view: the depth grid x 2
+
+
+def encode_video(path: str | pathlib.Path, frames: list[np.ndarray], fps: int = 60, gop: int = 6,
+                 codec: str = "libx264", crf: int = 10, bframes: int = 2) -> None:
+    """Encode RGB frames (H, W, 3) uint8 as a real video with PyAV (Matroska when the name ends in .mkv):
+    a keyframe every `gop` frames, B-frames (so decode order differs from presentation order)."""
+    import av
+
+    H, W = frames[0].shape[:2]
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        s.options = {"g": str(gop), "keyint_min": str(gop), "bf": str(bframes), "crf": str(crf),
+                     "sc_threshold": "0"}
+        for a in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def depth_bin_bytes(depths: list[np.ndarray], encoding: str) -> bytes:
+    """A ScanNet++ depth.bin of float32 metre maps (192, 256), in the layouts the toolkit's
+    `extract_depth` reads: "stream" (the whole file one raw-deflate stream of float32), "lz4"
+    (per frame: uint32 LE size + lz4 block of uint16 mm), "deflate" (per frame: size + raw
+    deflate of float32)."""
+    import zlib
+
+    import lz4.block
+
+    def raw_deflate(b: bytes) -> bytes:
+        z = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return z.compress(b) + z.flush()
+
+    if encoding == "stream":
+        return raw_deflate(b"".join(np.asarray(d, dtype="<f4").tobytes() for d in depths))
+    out = []
+    for d in depths:
+        if encoding == "lz4":
+            block = lz4.block.compress(synthetic.depth_to_png_mm(d).astype("<u2").tobytes(), store_size=False)
+        elif encoding == "deflate":
+            block = raw_deflate(np.asarray(d, dtype="<f4").tobytes())
+        else:
+            raise ValueError(f"encoding must be stream, lz4 or deflate, got {encoding!r}")
+        out += [len(block).to_bytes(4, "little"), block]
+    return b"".join(out)
+
+
+def write_scannetpp_scene(root: str | pathlib.Path, name: str, seed: int, n_frames: int = 12,
+                          rgb_size: tuple[int, int] = (960, 720), encoding: str = "lz4", step: float = 0.06,
+                          fps: int = 60, gop: int = 6, t0: float = 2871.5124, view_renders: bool = True) -> Truth:
+    """A ScanNet++ scene folder (SCENE/iphone/rgb.mkv, depth.bin, pose_intrinsic_imu.json) of one room.
+
+    The RGB (rgb_size, ARKit-like K with an off-centre principal point) is ray-cast and encoded
+    as H.264 in Matroska with PyAV; depth is ray-cast at 256x192 with the RGB K resized by
+    DESIGN §3's rule and stored with `encoding` (see depth_bin_bytes); `aligned_pose` holds the
+    OpenCV camera-to-world, `pose` the same camera in another world (as the raw ARKit pose is).
+    The Truth is the reader's stored view (512x384): its K, the renders made directly in it
+    (`view_renders`; else the RGB renders resized to it, which is cheaper), and the depth the
+    reader must return (each depth sample repeated over a 2x2 block; millimetre-quantised for lz4).
+    """
+    scene = pathlib.Path(root) / name / "iphone"
+    scene.mkdir(parents=True, exist_ok=True)
+    room = synthetic.make_room(seed)
+    W, H = rgb_size
+    K = synthetic.default_intrinsics(W, H, hfov_deg=64.0)
+    K[0, 2] += 3.1 * W / 960
+    K[1, 2] -= 2.2 * W / 960
+    K_d = geometry.resize_intrinsics(K, rgb_size, SCANNETPP_DEPTH_SIZE)
+    K_v = geometry.resize_intrinsics(K, rgb_size, SCANNETPP_VIEW_SIZE)
+    other_world = np.eye(4)
+    other_world[:3, :3] = geometry.axis_angle_to_matrix([0.0, 0.0, 0.7])
+    other_world[:3, 3] = [1.5, -0.4, 0.2]
+    truth = Truth(str(scene.parent), room, K_v, [], [], [], [], extra={"K_rgb": K, "K_depth": K_d, "rgb_full": []})
+    frames, depths, meta = [], [], {}
+    for k, T in enumerate(synthetic.make_trajectory(room, n_frames, seed + 1, step=step)):
+        rgb, _ = synthetic.render(room, K, T, W, H)
+        _, depth = synthetic.render(room, K_d, T, *SCANNETPP_DEPTH_SIZE)
+        rgb_v = (synthetic.render(room, K_v, T, *SCANNETPP_VIEW_SIZE)[0] if view_renders else
+                 np.asarray(Image.fromarray(rgb).resize(SCANNETPP_VIEW_SIZE, Image.BICUBIC)))
+        frames.append(rgb)
+        depths.append(depth)
+        stored = (synthetic.depth_to_png_mm(depth).astype(np.float32) / np.float32(1000.0)
+                  if encoding == "lz4" else depth.astype(np.float32))
+        truth.depth.append(geometry.resize_depth_nearest(stored, SCANNETPP_VIEW_SIZE))
+        truth.rgb.append(rgb_v)
+        truth.cam2world.append(T)
+        truth.names.append(f"frame_{k:06d}")
+        truth.extra["rgb_full"].append(rgb)
+        meta[f"frame_{k:06d}"] = {"timestamp": t0 + k / fps, "intrinsic": K.tolist(),
+                                  "pose": (other_world @ T).tolist(), "aligned_pose": T.tolist(),
+                                  "imu": {"gravity": [0.0, -9.81, 0.0]}}
+    encode_video(scene / "rgb.mkv", frames, fps=fps, gop=gop)
+    (scene / "depth.bin").write_bytes(depth_bin_bytes(depths, encoding))
+    (scene / "pose_intrinsic_imu.json").write_text(json.dumps(meta))
+    return truth

@@ -16,6 +16,7 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "posed": ("data.scenes.posed", "PosedScene", "list_posed_scenes"),
     "synthetic": ("data.scenes.posed", "PosedScene", "list_posed_scenes"),
     "scannet": ("data.scenes.scannet", "ScanNetScene", "list_scannet_scenes"),
+    "scannetpp": ("data.scenes.scannetpp", "ScanNetPPScene", "list_scannetpp_scenes"),
     "arkitscenes": ("data.scenes.arkitscenes", "ARKitScene", "list_arkit_scenes"),
     "nerfstudio": ("data.scenes.nerfstudio", "NerfstudioScene", "list_nerfstudio_scenes"),
 }

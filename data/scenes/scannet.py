@@ -29,11 +29,41 @@ plain resize, which is off by the K mismatch):
   them (with identity extrinsics the two cameras coincide anyway).
 - Pixel centres are at integer coordinates (ScanNet's depth K has cx = 319.5 for a
   640-wide image), our convention: K is used as stored.
+
+The raw `SCENE/SCENE.sens` is read directly when the folder holds it (it is preferred over
+an export in the same folder: the export re-encodes every colour JPEG and rounds poses and
+intrinsics to 6 decimals, the `.sens` is what was captured). Its layout, all little-endian,
+as ScanNet/ScanNet `SensReader/c++/src/sensorData.h` writes it (`SensorData::
+writeHeaderToFile`, `CalibrationData::saveToFile`, `RGBDFrame::saveToFile`) and
+`SensReader/python/SensorData.py` (`SensorData.load`, `RGBDFrame.load`) reads it:
+
+```
+uint32 version (4: M_SENSOR_DATA_VERSION)   uint64 n, char[n] sensor name
+float32[16] intrinsic_color, extrinsic_color, intrinsic_depth, extrinsic_depth (row-major 4x4)
+int32 colour codec (-1 unknown, 0 raw, 1 png, 2 jpeg)   int32 depth codec (0 raw_ushort, 1 zlib_ushort, 2 occi_ushort)
+uint32 colour width, height, depth width, height   float32 depth_shift (1000: millimetres)
+uint64 n_frames, then per frame:
+    float32[16] camera_to_world   uint64 timestamp_color, timestamp_depth (microseconds)
+    uint64 colour bytes, depth bytes   colour data   depth data (zlib of uint16 depth_height x depth_width)
+uint64 n_imu_frames, IMU frames (not read)
+```
+Opening the scene walks the frame headers once (96 bytes each, skipping the data: one
+sequential pass, `ranges.RangeFile`) and records each frame's data offset in its `Frame`;
+the index travels with the frames into the shard job's scene shell, so write tasks read
+just their frames' bytes (a range read each, local or s3://). Colour and depth then go
+through exactly the export path's decoding and alignment. A `-inf` pose (lost tracking) is
+skipped and counted like a `-inf` pose file; a file cut short keeps its whole frames and
+counts the rest as `truncated .sens file`; a wrong version or a header that does not parse
+fails the scene in one line.
 """
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from collections import Counter
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -41,11 +71,22 @@ from PIL import Image
 from data import geometry
 from data.scenes.base import (Frame, FrameError, Scene, SceneError, decode_depth, decode_rgb, open_fs,
                               read_bytes, url_join)
+from data.scenes.ranges import RangeFile
 
-LAYOUT_HINT = ("expected SensReader exports: SCENE/color/i.jpg, depth/i.png, pose/i.txt, "
+LAYOUT_HINT = ("expected SCENE/SCENE.sens or SensReader exports: SCENE/color/i.jpg, depth/i.png, pose/i.txt, "
                "intrinsic/{intrinsic,extrinsic}_{color,depth}.txt (README 'Corpus layouts')")
 DEPTH_SCALE = 1000.0  # SensReader depth_shift: uint16 millimetres
 EXTRINSIC_IDENTITY_TOL = 1e-6
+
+# ---- SensorData (.sens), see the module docstring
+SENS_VERSION = 4
+SENS_COLOR_CODECS = {-1: "unknown", 0: "raw", 1: "png", 2: "jpeg"}
+SENS_DEPTH_CODECS = {-1: "unknown", 0: "raw_ushort", 1: "zlib_ushort", 2: "occi_ushort"}
+_SENS_CALIB = struct.Struct("<64f")  # intrinsic_color, extrinsic_color, intrinsic_depth, extrinsic_depth
+_SENS_TAIL = struct.Struct("<ii4IfQ")  # codecs, sizes, depth_shift, n_frames
+SENS_FRAME_HEADER = struct.Struct("<16f4Q")  # camera_to_world, 2 timestamps, 2 byte sizes: 96 bytes
+MAX_SENSOR_NAME = 4096
+TRUNCATED = "truncated .sens file"
 
 
 def read_matrix_file(url: str, shape: tuple[int, int], scene: str) -> np.ndarray:
@@ -83,8 +124,114 @@ def _image_size(fs, path: str) -> tuple[int, int] | None:
         return None
 
 
+@dataclass(frozen=True)
+class SensHeader:
+    """What a `.sens` header says (module docstring); matrices float64 from the file's float32."""
+
+    version: int
+    sensor_name: str
+    intrinsic_color: np.ndarray
+    extrinsic_color: np.ndarray
+    intrinsic_depth: np.ndarray
+    extrinsic_depth: np.ndarray
+    color_codec: str
+    depth_codec: str
+    color_size: tuple[int, int]
+    depth_size: tuple[int, int]
+    depth_shift: float
+    n_frames: int
+    frames_offset: int
+    """Byte offset of the first frame header."""
+
+
+def _read_exact(f, n: int, what: str, url: str, scene: str) -> bytes:
+    b = f.read(n)
+    if len(b) != n:
+        raise SceneError(f"scene {scene}: {url} ends inside its header ({what}): a truncated or partial "
+                         f"download; fetch the .sens again")
+    return b
+
+
+def read_sens_header(f, url: str, scene: str) -> SensHeader:
+    """Parse a `.sens` header from a file object at offset 0. SceneError (one line) if it is not one."""
+    (version,) = struct.unpack("<I", _read_exact(f, 4, "version", url, scene))
+    if version != SENS_VERSION:
+        raise SceneError(f"scene {scene}: {url} is SensorData version {version}, not version {SENS_VERSION} "
+                         f"(ScanNet v2's .sens, the only layout read): not a ScanNet .sens, or a damaged one; "
+                         f"fetch it again with download-scannet.py --type .sens")
+    (n,) = struct.unpack("<Q", _read_exact(f, 8, "sensor name length", url, scene))
+    if n > MAX_SENSOR_NAME:
+        raise SceneError(f"scene {scene}: {url} is not a SensorData file (sensor name of {n} bytes)")
+    name = _read_exact(f, n, "sensor name", url, scene).decode("utf-8", "replace")
+    m = np.asarray(_SENS_CALIB.unpack(_read_exact(f, _SENS_CALIB.size, "calibration", url, scene)),
+                   dtype=np.float64).reshape(4, 4, 4)
+    c_codec, d_codec, cw, ch, dw, dh, shift, n_frames = _SENS_TAIL.unpack(
+        _read_exact(f, _SENS_TAIL.size, "image sizes", url, scene))
+    if c_codec not in SENS_COLOR_CODECS or SENS_COLOR_CODECS[c_codec] == "unknown":
+        raise SceneError(f"scene {scene}: {url}: colour codec {c_codec} is not one of raw, png, jpeg")
+    if SENS_DEPTH_CODECS.get(d_codec) not in ("raw_ushort", "zlib_ushort"):
+        what = SENS_DEPTH_CODECS.get(d_codec, str(d_codec))
+        raise SceneError(f"scene {scene}: {url}: depth codec {what} is not supported (raw_ushort or zlib_ushort; "
+                         f"occi_ushort needs Occipital's codec)")
+    if min(cw, ch, dw, dh) < 1 or not (np.isfinite(shift) and shift > 0):
+        raise SceneError(f"scene {scene}: {url}: header holds no usable image sizes or depth_shift "
+                         f"({cw}x{ch}, {dw}x{dh}, {shift})")
+    return SensHeader(version=version, sensor_name=name, intrinsic_color=m[0], extrinsic_color=m[1],
+                      intrinsic_depth=m[2], extrinsic_depth=m[3], color_codec=SENS_COLOR_CODECS[c_codec],
+                      depth_codec=SENS_DEPTH_CODECS[d_codec], color_size=(int(cw), int(ch)),
+                      depth_size=(int(dw), int(dh)), depth_shift=float(shift), n_frames=int(n_frames),
+                      frames_offset=4 + 8 + n + _SENS_CALIB.size + _SENS_TAIL.size)
+
+
+@dataclass(frozen=True)
+class SensRecord:
+    """One frame of a `.sens`: where its colour and depth bytes lie, and its header fields."""
+
+    index: int
+    cam2world: np.ndarray
+    timestamp_color: int
+    timestamp_depth: int
+    offset: int
+    """Byte offset of the colour data; the depth data follows it."""
+    color_bytes: int
+    depth_bytes: int
+
+
+def index_sens(f, header: SensHeader, file_size: int) -> tuple[list[SensRecord], int | None]:
+    """Walk the frame headers once from `header.frames_offset`, skipping the data.
+
+    Returns (records of the whole frames, index of the first frame cut off by the end of the
+    file or None). f: a seekable binary file object.
+    """
+    records: list[SensRecord] = []
+    pos = header.frames_offset
+    hsize = SENS_FRAME_HEADER.size
+    for k in range(header.n_frames):
+        if pos + hsize > file_size:
+            return records, k
+        f.seek(pos)
+        raw = f.read(hsize)
+        if len(raw) != hsize:
+            return records, k
+        vals = SENS_FRAME_HEADER.unpack(raw)
+        t_c, t_d, n_c, n_d = vals[16:]
+        data = pos + hsize
+        if data + n_c + n_d > file_size:
+            return records, k
+        records.append(SensRecord(k, np.asarray(vals[:16], dtype=np.float32).astype(np.float64).reshape(4, 4),
+                                  int(t_c), int(t_d), data, int(n_c), int(n_d)))
+        pos = data + n_c + n_d
+    return records, None
+
+
+def depth_from_uint16(arr: np.ndarray, depth_scale: float) -> np.ndarray:
+    """uint16 (H, W) -> float32 metres, 0 = invalid: the same arithmetic as `base.decode_depth` on a PNG."""
+    out = arr.astype(np.float32) / float(depth_scale)
+    return np.where(np.isfinite(out) & (out > 0), out, 0.0).astype(np.float32)
+
+
 class ScanNetScene(Scene):
-    """One SensReader export folder. Frames sorted by their integer index."""
+    """One ScanNet scene folder: `SCENE.sens`, else a SensReader export. Frames sorted by their integer index."""
 
     dataset = "scannet"
 
@@ -93,25 +240,22 @@ class ScanNetScene(Scene):
         fs, path = open_fs(self.url)
         if not fs.isdir(path):
             raise SceneError(f"scene {self.name}: {self.url} is not a folder; {LAYOUT_HINT}")
+        self._depth_cache: tuple[str, np.ndarray] | None = None
+        self._sens_blob: tuple[str, bytes, bytes] | None = None
+        self.sens: SensHeader | None = None
+        kids = {p.rstrip("/").rpartition("/")[2] for p in fs.ls(path, detail=False)}
+        if f"{self.name}.sens" in kids:
+            self._open_sens(url_join(self.url, f"{self.name}.sens"))
+            return
         base = path.rstrip("/")
         intr = url_join(self.url, "intrinsic")
         self.K_color = read_matrix_file(url_join(intr, "intrinsic_color.txt"), (4, 4), self.name)[:3, :3]
         self.K_depth = read_matrix_file(url_join(intr, "intrinsic_depth.txt"), (4, 4), self.name)[:3, :3]
         ext_c = read_matrix_file(url_join(intr, "extrinsic_color.txt"), (4, 4), self.name)
         ext_d = read_matrix_file(url_join(intr, "extrinsic_depth.txt"), (4, 4), self.name)
-        for label, K in (("intrinsic_color.txt", self.K_color), ("intrinsic_depth.txt", self.K_depth)):
-            if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
-                raise SceneError(f"scene {self.name}: {url_join(intr, label)} holds no usable K")
-        for label, E in (("extrinsic_color.txt", ext_c), ("extrinsic_depth.txt", ext_d)):
-            problem = geometry.pose_problem(E)
-            if problem:
-                raise SceneError(f"scene {self.name}: {url_join(intr, label)}: {problem}")
-        # depth-camera points -> colour-camera points (both extrinsics map into one base frame)
-        d2c = np.linalg.inv(ext_c) @ ext_d
-        self.depth_to_color: np.ndarray | None = (
-            None if np.abs(d2c - np.eye(4)).max() < EXTRINSIC_IDENTITY_TOL else d2c)
+        self._calibrate(ext_c, ext_d, {k: url_join(intr, k + ".txt") for k in
+                                       ("intrinsic_color", "intrinsic_depth", "extrinsic_color", "extrinsic_depth")})
         self.depth_scale = DEPTH_SCALE
-        self._depth_cache: tuple[str, np.ndarray] | None = None
 
         # one listing of the scene; no per-frame exists() calls
         files = [p.rstrip("/") for p in fs.find(base)]
@@ -151,6 +295,92 @@ class ScanNetScene(Scene):
                                      size=self.depth_size,
                                      extra={"rgb": f"color/{i}.jpg", "depth": f"depth/{i}.png"}))
 
+    def _calibrate(self, ext_c: np.ndarray, ext_d: np.ndarray, where: dict[str, str]) -> None:
+        """Check K_color, K_depth and the extrinsics; set depth_to_color (None: shared camera centre).
+
+        where: {"intrinsic_color", "intrinsic_depth", "extrinsic_color", "extrinsic_depth"} -> the
+        place each came from, for the one-line error.
+        """
+        for label, K in (("intrinsic_color", self.K_color), ("intrinsic_depth", self.K_depth)):
+            if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
+                raise SceneError(f"scene {self.name}: {where[label]} holds no usable K")
+        for label, E in (("extrinsic_color", ext_c), ("extrinsic_depth", ext_d)):
+            problem = geometry.pose_problem(E)
+            if problem:
+                raise SceneError(f"scene {self.name}: {where[label]}: {problem}")
+        # depth-camera points -> colour-camera points (both extrinsics map into one base frame)
+        d2c = np.linalg.inv(ext_c) @ ext_d
+        self.depth_to_color: np.ndarray | None = (
+            None if np.abs(d2c - np.eye(4)).max() < EXTRINSIC_IDENTITY_TOL else d2c)
+
+    def _open_sens(self, sens_url: str) -> None:
+        """Read the header and walk the frame headers of SCENE.sens once (module docstring)."""
+        self.sens_file = RangeFile(sens_url)
+        try:
+            size = self.sens_file.size
+            with self.sens_file.stream() as f:
+                header = read_sens_header(f, sens_url, self.name)
+                records, cut = index_sens(f, header, size)
+        except FileNotFoundError:
+            raise SceneError(f"scene {self.name}: missing {sens_url}; {LAYOUT_HINT}") from None
+        self.sens = header
+        self.K_color = header.intrinsic_color[:3, :3].copy()
+        self.K_depth = header.intrinsic_depth[:3, :3].copy()
+        self._calibrate(header.extrinsic_color, header.extrinsic_depth,
+                        {k: f"{sens_url} ({k})" for k in
+                         ("intrinsic_color", "intrinsic_depth", "extrinsic_color", "extrinsic_depth")})
+        self.depth_scale = header.depth_shift
+        self.depth_size = header.depth_size
+        if cut is not None and not records:
+            raise SceneError(f"scene {self.name}: {sens_url} ends ({size} bytes) before its first whole frame "
+                             f"({header.n_frames} announced): a truncated or partial download; fetch it again")
+        for r in records:
+            problem = geometry.pose_problem(r.cam2world)  # -inf poses (lost tracking) land here
+            if problem:
+                self.skip(str(r.index), problem)
+                continue
+            self.frames.append(Frame(index=r.index, name=str(r.index), K=self.K_depth.copy(), cam2world=r.cam2world,
+                                     size=self.depth_size, timestamp=r.timestamp_color * 1e-6 or None,
+                                     extra={"sens": (r.offset, r.color_bytes, r.depth_bytes)}))
+        if cut is not None:
+            for k in range(cut, header.n_frames):
+                self.skip(str(k), TRUNCATED)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_depth_cache"] = state["_sens_blob"] = None  # per-frame read caches stay in their process
+        return state
+
+    def _sens_bytes(self, frame: Frame) -> tuple[bytes, bytes]:
+        """(colour, depth) data of a `.sens` frame: one range read of both, kept for the next call."""
+        if self._sens_blob is not None and self._sens_blob[0] == frame.name:
+            return self._sens_blob[1], self._sens_blob[2]
+        offset, n_color, n_depth = frame.extra["sens"]
+        blob = self.sens_file.read(offset, n_color + n_depth)
+        self._sens_blob = (frame.name, blob[:n_color], blob[n_color:])
+        return self._sens_blob[1], self._sens_blob[2]
+
+    def _color_bytes(self, frame: Frame) -> bytes:
+        if self.sens is not None:
+            return self._sens_bytes(frame)[0]
+        return read_bytes(url_join(self.url, frame.extra["rgb"]))
+
+    def _decode_color(self, data: bytes) -> np.ndarray:
+        if self.sens is not None and self.sens.color_codec == "raw":
+            W, H = self.sens.color_size
+            if len(data) != W * H * 3:
+                raise ValueError(f"raw colour holds {len(data)} bytes, expected {W}x{H}x3")
+            return np.frombuffer(data, dtype=np.uint8).reshape(H, W, 3)
+        return decode_rgb(data)
+
+    def _sens_depth(self, frame: Frame) -> np.ndarray:
+        data = self._sens_bytes(frame)[1]
+        raw = zlib.decompress(data) if self.sens.depth_codec == "zlib_ushort" else data
+        W, H = self.sens.depth_size
+        if len(raw) != W * H * 2:
+            raise ValueError(f"depth holds {len(raw)} bytes, expected {W}x{H} uint16")
+        return depth_from_uint16(np.frombuffer(raw, dtype="<u2").reshape(H, W), self.depth_scale)
+
     def _nominal_depth_size(self, fs, paths: list[str]) -> tuple[int, int]:
         """Depth (W, H) shared by the scene: the commonest of a few headers (default 640x480)."""
         sizes = [s for s in (_image_size(fs, p) for p in paths) if s]
@@ -161,6 +391,8 @@ class ScanNetScene(Scene):
             depth = self._depth_cache[1]
             self._depth_cache = None
             return depth
+        if self.sens is not None:
+            return self._sens_depth(frame)
         rel = frame.extra["depth"]
         return decode_depth(read_bytes(url_join(self.url, rel)), rel, self.depth_scale)
 
@@ -168,14 +400,18 @@ class ScanNetScene(Scene):
         """The colour JPEG decodes (at 1/8 scale: every entropy-coded block is still parsed, so a
         truncated or corrupt file fails as in a full read), without the alignment; what
         `_read_rgb` would return is always on the depth grid."""
-        with Image.open(io.BytesIO(read_bytes(url_join(self.url, frame.extra["rgb"])))) as im:
-            im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
-            im.load()
+        data = self._color_bytes(frame)
+        if self.sens is not None and self.sens.color_codec == "raw":
+            self._decode_color(data)
+        else:
+            with Image.open(io.BytesIO(data)) as im:
+                im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
+                im.load()
         return frame.size[1], frame.size[0]
 
     def _read_rgb(self, frame: Frame) -> np.ndarray:
         """Colour resampled onto the depth grid: uint8 (Hd, Wd, 3), sharing K_depth."""
-        rgb = decode_rgb(read_bytes(url_join(self.url, frame.extra["rgb"])))
+        rgb = self._decode_color(self._color_bytes(frame))
         depth = None
         if self.depth_to_color is not None:  # alignment through depth needs it first
             try:
@@ -204,5 +440,6 @@ def scene_children(root: str) -> dict[str, set[str]]:
 
 
 def list_scannet_scenes(root: str) -> list[str]:
-    """Scene folders (URLs) under a corpus root that hold a `pose/` folder, sorted."""
-    return sorted(s for s, kids in scene_children(root).items() if "pose" in kids)
+    """Scene folders (URLs) under a corpus root that hold `SCENE.sens` or a `pose/` folder, sorted."""
+    return sorted(s for s, kids in scene_children(root).items()
+                  if "pose" in kids or f"{s.rstrip('/').rpartition('/')[2]}.sens" in kids)
