@@ -1,9 +1,9 @@
 """The family-adapter interface (DESIGN §2, §5).
 
 `data/` declares it; `model/` implements it per VLM family (Qwen2-VL, Qwen2.5-VL,
-LLaVA-OneVision, ...). The loader knows only this interface: how a stored view is
-resized, which cell of the resized image each vision token covers, and where each
-image's vision tokens sit in the sequence.
+LLaVA-OneVision, LLaVA-NeXT-Video, ...). The loader knows only this interface: how a stored
+view is resized, which cell of the resized image each vision token covers, and where each
+frame's vision tokens sit in the sequence of its clip.
 
 Cell convention (DESIGN §5): a point at resized pixel (u', v') lies in cell
 `(row, col) = (floor((v' + 0.5) / cell_px), floor((u' + 0.5) / cell_px))`; cells are
@@ -49,19 +49,30 @@ class FamilyAdapter(abc.ABC):
         what memory guards size the similarity tensors by."""
 
     @abc.abstractmethod
-    def encode_pair(self, rgb_a: np.ndarray, rgb_b: np.ndarray) -> dict[str, Any]:
-        """Model inputs for one pair (two uint8 (H, W, 3) views), unbatched.
+    def encode_clip(self, frames: Sequence[np.ndarray]) -> dict[str, Any]:
+        """Model inputs for one clip (K uint8 (H, W, 3) frames, in order), unbatched: DESIGN §5.
 
-        Returns a dict of tensors (whatever the family's forward needs: input_ids,
-        pixel_values, image_grid_thw, mm_token_type_ids, ...) plus two LongTensors
-        `cell_pos_a` (rows_a * cols_a,) and `cell_pos_b` (rows_b * cols_b,): the
-        sequence position of each cell's vision token, row-major.
+        The K frames go to the VLM as K images of one sequence (LLaVA-NeXT-Video: one video of K
+        frames, each with its own pooled grid). Returns a dict of tensors (whatever the family's
+        forward needs: input_ids, pixel_values, image_grid_thw, mm_token_type_ids, ...) plus
+        `cell_pos`: a list of K LongTensors, frame k's (rows_k * cols_k,): the sequence position
+        of each of its cells' vision token, row-major.
         """
+
+    def encode_pair(self, rgb_a: np.ndarray, rgb_b: np.ndarray) -> dict[str, Any]:
+        """`encode_clip` of two frames, with their cell positions also as `cell_pos_a` / `cell_pos_b`."""
+        item = self.encode_clip([rgb_a, rgb_b])
+        item["cell_pos_a"], item["cell_pos_b"] = item["cell_pos"]
+        return item
 
     @abc.abstractmethod
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Batch the outputs of `encode_pair` (padding the sequences).
+        """Batch the outputs of `encode_clip` (padding the sequences).
 
-        Sequence positions in `cell_pos_*` stay valid for the padded batch (the
-        adapter shifts them if it pads on the left).
+        Sequence positions in `cell_pos` stay valid for the padded batch (the adapter shifts
+        them if it pads on the left); keys the adapter does not batch are gathered into lists.
         """
+
+    @abc.abstractmethod
+    def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The part of a collated batch that goes into the model's forward."""

@@ -16,6 +16,16 @@ from typing import Any, Callable, TypeVar
 T = TypeVar("T")
 
 
+def one_line(e: BaseException | str, limit: int = 400) -> str:
+    """The first non-empty line of an error (or text), at most `limit` characters: what a user-facing
+    message quotes of an exception (the exception's type when it says nothing)."""
+    text = str(e).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not first and isinstance(e, BaseException):
+        first = type(e).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
         choices: list[str] | None = None, flag: str | None = None, metavar: str | None = None,
         cli: bool = True) -> Any:

@@ -410,9 +410,6 @@ def gl_to_cv(cam2world_gl: np.ndarray) -> np.ndarray:
     return np.asarray(cam2world_gl, dtype=np.float64) @ GL_TO_CV
 
 
-cv_to_gl = gl_to_cv
-
-
 def pose_problem(T: np.ndarray, tol: float = 1e-3) -> str | None:
     """Why a 4x4 pose cannot be used, or None if it is a finite rigid transform."""
     T = np.asarray(T, dtype=np.float64)

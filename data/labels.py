@@ -1,6 +1,9 @@
-"""Token labels of a frame pair (DESIGN §5): anchors, targets, z_b and the cell depths D_b.
+"""Token labels of a clip (DESIGN §5): per supervised pair anchors, targets, z_b; per frame D_b.
 
-Everything is computed from a decoded `PairSample` and the `CellGrid` of each view
+`clip_labels` labels a decoded `ClipSample` (either shard version; a version-1 pair is a
+clip of two frames) pair by pair; `pair_labels` labels a version-1 `PairSample` alone
+(the reference the clip labels are tested against). Everything is computed from the
+samples and the `CellGrid` of each view
 (from the family adapter), with vectorised numpy (bincount / lexsort / one sort per
 cell block), never a Python loop over cells or pixels.
 
@@ -182,32 +185,118 @@ def anchors(corr: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int], 
     return anchor_a.astype(np.int64), target_b.astype(np.int64), majority
 
 
-def points_in_b(sample: PairSample, uv_a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def points_in(depth_a: np.ndarray, K_a: np.ndarray, T_wa: np.ndarray, T_wb: np.ndarray,
+              uv_a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """z-depth in B's camera of A's pixels moved with A's stored depth.
 
     uv_a (N, 2) -> z_b (N,) float64, has_depth (N,) bool (A has depth at the pixel).
     """
-    z_a, inside = geometry.sample_nearest(sample.depth_a, uv_a)
+    z_a, inside = geometry.sample_nearest(depth_a, uv_a)
     z_a = z_a.astype(np.float64)
     has = inside & (z_a > 0) & np.isfinite(z_a)
-    X_a = geometry.unproject(uv_a[has], z_a[has], sample.K_a)  # (n, 3) in A's camera
-    X_b = geometry.transform(geometry.invert_pose(sample.T_wb), geometry.transform(sample.T_wa, X_a))
+    X_a = geometry.unproject(uv_a[has], z_a[has], K_a)  # (n, 3) in A's camera
+    X_b = geometry.transform(geometry.invert_pose(T_wb), geometry.transform(T_wa, X_a))
     z_b = np.zeros(len(uv_a))
     z_b[has] = X_b[:, 2]
     return z_b, has
 
 
+def points_in_b(sample: PairSample, uv_a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`points_in` for a version-1 pair (A's depth, K and pose; B's pose)."""
+    return points_in(sample.depth_a, sample.K_a, sample.T_wa, sample.T_wb, uv_a)
+
+
+def anchor_labels(corr: np.ndarray, depth_a: np.ndarray, K_a: np.ndarray, T_wa: np.ndarray, T_wb: np.ndarray,
+                  size_a: tuple[int, int], size_b: tuple[int, int], grid_a: CellGrid, grid_b: CellGrid,
+                  min_corr: int = MIN_CORR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(anchor_a (M,), target_b (M,) int64, z_b (M,) float32) of one ordered pair (A, B).
+
+    corr (N, 4) `uA, vA, uB, vB` in stored pixels; z_b: median depth in B's camera of the
+    anchor's majority points that have depth in A (0 when none has).
+    """
+    corr = np.asarray(corr, dtype=np.float64).reshape(-1, 4)
+    anchor_a, target_b, majority = anchors(corr, size_a, size_b, grid_a, grid_b, min_corr)
+    sel = np.nonzero(majority >= 0)[0]
+    z, has = points_in(depth_a, K_a, T_wa, T_wb, corr[sel, :2])
+    z_med, _ = _group_median(majority[sel][has], z[has], len(anchor_a))  # (M,)
+    return anchor_a, target_b, z_med.astype(np.float32)
+
+
 def pair_labels(sample: PairSample, grid_a: CellGrid, grid_b: CellGrid, min_corr: int = MIN_CORR) -> PairLabels:
-    """All labels of one pair (see the module docstring)."""
+    """All labels of one version-1 pair (see the module docstring)."""
     size_a = (sample.rgb_a.shape[1], sample.rgb_a.shape[0])
     size_b = (sample.rgb_b.shape[1], sample.rgb_b.shape[0])
-    corr = np.asarray(sample.corr, dtype=np.float64).reshape(-1, 4)
-    anchor_a, target_b, majority = anchors(corr, size_a, size_b, grid_a, grid_b, min_corr)
-    # z_b: median over each anchor's majority points that have depth in A
-    sel = np.nonzero(majority >= 0)[0]
-    z, has = points_in_b(sample, corr[sel, :2])
-    z_med, _ = _group_median(majority[sel][has], z[has], len(anchor_a))  # (M,)
+    anchor_a, target_b, z_b = anchor_labels(sample.corr, sample.depth_a, sample.K_a, sample.T_wa, sample.T_wb,
+                                            size_a, size_b, grid_a, grid_b, min_corr)
     depth_b, depth_b_valid = cell_depth(sample.depth_b, grid_b)
-    return PairLabels(anchor_a=anchor_a, target_b=target_b, z_b=z_med.astype(np.float32),
-                      depth_b=depth_b, depth_b_valid=depth_b_valid, grid_a=(grid_a.rows, grid_a.cols),
-                      grid_b=(grid_b.rows, grid_b.cols), gap=int(sample.meta.get("gap", 0)))
+    return PairLabels(anchor_a=anchor_a, target_b=target_b, z_b=z_b, depth_b=depth_b, depth_b_valid=depth_b_valid,
+                      grid_a=(grid_a.rows, grid_a.cols), grid_b=(grid_b.rows, grid_b.cols),
+                      gap=int(sample.meta.get("gap", 0)))
+
+
+# ------------------------------------------------------------------------ clips
+
+@dataclass
+class ClipPairLabels:
+    """Labels of one supervised pair (A, B) = (i, j) of a clip; cells row-major in each frame's grid."""
+
+    i: int
+    j: int
+    anchor_a: np.ndarray
+    """(M,) int64 cell of frame i of each anchor, ascending."""
+    target_b: np.ndarray
+    """(M,) int64 target cell of frame j."""
+    z_b: np.ndarray
+    """(M,) float32 median depth in j's camera of the anchor's majority (0: none had depth)."""
+    dt: int
+    """Frame distance index_j - index_i."""
+
+    @property
+    def n_anchors(self) -> int:
+        return int(len(self.anchor_a))
+
+
+@dataclass
+class ClipLabels:
+    """Labels of a clip: D_b of every frame (computed once per frame) and the supervised pairs."""
+
+    grids: list[tuple[int, int]]
+    """(rows, cols) of each frame's grid."""
+    depth: list[np.ndarray]
+    """Per frame (N_k,) float32 median valid depth per cell (0 where invalid)."""
+    depth_valid: list[np.ndarray]
+    """Per frame (N_k,) bool: at least half of the cell's pixels have depth."""
+    pairs: list[ClipPairLabels]
+
+    @property
+    def n_anchors(self) -> int:
+        return sum(p.n_anchors for p in self.pairs)
+
+
+def clip_labels(sample, grids: list[CellGrid], pairs: list[tuple[int, int]] | None = None,
+                min_corr: int = MIN_CORR) -> ClipLabels:
+    """Labels of a `shardformat.ClipSample` for its supervised pairs (default every i < j).
+
+    grids: the CellGrid of each frame (from the family adapter). D_b is computed once per
+    frame that is some pair's B (the pairs share it); a frame that is no pair's B gets zeros
+    (no cell valid), which no loss term reads.
+    """
+    n = sample.n_frames
+    if len(grids) != n:
+        raise ValueError(f"{len(grids)} grids for a clip of {n} frames")
+    todo = pairs if pairs is not None else [(i, j) for i in range(n) for j in range(i + 1, n)]
+    need_depth = {j for _, j in todo}
+    depth, valid = [], []
+    for k in range(n):
+        if k in need_depth:
+            d, v = cell_depth(sample.depth[k], grids[k])
+        else:
+            d, v = np.zeros(grids[k].n_cells, np.float32), np.zeros(grids[k].n_cells, bool)
+        depth.append(d)
+        valid.append(v)
+    out = []
+    for i, j in todo:
+        a, t, z = anchor_labels(sample.pair_corr(i, j), sample.depth[i], sample.K(i), sample.T_w(i), sample.T_w(j),
+                                sample.size(i), sample.size(j), grids[i], grids[j], min_corr)
+        out.append(ClipPairLabels(i, j, a, t, z, sample.index(j) - sample.index(i)))
+    return ClipLabels([(g.rows, g.cols) for g in grids], depth, valid, out)

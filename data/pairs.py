@@ -1,9 +1,11 @@
-"""Frame pairs and their correspondences (DESIGN §4).
+"""Scene clips and their correspondences (DESIGN §4.1).
 
-- `candidate_pairs`: per scene, pairs by frame gap and overlap, spread across gap
-  buckets, deterministic per seed.
-- `correspondences`: a jittered grid of A's pixels where A has depth, kept where
-  they pass the visibility test in B, capped at a count.
+- `candidate_clips`: per scene, clips of K frames inside a window of R consecutive frame
+  indices, chosen by co-visibility (every frame overlaps some other frame of its clip by
+  `min_overlap`, no two are near-duplicates), so that frame distances cover the window;
+  deterministic per seed.
+- `correspondences`: a jittered grid of A's pixels where A has depth, kept where they pass
+  the visibility test in B, capped at a count (one ordered pair i < j of a clip).
 - `photo_check`: the self-check figures `photo_err`, `photo_err_shuffled`.
 """
 from __future__ import annotations
@@ -14,27 +16,23 @@ import numpy as np
 
 from data import geometry
 
-DEFAULT_GAP_BUCKETS = (1, 5, 15, 40)
-
 
 @dataclass
-class PairConfig:
-    """How pairs are chosen and correspondences sampled."""
+class ClipConfig:
+    """How clips are chosen and correspondences sampled."""
 
-    min_gap: int = 1
-    """Smallest frame gap (index_b - index_a) of a pair."""
-    max_gap: int = 40
-    """Largest frame gap of a pair."""
+    clip_frames: int = 8
+    """K: frames per clip (2..32; 2 is a pair)."""
+    clip_window: int = 48
+    """R: a clip's frames lie within R consecutive frame indices (so 1 <= dt <= R - 1)."""
+    clips_per_scene: int = 8
+    """Clips drawn per scene (fewer when the scene has fewer good windows)."""
     min_overlap: float = 0.3
-    """Smallest fraction of A's valid grid pixels visible in B."""
+    """Every frame of a clip overlaps at least one other frame of it by this fraction."""
     max_overlap: float = 0.98
-    """Largest overlap (drops near-duplicate views)."""
-    gap_buckets: tuple[int, ...] = DEFAULT_GAP_BUCKETS
-    """Bucket edges in frames; pairs are spread evenly across buckets."""
-    pairs_per_scene: int = 24
-    """Pairs drawn per scene (fewer when the scene has fewer good candidates)."""
-    candidates_per_pair: int = 6
-    """How many (frame, gap) candidates the scan tests per wanted pair, per bucket."""
+    """No two frames of a clip overlap more than this both ways (near-duplicates)."""
+    candidates_per_frame: int = 6
+    """Candidate frames the scan tests per frame wanted in a clip."""
     scan_side: int = 80
     """Longer side of the low-resolution depth the scan uses for overlaps."""
     scan_stride: int = 4
@@ -43,38 +41,31 @@ class PairConfig:
     """Jittered-grid cell (stored pixels) of correspondence sampling."""
     max_corr: int = 4096
     """Cap on correspondences per pair."""
+    max_corr_clip: int = 65536
+    """Cap on correspondences per clip (each pair then gets at most max_corr_clip // pairs)."""
     abs_tol: float = geometry.DEFAULT_ABS_TOL
     rel_tol: float = geometry.DEFAULT_REL_TOL
 
     def __post_init__(self) -> None:
-        if self.min_gap < 1:
-            raise ValueError(f"--min-gap must be >= 1 (got {self.min_gap})")
-        if self.max_gap < self.min_gap:
-            raise ValueError(f"--max-gap ({self.max_gap}) must be >= --min-gap ({self.min_gap})")
+        if not 2 <= self.clip_frames <= 32:
+            raise ValueError(f"--clip-frames must be in 2..32 (got {self.clip_frames})")
+        if self.clip_window < 2:
+            raise ValueError(f"--clip-window must be >= 2 (got {self.clip_window})")
+        if self.clip_window < self.clip_frames:
+            raise ValueError(f"--clip-window ({self.clip_window}) must be >= --clip-frames ({self.clip_frames}): "
+                             f"a clip's frames lie inside the window")
         if not 0.0 <= self.min_overlap <= self.max_overlap <= 1.0:
             raise ValueError(f"need 0 <= --min-overlap ({self.min_overlap}) <= --max-overlap "
                              f"({self.max_overlap}) <= 1")
-        b = tuple(int(x) for x in self.gap_buckets)
-        if not b or any(x < 1 for x in b) or list(b) != sorted(set(b)):
-            raise ValueError(f"--gap-buckets must be increasing positive integers (got {self.gap_buckets})")
-        self.gap_buckets = b
-        if self.pairs_per_scene < 1:
-            raise ValueError(f"--pairs-per-scene must be >= 1 (got {self.pairs_per_scene})")
+        if self.clips_per_scene < 1:
+            raise ValueError(f"--clips-per-scene must be >= 1 (got {self.clips_per_scene})")
+        if self.max_corr < 1 or self.max_corr_clip < 1:
+            raise ValueError("--max-corr and --max-corr-clip must be >= 1")
 
-
-def bucket_of(gap: int | np.ndarray, edges: tuple[int, ...]) -> np.ndarray:
-    """Bucket k of a gap: edges[k] <= gap < edges[k+1], last bucket open; -1 below edges[0]."""
-    return np.searchsorted(np.asarray(edges), np.asarray(gap), side="right") - 1
-
-
-def bucket_ranges(cfg: PairConfig) -> list[tuple[int, int]]:
-    """Inclusive gap ranges [lo, hi] of each bucket, clipped to [min_gap, max_gap] (may be empty)."""
-    edges = list(cfg.gap_buckets)
-    out = []
-    for k, lo in enumerate(edges):
-        hi = edges[k + 1] - 1 if k + 1 < len(edges) else cfg.max_gap
-        out.append((max(lo, cfg.min_gap), min(hi, cfg.max_gap)))
-    return out
+    def corr_per_pair(self, n_frames: int) -> int:
+        """The cap on a pair's correspondences in a clip of n frames."""
+        pairs = n_frames * (n_frames - 1) // 2
+        return max(1, min(self.max_corr, self.max_corr_clip // max(pairs, 1)))
 
 
 @dataclass
@@ -89,30 +80,32 @@ class ScanView:
 
 
 @dataclass
-class Candidate:
-    index_a: int
-    index_b: int
-    overlap_ab: float
-    overlap_ba: float
+class Clip:
+    """A planned clip: its frame indices (ascending) and the overlaps between them."""
 
-    @property
-    def gap(self) -> int:
-        return self.index_b - self.index_a
+    indices: list[int]
+    overlap: list[list[float]]
+    """(K, K): overlap[i][j] = fraction of frame i's valid grid pixels visible in frame j (1 on the diagonal)."""
 
 
-REFERENCE_OVERLAP = (PairConfig.min_overlap, PairConfig.max_overlap)
+REFERENCE_OVERLAP = (ClipConfig.min_overlap, ClipConfig.max_overlap)
 """The default overlap window: the pose-convention check measures the yield against it, so a
 narrow --min/--max-overlap window of the user's does not read as a broken scene."""
 
 
 @dataclass
 class ScanResult:
-    pairs: list[Candidate] = field(default_factory=list)
+    clips: list[Clip] = field(default_factory=list)
     tested: int = 0
+    """Candidate frames tested against a clip under construction."""
     passed: int = 0
-    by_bucket: list[int] = field(default_factory=list)
+    """Candidates accepted into a clip."""
     reference_passed: int = 0
-    """Tested candidates whose overlap lies in REFERENCE_OVERLAP (whatever the job's window)."""
+    """Tested candidates co-visible with the clip: best overlap at least REFERENCE_OVERLAP's low end, whatever the
+    job's window (a wrong pose convention leaves almost none co-visible; near-duplicates are co-visible)."""
+    overlaps_computed: int = 0
+    short_clips: int = 0
+    """Clips that stopped below K frames (the window held no more suitable frame)."""
 
 
 def scan_view(index: int, name: str, depth: np.ndarray, K: np.ndarray, cam2world: np.ndarray,
@@ -149,59 +142,81 @@ def _overlap(a: ScanView, b: ScanView, stride: int, abs_tol: float, rel_tol: flo
                             uv_a=grid_points((w, h), stride), abs_tol=abs_tol, rel_tol=rel_tol)
 
 
-def candidate_pairs(views: list[ScanView], cfg: PairConfig, rng: np.random.Generator,
-                    abs_tol: float | None = None) -> ScanResult:
-    """Choose up to cfg.pairs_per_scene pairs, spread evenly across gap buckets.
+class _Overlaps:
+    """Scan overlaps of frame pairs, computed once each (ov(a -> b) is not ov(b -> a))."""
 
-    views: the scene's usable frames in order (their `index` is the frame position).
-    Each bucket holds every (a, b) with both frames usable and b - a in the bucket's
-    gap range, in a seeded random order. Buckets take turns (round robin): a turn tests
-    that bucket's next candidates (at most candidates_per_pair) until one has an
-    overlap (A in B) in [min_overlap, max_overlap]. A bucket that runs dry leaves its
-    turns to the others. At most pairs_per_scene * candidates_per_pair candidates are
-    tested in all. Deterministic for a given rng.
+    def __init__(self, by_index: dict[int, ScanView], cfg: ClipConfig, abs_tol: float):
+        self.by_index, self.cfg, self.abs_tol = by_index, cfg, abs_tol
+        self.cache: dict[tuple[int, int], float] = {}
+
+    def __call__(self, a: int, b: int) -> float:
+        key = (a, b)
+        if key not in self.cache:
+            self.cache[key] = _overlap(self.by_index[a], self.by_index[b], self.cfg.scan_stride, self.abs_tol,
+                                       self.cfg.rel_tol)
+        return self.cache[key]
+
+
+def candidate_clips(views: list[ScanView], cfg: ClipConfig, rng: np.random.Generator,
+                    abs_tol: float | None = None) -> ScanResult:
+    """Choose up to cfg.clips_per_scene clips of cfg.clip_frames frames by co-visibility.
+
+    views: the scene's usable frames in order (their `index` is the frame position). Clip c
+    starts at a frame drawn from the c-th of clips_per_scene equal strata of the usable frames
+    whose window lies inside the scene (so clips spread over the scene; in a scene shorter than
+    a window, of every frame but the last); its window is [start, start + clip_window - 1]. The other
+    frames of the window are tried in a seeded random order (so frame distances cover the
+    window): a candidate joins when it overlaps at least one frame of the clip by min_overlap
+    (in either direction) and is a near-duplicate of none of them (overlaps above max_overlap in
+    BOTH directions; one direction near 1 is ordinary forward motion). A
+    clip stops at K frames, after K * candidates_per_frame candidates, or when the window runs
+    dry; it is kept with at least 2 frames (fewer than K counts as short). Deterministic for a
+    given rng.
     """
     abs_tol = cfg.abs_tol if abs_tol is None else abs_tol
     by_index = {v.index: v for v in views}
     indices = np.array(sorted(by_index), dtype=np.int64)
-    ranges = bucket_ranges(cfg)
-    res = ScanResult(by_bucket=[0] * len(ranges))
-    queues: dict[int, list[tuple[int, int]]] = {}
-    for k, (lo, hi) in enumerate(ranges):
-        if lo > hi:
-            continue
-        a_idx, gaps = np.meshgrid(indices, np.arange(lo, hi + 1), indexing="ij")  # (F, G)
-        a_idx, gaps = a_idx.ravel(), gaps.ravel()
-        ok = np.isin(a_idx + gaps, indices)
-        a_idx, gaps = a_idx[ok], gaps[ok]
-        if len(a_idx):
-            order = rng.permutation(len(a_idx))
-            queues[k] = [(int(a_idx[j]), int(a_idx[j] + gaps[j])) for j in order]
-    budget = cfg.pairs_per_scene * cfg.candidates_per_pair
-    pos = {k: 0 for k in queues}
-    while len(res.pairs) < cfg.pairs_per_scene and queues and res.tested < budget:
-        for k in list(queues):
-            q = queues[k]
-            for _ in range(cfg.candidates_per_pair):
-                if pos[k] >= len(q) or res.tested >= budget:
-                    break
-                ia, ib = q[pos[k]]
-                pos[k] += 1
-                res.tested += 1
-                ov_ab = _overlap(by_index[ia], by_index[ib], cfg.scan_stride, abs_tol, cfg.rel_tol)
-                res.reference_passed += REFERENCE_OVERLAP[0] <= ov_ab <= REFERENCE_OVERLAP[1]
-                if not cfg.min_overlap <= ov_ab <= cfg.max_overlap:
-                    continue
-                ov_ba = _overlap(by_index[ib], by_index[ia], cfg.scan_stride, abs_tol, cfg.rel_tol)
+    res = ScanResult()
+    if len(indices) < 2:
+        return res
+    ov = _Overlaps(by_index, cfg, abs_tol)
+    lo = REFERENCE_OVERLAP[0]
+    # starts whose window lies inside the scene (else, in a scene shorter than a window, any frame but the last)
+    starts = indices[indices <= indices[-1] - (cfg.clip_window - 1)]
+    if len(starts) == 0:
+        starts = indices[:-1]
+    strata = np.array_split(starts, min(cfg.clips_per_scene, len(starts)))
+    for stratum in strata:
+        start = int(rng.choice(stratum))
+        window = indices[(indices > start) & (indices < start + cfg.clip_window)]
+        chosen = [start]
+        for cand in rng.permutation(window)[: cfg.clip_frames * cfg.candidates_per_frame]:
+            if len(chosen) >= cfg.clip_frames:
+                break
+            cand = int(cand)
+            res.tested += 1
+            both = [(ov(cand, k), ov(k, cand)) for k in chosen]
+            best = max(max(pair) for pair in both)
+            res.reference_passed += best >= lo  # co-visible (near-duplicates too: they are no sign of a bad pose)
+            # a near-duplicate sees almost all of the other frame AND is almost all seen by it; one direction
+            # near 1 is ordinary forward motion (the later view is a subset of the earlier one)
+            if best >= cfg.min_overlap and all(min(pair) <= cfg.max_overlap for pair in both):
+                chosen.append(cand)
                 res.passed += 1
-                res.by_bucket[k] += 1
-                res.pairs.append(Candidate(ia, ib, round(ov_ab, 4), round(ov_ba, 4)))
-                break
-            if pos[k] >= len(q):
-                del queues[k]
-            if len(res.pairs) >= cfg.pairs_per_scene:
-                break
+        if len(chosen) < 2:
+            continue
+        chosen.sort()
+        res.short_clips += len(chosen) < cfg.clip_frames
+        matrix = [[1.0 if a == b else round(ov(a, b), 4) for b in chosen] for a in chosen]
+        res.clips.append(Clip(chosen, matrix))
+    res.overlaps_computed = len(ov.cache)
     return res
+
+
+def clip_dts(clip: Clip) -> list[int]:
+    """The frame distance of every pair i < j of a clip, in pair order."""
+    ix = clip.indices
+    return [ix[j] - ix[i] for i in range(len(ix)) for j in range(i + 1, len(ix))]
 
 
 def correspondences(depth_a: np.ndarray, K_a: np.ndarray, cam2world_a: np.ndarray,

@@ -2,7 +2,7 @@
 check their `--shards` flags with this before anything heavy is imported).
 
     parse_spec("runs/a/manifest.json:0.7") -> ("runs/a/manifest.json", 0.7)
-    recorded("runs/shards")                -> Recorded(manifest, manifest_sha256, gap_buckets, gap_buckets_from)
+    recorded("runs/shards")                -> Recorded(manifest, manifest_sha256, kind, clip_frames, format, ...)
 """
 from __future__ import annotations
 
@@ -39,8 +39,15 @@ class Recorded:
 
     manifest: str | None = None
     manifest_sha256: str | None = None
-    gap_buckets: tuple[int, ...] | None = None
-    gap_buckets_from: str | None = None
+    kind: str | None = None
+    """The manifest's kind: 'clips' or 'instruction'."""
+    clip_frames: int | None = None
+    """The most frames a clip of the set holds (2 for version-1 pair shards)."""
+    format: str | None = None
+    """The corpus layout the set was made from (scannet, arkitscenes, ...)."""
+    splits: dict | None = None
+    """{split: [scene keys]} of a clip manifest (what the evaluator's leakage check reads)."""
+    recorded_from: str | None = None
     """'manifest.json' or 'plan.json'."""
 
 
@@ -69,19 +76,24 @@ def _read(url: str) -> tuple[dict, str] | None:
 
 
 def recorded(location: str) -> Recorded:
-    """The manifest (and its sha256) and the gap-bucket edges of a shard set's location."""
+    """The manifest (and its sha256), kind, clip size, corpus layout and splits of a shard set's location."""
     out = Recorded()
     for url in _candidates(location):
         got = _read(url)
         if got is None:
             continue
         doc, digest = got
-        if url.endswith("plan.json"):
-            edges = ((doc.get("config") or {}).get("pairs") or {}).get("gap_buckets")
-        else:
-            edges = doc.get("gap_buckets")
-            if out.manifest is None:
-                out.manifest, out.manifest_sha256 = url, digest
-        if edges and out.gap_buckets is None:
-            out.gap_buckets, out.gap_buckets_from = tuple(int(e) for e in edges), url.rsplit("/", 1)[-1]
+        config = doc.get("config") or {}
+        if out.manifest is None and not url.endswith("plan.json"):
+            out.manifest, out.manifest_sha256 = url, digest
+        out.kind = out.kind or str(doc.get("kind") or "clips")
+        if out.clip_frames is None:
+            k = config.get("clip_frames")
+            if k is None and int(str(doc.get("format_version", 2)).split(".")[0]) == 1:
+                k = 2
+            out.clip_frames = int(k) if k is not None else None
+        out.format = out.format or config.get("format")
+        if out.splits is None and isinstance(doc.get("splits"), dict):
+            out.splits = doc["splits"]
+        out.recorded_from = out.recorded_from or url.rsplit("/", 1)[-1]
     return out

@@ -13,6 +13,18 @@ from typing import Any
 import fsspec
 
 
+def public_url(url: str | None) -> str | None:
+    """A URL without credentials: `user:password@` is dropped from the host, and the query string
+    (presigned tokens) from the path. Local paths come back unchanged."""
+    if not url or "://" not in url:
+        return url
+    proto, rest = url.split("://", 1)
+    host, slash, path = rest.partition("/")
+    if "@" in host:
+        host = host.rsplit("@", 1)[1]
+    return proto + "://" + host + slash + path.split("?", 1)[0]
+
+
 def url_join(root: str, *parts: str) -> str:
     """Join path parts onto a local path or URL with '/'."""
     out = root.rstrip("/")

@@ -1,6 +1,6 @@
-"""Streaming loader: WebDataset shards of frame pairs -> padded batches with token labels.
+"""Streaming loader: WebDataset shards of scene clips -> padded batches with token labels.
 
-    stream = PairStream(["runs/shards"], adapter, batch_size=4, rank=r, world_size=w, num_workers=4)
+    stream = SampleStream(["runs/shards"], adapter, batch_size=4, rank=r, world_size=w, num_workers=4)
     for epoch in range(stream.epoch, n_epochs):
         stream.set_epoch(epoch)
         for batch in stream:            # exactly len(stream) batches, on every rank
@@ -16,8 +16,11 @@ The pipeline of one worker (`_EpochReader.batches`, one explicit list of stages)
         (bad shard: counted, rate-limited warning, next shard) -> seeded shuffle buffer,
         drained at the end of each pass; a worker that needs more starts another pass
     -> mix the shard sets by weight (seeded) -> fast-forward after a restore (no decoding)
-    -> decode (`shardformat.decode_sample`; bad sample: counted, warned, dropped)
-    -> labels (`data.labels`) -> `adapter.encode_pair` -> batch (`adapter.collate` + padded labels)
+    -> decode (dispatch on `kind`, then `version`: `shardformat.decode_sample`; a version-1 pair
+       is a clip of two frames; bad sample: counted, warned, dropped)
+    -> the supervised pairs (every i < j, or a seeded subset of `pairs_per_clip`)
+    -> labels (`data.labels.clip_labels`: D_b once per frame, anchors per pair)
+    -> `adapter.encode_clip` -> batch (`adapter.collate` + per-frame and per-pair padded labels)
 
 It is written as plain generators rather than a `webdataset.DataPipeline` because the
 stages must see an explicit rank, worker and epoch (webdataset's own splitters read
@@ -83,13 +86,17 @@ Bad data: a truncated tar, an unreadable shard, a missing member, a corrupt npy 
     sees `max_consecutive_bad` bad samples in a row, or a pass over its shards with no
     sample at all, stops with an error (nothing usable is left to read).
 
-The batch (B pairs; `losses/gasp.py` consumes the label part):
-    the adapter's model inputs (input_ids, attention_mask, mm_token_type_ids,
-    pixel_values, image_grid_thw, ...), cell_pos_a (B, Na) long + cell_mask_a (B, Na)
-    bool, cell_pos_b / cell_mask_b (B, Nb), grid_a / grid_b (B, 2) long (rows, cols),
-    anchor_a / target_b (B, M) long, z_b (B, M) float32, anchor_mask (B, M) bool,
-    depth_b (B, Nb) float32, depth_b_valid (B, Nb) bool, gap (B,) long, n_anchors (B,)
-    long, keys (list of B sample keys). Padding is 0 / False; M may be 0.
+The batch (B clips of K_b frames, F = sum K_b frames, P supervised pairs; `losses/gasp.py`
+    consumes the label part through `pair_view`):
+    the adapter's model inputs (input_ids, attention_mask, mm_token_type_ids, pixel_values,
+    image_grid_thw, ...; the frames of all clips in batch order);
+    per frame: frame_clip (F,) long (its batch row), cell_pos (F, N) long + cell_mask (F, N)
+    bool (the sequence position of each cell's token in its row), grid (F, 2) long (rows,
+    cols), depth (F, N) float32 and depth_valid (F, N) bool (D_b of the frame's cells);
+    per pair: pair_frames (P, 2) long (frames A, B in the batch numbering), pair_clip (P,)
+    long, dt (P,) long (index_B - index_A), anchor_a / target_b (P, M) long, z_b (P, M)
+    float32, anchor_mask (P, M) bool, n_anchors (P,) long;
+    per clip: n_frames (B,) long, keys, datasets (lists of B). Padding is 0 / False; M may be 0.
 """
 from __future__ import annotations
 
@@ -111,15 +118,16 @@ import torch
 
 from data import shardformat
 from data.adapter import FamilyAdapter
-from data.labels import MIN_CORR, PairLabels, pair_labels
-from data.shardformat import FormatError, PairSample
+from data.labels import MIN_CORR, ClipLabels, clip_labels
+from data.seeds import derive_seed
+from data.shardformat import ClipSample, FormatError
 from data.sources import parse_spec  # noqa: F401  (part of this module's API)
 from data.storage import is_local, open_fs, read_json
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-REASONS = ("shard_unreadable", "tar_truncated", "missing_member", "unknown_version", "corrupt_member",
+REASONS = ("shard_unreadable", "tar_truncated", "missing_member", "unknown_version", "unknown_kind", "corrupt_member",
            "bad_meta", "bad_labels", "encode_error")
 """Why a shard or sample was skipped (keys of `stats()`)."""
 
@@ -137,6 +145,8 @@ class ShardSet:
     """Samples per shard (same order as urls)."""
     weight: float | None = None
     """Mixing weight as given (None: proportional to the sample count)."""
+    kind: str = "clip"
+    """What its samples are: 'clip' (scene clips, format 1 or 2) or 'instruction' (conversations)."""
 
     @property
     def n_samples(self) -> int:
@@ -146,6 +156,10 @@ class ShardSet:
         """What a saved loader state must match (not the location: the data may move to s3://)."""
         first, last = (self.urls[0].rsplit("/", 1)[-1], self.urls[-1].rsplit("/", 1)[-1]) if self.urls else ("", "")
         return f"{len(self.urls)} shards {first}..{last}, {self.n_samples} samples"
+
+
+MANIFEST_KINDS = {"clips": "clip", "clip": "clip", "pairs": "clip", "instruction": "instruction"}
+"""A manifest's `kind` -> the kind of its samples (manifests without one hold scene clips)."""
 
 
 def _join(root: str, name: str) -> str:
@@ -190,14 +204,19 @@ def _from_manifest(url: str, split: str, weight: float | None, name: str) -> Sha
     manifest = read_json(url)
     if manifest is None:
         raise FileNotFoundError(f"shard manifest {url} does not exist")
-    shardformat.check_version(manifest.get("format_version"), f"shard manifest {url}")
+    kind = MANIFEST_KINDS.get(str(manifest.get("kind", "clips")))
+    if kind is None:
+        raise FormatError(f"shard manifest {url}: kind {manifest.get('kind')!r} is not one of "
+                          f"{', '.join(MANIFEST_KINDS)}")
+    shardformat.check_version(manifest.get("format_version"), f"shard manifest {url}", kind)
     root = url.rsplit("/", 1)[0] if "/" in url else "."
     entries = [s for s in manifest.get("shards", []) if s.get("split", split) == split]
     if not entries:
         splits = sorted({s.get("split") for s in manifest.get("shards", [])})
         raise ValueError(f"shard manifest {url} has no {split!r} shards (splits: {', '.join(map(str, splits))})")
     entries.sort(key=lambda s: s["name"])
-    return ShardSet(name, [_join(root, s["name"]) for s in entries], [int(s["samples"]) for s in entries], weight)
+    return ShardSet(name, [_join(root, s["name"]) for s in entries], [int(s["samples"]) for s in entries], weight,
+                    kind)
 
 
 def resolve_source(source: str | Sequence[str], split: str = "train") -> ShardSet:
@@ -225,7 +244,8 @@ def resolve_source(source: str | Sequence[str], split: str = "train") -> ShardSe
         return _from_manifest(folder + "/manifest.json", split, weight, source)
     plan = read_json(folder + "/plan.json")
     if plan is not None:
-        shardformat.check_version(plan.get("format_version"), f"shard plan {folder}/plan.json")
+        shardformat.check_version(plan.get("format_version"), f"shard plan {folder}/plan.json",
+                                  MANIFEST_KINDS.get(str(plan.get("kind", "clips")), "clip"))
     found = sorted(fs.glob(path.rstrip("/") + f"/{split}-*.tar"))
     if not found:
         raise FileNotFoundError(f"shard source {location}: no {split}-*.tar shards in it")
@@ -247,7 +267,8 @@ def _checked(shard_set: ShardSet) -> ShardSet:
                 meta = json.loads(bytes(first["json"]).decode("utf-8"))
             except Exception:
                 continue
-            shardformat.check_version(meta.get("version"), f"shard set {shard_set.name} ({url})")
+            shard_set.kind = shardformat.sample_kind(meta)
+            shardformat.check_version(meta.get("version"), f"shard set {shard_set.name} ({url})", shard_set.kind)
             break
     return shard_set
 
@@ -318,65 +339,86 @@ class BadDataLog:
 
 # ============================================================ decode, labels, collate
 
-def decode_checked(sample: dict[str, Any]) -> tuple[PairSample | None, str, str]:
-    """Raw members -> (PairSample, "", "") or (None, reason, message) for a bad sample."""
+def decode_checked(sample: dict[str, Any]) -> tuple[ClipSample | None, str, str]:
+    """Raw members -> (ClipSample, "", "") or (None, reason, message) for a bad sample.
+
+    Dispatch on the sample's `kind` (none: a clip), then on its `version` (1: a pair, read as a
+    clip of two frames; 2: a clip).
+    """
     key = sample.get("__key__", "?")
     where = f"sample {key} of {sample.get('__url__', '?')}"
-    missing = [m for m in shardformat.MEMBERS if m not in sample]
+    try:
+        meta = shardformat.read_meta(sample)
+    except FormatError as e:
+        reason = "missing_member" if "json" not in sample else "corrupt_member"
+        return None, reason, str(e)
+    kind = shardformat.sample_kind(meta)
+    if kind != "clip":
+        return None, "unknown_kind", f"{where}: a {kind!r} sample where scene clips were expected"
+    try:
+        members = shardformat.members_of(meta, where)
+    except FormatError as e:
+        return None, "unknown_version", str(e)
+    missing = [m for m in members if m not in sample]
     if missing:
         return None, "missing_member", f"{where}: missing member(s) {', '.join(missing)}"
     try:
-        meta = json.loads(bytes(sample["json"]).decode("utf-8"))
-        version = meta.get("version")
-    except Exception as e:
-        return None, "corrupt_member", f"{where}: unreadable json ({type(e).__name__})"
-    try:
-        shardformat.check_version(version, where)
-    except FormatError as e:
-        return None, "unknown_version", str(e)
-    try:
-        pair = shardformat.decode_sample(sample)
+        clip = shardformat.decode_sample(sample)
     except FormatError as e:
         return None, "corrupt_member", str(e)
     try:
-        for k in ("K_a", "K_b", "T_wa", "T_wb"):
-            shape = (3, 3) if k.startswith("K") else (4, 4)
-            if getattr(pair, k).shape != shape or not np.isfinite(getattr(pair, k)).all():
-                raise ValueError(f"{k} is not a finite {shape} matrix")
+        for k in range(clip.n_frames):
+            K, T = clip.K(k), clip.T_w(k)
+            if K.shape != (3, 3) or not np.isfinite(K).all():
+                raise ValueError(f"K of frame {k} is not a finite 3x3 matrix")
+            if T.shape != (4, 4) or not np.isfinite(T).all():
+                raise ValueError(f"T_w of frame {k} is not a finite 4x4 matrix")
+            clip.index(k)
     except Exception as e:
-        return None, "bad_meta", f"{where}: scene {meta.get('scene')} frames {meta.get('frame_a')}/" \
-                                 f"{meta.get('frame_b')}: {e}"
-    return pair, "", ""
+        return None, "bad_meta", f"{where}: scene {meta.get('scene')} frames {meta.get('frames')}: {e}"
+    return clip, "", ""
 
 
 @dataclass
-class PreparedPair:
-    """One pair ready to batch: its key, the adapter's encoding and its labels."""
+class PreparedClip:
+    """One clip ready to batch: its key, dataset, the adapter's encoding and its labels."""
 
     key: str
+    dataset: str
     encoded: dict[str, Any]
-    labels: PairLabels
+    labels: ClipLabels
 
 
-def prepare_pair(pair: PairSample, adapter: FamilyAdapter,
-                 min_corr: int = MIN_CORR) -> tuple[PreparedPair | None, str, str]:
-    """PairSample -> (PreparedPair, "", "") or (None, reason, message)."""
-    grid_a = adapter.grid((pair.rgb_a.shape[1], pair.rgb_a.shape[0]))
-    grid_b = adapter.grid((pair.rgb_b.shape[1], pair.rgb_b.shape[0]))
-    where = f"sample {pair.key} (scene {pair.meta.get('scene')}, frames {pair.meta.get('frame_a')}/" \
-            f"{pair.meta.get('frame_b')})"
+def choose_pairs(n_frames: int, pairs_per_clip: int, rng: np.random.Generator | None) -> list[tuple[int, int]]:
+    """The supervised pairs of a clip: every i < j, or a seeded subset of `pairs_per_clip` of them
+    (in ascending order) when the clip has more."""
+    pairs = shardformat.clip_pairs(n_frames)
+    if pairs_per_clip and len(pairs) > pairs_per_clip:
+        if rng is None:
+            raise ValueError("subsampling pairs needs an rng")
+        keep = np.sort(rng.choice(len(pairs), size=pairs_per_clip, replace=False))
+        pairs = [pairs[k] for k in keep]
+    return pairs
+
+
+def prepare_clip(clip: ClipSample, adapter: FamilyAdapter, min_corr: int = MIN_CORR, pairs_per_clip: int = 0,
+                 rng: np.random.Generator | None = None) -> tuple[PreparedClip | None, str, str]:
+    """ClipSample -> (PreparedClip, "", "") or (None, reason, message)."""
+    grids = [adapter.grid(clip.size(k)) for k in range(clip.n_frames)]
+    where = f"sample {clip.key} (scene {clip.meta.get('scene')}, frames {clip.meta.get('frames')})"
     try:
-        labels = pair_labels(pair, grid_a, grid_b, min_corr)
+        labels = clip_labels(clip, grids, choose_pairs(clip.n_frames, pairs_per_clip, rng), min_corr)
     except Exception as e:
         return None, "bad_labels", f"{where}: labels failed ({type(e).__name__}: {e})"
     try:
-        encoded = adapter.encode_pair(pair.rgb_a, pair.rgb_b)
+        encoded = adapter.encode_clip(clip.rgb)
     except Exception as e:
-        return None, "encode_error", f"{where}: encode_pair failed ({type(e).__name__}: {e})"
-    if len(encoded["cell_pos_a"]) != grid_a.n_cells or len(encoded["cell_pos_b"]) != grid_b.n_cells:
-        raise RuntimeError(f"{where}: the adapter gives {len(encoded['cell_pos_a'])}/{len(encoded['cell_pos_b'])} "
-                           f"vision tokens but its grids have {grid_a.n_cells}/{grid_b.n_cells} cells")
-    return PreparedPair(pair.key, encoded, labels), "", ""
+        return None, "encode_error", f"{where}: encode_clip failed ({type(e).__name__}: {e})"
+    got = [len(p) for p in encoded["cell_pos"]]
+    if got != [g.n_cells for g in grids]:
+        raise RuntimeError(f"{where}: the adapter gives {got} vision tokens per frame but its grids have "
+                           f"{[g.n_cells for g in grids]} cells")
+    return PreparedClip(clip.key, str(clip.meta.get("dataset") or "?"), encoded, labels), "", ""
 
 
 def _pad(rows: list[np.ndarray | torch.Tensor], dtype: torch.dtype,
@@ -392,36 +434,55 @@ def _pad(rows: list[np.ndarray | torch.Tensor], dtype: torch.dtype,
     return out, mask
 
 
-def collate_pairs(items: Sequence[PreparedPair], adapter: FamilyAdapter,
+def collate_clips(items: Sequence[PreparedClip], adapter: FamilyAdapter,
                   pixel_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """A padded batch (see the module docstring) from prepared pairs; `pixel_dtype` casts pixel_values."""
+    """A padded batch of clips (see the module docstring) from prepared clips.
+
+    Frames of all clips are numbered in batch order (clip 0's frames, then clip 1's, ...);
+    each supervised pair names its two frames in that numbering, so the model gathers pairs
+    from per-frame features in one op. `pixel_dtype` casts the pixel values.
+    """
     batch = adapter.collate([it.encoded for it in items])
-    if pixel_dtype is not None and batch.get("pixel_values") is not None and batch["pixel_values"].is_floating_point():
-        batch["pixel_values"] = batch["pixel_values"].to(pixel_dtype)
-    batch["cell_pos_a"], batch["cell_mask_a"] = _pad([it.encoded["cell_pos_a"] for it in items], torch.long)
-    batch["cell_pos_b"], batch["cell_mask_b"] = _pad([it.encoded["cell_pos_b"] for it in items], torch.long)
-    Nb = batch["cell_pos_b"].shape[1]
-    labels = [it.labels for it in items]
-    batch["grid_a"] = torch.tensor([lab.grid_a for lab in labels], dtype=torch.long).reshape(-1, 2)
-    batch["grid_b"] = torch.tensor([lab.grid_b for lab in labels], dtype=torch.long).reshape(-1, 2)
-    batch["anchor_a"], batch["anchor_mask"] = _pad([lab.anchor_a for lab in labels], torch.long)
-    batch["target_b"], _ = _pad([lab.target_b for lab in labels], torch.long)
-    batch["z_b"], _ = _pad([lab.z_b for lab in labels], torch.float32)
-    batch["depth_b"], _ = _pad([lab.depth_b for lab in labels], torch.float32, Nb)
-    valid, _ = _pad([lab.depth_b_valid for lab in labels], torch.bool, Nb)
-    batch["depth_b_valid"] = valid
-    batch["gap"] = torch.tensor([lab.gap for lab in labels], dtype=torch.long)
-    batch["n_anchors"] = torch.tensor([lab.n_anchors for lab in labels], dtype=torch.long)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if pixel_dtype is not None and batch.get(key) is not None and batch[key].is_floating_point():
+            batch[key] = batch[key].to(pixel_dtype)
+    cell_pos = batch.pop("cell_pos")  # B lists of K LongTensors
+    frame_clip, positions, grids, depth, valid = [], [], [], [], []
+    pair_frames, pair_clip, dt, anchor_a, target_b, z_b = [], [], [], [], [], []
+    first = 0
+    for b, it in enumerate(items):
+        lab = it.labels
+        for k, pos in enumerate(cell_pos[b]):
+            frame_clip.append(b)
+            positions.append(pos)
+            grids.append(lab.grids[k])
+            depth.append(lab.depth[k])
+            valid.append(lab.depth_valid[k])
+        for p in lab.pairs:
+            pair_frames.append((first + p.i, first + p.j))
+            pair_clip.append(b)
+            dt.append(p.dt)
+            anchor_a.append(p.anchor_a)
+            target_b.append(p.target_b)
+            z_b.append(p.z_b)
+        first += len(cell_pos[b])
+    batch["frame_clip"] = torch.tensor(frame_clip, dtype=torch.long)  # (F,)
+    batch["cell_pos"], batch["cell_mask"] = _pad(positions, torch.long)  # (F, N)
+    N = batch["cell_pos"].shape[1]
+    batch["grid"] = torch.tensor(grids, dtype=torch.long).reshape(-1, 2)  # (F, 2) rows, cols
+    batch["depth"], _ = _pad(depth, torch.float32, N)  # (F, N)
+    batch["depth_valid"], _ = _pad(valid, torch.bool, N)  # (F, N)
+    batch["pair_frames"] = torch.tensor(pair_frames, dtype=torch.long).reshape(-1, 2)  # (P, 2) frames a, b
+    batch["pair_clip"] = torch.tensor(pair_clip, dtype=torch.long)  # (P,)
+    batch["dt"] = torch.tensor(dt, dtype=torch.long)  # (P,)
+    batch["anchor_a"], batch["anchor_mask"] = _pad(anchor_a, torch.long)  # (P, M)
+    batch["target_b"], _ = _pad(target_b, torch.long)  # (P, M)
+    batch["z_b"], _ = _pad(z_b, torch.float32)  # (P, M)
+    batch["n_anchors"] = torch.tensor([len(a) for a in anchor_a], dtype=torch.long)  # (P,)
+    batch["n_frames"] = torch.tensor([len(c) for c in cell_pos], dtype=torch.long)  # (B,)
     batch["keys"] = [it.key for it in items]
+    batch["datasets"] = [it.dataset for it in items]
     return batch
-
-
-# ============================================================================ seeds
-
-def derive_seed(*parts: Any) -> int:
-    """A stable 63-bit seed from parts (independent of Python's hash randomisation)."""
-    h = hashlib.sha256("|".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
 
 
 # ==================================================================== one worker
@@ -448,9 +509,10 @@ class _EpochReader(torch.utils.data.IterableDataset):
     def __init__(self, sets: list[ShardSet], probs: np.ndarray, adapter: FamilyAdapter, *, epoch: int, rank: int,
                  world_size: int, n_workers: int, batch_size: int, seed: int, shuffle_buffer: int,
                  shuffle_initial: int, warn_every: float, max_consecutive_bad: int, min_corr: int,
-                 plans: list[_WorkerPlan], rotation: int, pixel_dtype: torch.dtype | None = None):
+                 plans: list[_WorkerPlan], rotation: int, pixel_dtype: torch.dtype | None = None,
+                 pairs_per_clip: int = 0):
         super().__init__()
-        self.pixel_dtype = pixel_dtype
+        self.pixel_dtype, self.pairs_per_clip = pixel_dtype, pairs_per_clip
         self.sets, self.probs, self.adapter = sets, probs, adapter
         self.epoch, self.rank, self.world_size, self.n_workers = epoch, rank, world_size, n_workers
         self.batch_size, self.seed = batch_size, seed
@@ -492,16 +554,16 @@ class _EpochReader(torch.utils.data.IterableDataset):
             bad.quiet = False
             bad.counts = collections.Counter(plan.stats)
         # 9 decode -> labels -> encode; bad samples counted, warned about and dropped
-        pairs = self._prepared(raw, bad)
+        prepared = self._prepared(raw, bad)
         # 10 batch, up to this worker's quota (a replay-restore rebuilds the delivered batches and drops them)
         replay = plan.skip_raw is None
         done = 0 if replay else plan.done
         while done < plan.n_batches:
-            items = list(itertools.islice(pairs, self.batch_size))
+            items = list(itertools.islice(prepared, self.batch_size))
             done += 1
             if done <= plan.done and replay:
                 continue
-            batch = collate_pairs(items, self.adapter, self.pixel_dtype)
+            batch = collate_clips(items, self.adapter, self.pixel_dtype)
             batch["_pos"] = {"epoch": self.epoch, "worker": plan.lw, "raw": position["raw"], "batches": done,
                              "stats": dict(bad.counts)}
             yield batch
@@ -553,13 +615,15 @@ class _EpochReader(torch.utils.data.IterableDataset):
             position["raw"] += 1
             yield smp
 
-    def _prepared(self, samples: Iterator[dict[str, Any]], bad: BadDataLog) -> Iterator[PreparedPair]:
+    def _prepared(self, samples: Iterator[dict[str, Any]], bad: BadDataLog) -> Iterator[PreparedClip]:
         consecutive = 0
         for smp in samples:
-            pair, reason, message = decode_checked(smp)
+            clip, reason, message = decode_checked(smp)
             item = None
-            if pair is not None:
-                item, reason, message = prepare_pair(pair, self.adapter, self.min_corr)
+            if clip is not None:
+                rng = (np.random.default_rng(derive_seed(self.seed, "pairs", self.epoch, clip.key))
+                       if self.pairs_per_clip else None)  # the pairs a visit supervises: seeded per epoch
+                item, reason, message = prepare_clip(clip, self.adapter, self.min_corr, self.pairs_per_clip, rng)
             if item is None:
                 bad(reason, message)
                 consecutive += 1
@@ -574,13 +638,13 @@ class _EpochReader(torch.utils.data.IterableDataset):
 
 # ====================================================================== the stream
 
-class PairStream:
-    """Batches of frame pairs with token labels for rank `rank` of `world_size`.
+class SampleStream:
+    """Batches of scene clips with token labels for rank `rank` of `world_size`.
 
     sources: shard sets (see the module docstring: folders, manifests, tars, brace
         patterns, lists, s3://, each `LOCATION[:WEIGHT]`).
-    adapter: the model family's `FamilyAdapter` (grid, encode_pair, collate).
-    batch_size: pairs per batch on this rank.
+    adapter: the model family's `FamilyAdapter` (grid, encode_clip, collate).
+    batch_size: samples (clips) per batch on this rank.
     rank, world_size: this process's place (default: RANK / WORLD_SIZE from the
         environment, else 0 / 1). Passed to the workers explicitly.
     num_workers: DataLoader worker processes (0: read in this process).
@@ -595,6 +659,8 @@ class PairStream:
         (workers are not persistent: they restart, by fork by default, every epoch).
     pixel_dtype: cast pixel_values in the workers (e.g. torch.bfloat16 for a bf16 model:
         half the bytes through the worker queue and to the GPU); None keeps float32.
+    pairs_per_clip: supervise at most this many pairs i < j of a clip (a seeded subset per
+        clip and epoch); 0: every pair.
     """
 
     def __init__(self, sources: Sequence[str | Sequence[str]] | str, adapter: FamilyAdapter, *, batch_size: int,
@@ -602,7 +668,8 @@ class PairStream:
                  split: str = "train", batches_per_epoch: int | None = None, shuffle_buffer: int = 128,
                  shuffle_initial: int = 32, warn_every: float = 30.0, max_consecutive_bad: int = 1000,
                  min_corr: int = MIN_CORR, prefetch_factor: int = 2, pin_memory: bool = False,
-                 multiprocessing_context: str | None = None, pixel_dtype: torch.dtype | None = None):
+                 multiprocessing_context: str | None = None, pixel_dtype: torch.dtype | None = None,
+                 pairs_per_clip: int = 0):
         if isinstance(sources, str):
             sources = [sources]
         if not sources:
@@ -622,6 +689,9 @@ class PairStream:
         self.prefetch_factor, self.pin_memory = prefetch_factor, pin_memory
         self.multiprocessing_context = multiprocessing_context
         self.pixel_dtype = pixel_dtype
+        if pairs_per_clip < 0:
+            raise ValueError(f"pairs_per_clip must be >= 0 (got {pairs_per_clip})")
+        self.pairs_per_clip = int(pairs_per_clip)
 
         self.sets = [resolve_source(s, split) for s in sources]
         weights = [s.weight for s in self.sets]
@@ -653,7 +723,7 @@ class PairStream:
         return self._epoch
 
     def describe(self) -> str:
-        sets = "; ".join(f"{s.name}: {len(s.urls)} shards, {s.n_samples} pairs, p={p:.3f}"
+        sets = "; ".join(f"{s.name}: {len(s.urls)} shards, {s.n_samples} samples, p={p:.3f}"
                          for s, p in zip(self.sets, self.probs))
         return (f"{sets} | rank {self.rank}/{self.world_size}, {self.num_workers} workers, batch {self.batch_size}, "
                 f"{self.batches_per_epoch} batches per epoch")
@@ -696,7 +766,7 @@ class PairStream:
                               shuffle_initial=self.shuffle_initial, warn_every=self.warn_every,
                               max_consecutive_bad=self.max_consecutive_bad, min_corr=self.min_corr,
                               plans=self._plans(), rotation=self._batches % self._n_logical,
-                              pixel_dtype=self.pixel_dtype)
+                              pixel_dtype=self.pixel_dtype, pairs_per_clip=self.pairs_per_clip)
         if self._batches < self.batches_per_epoch:
             if self.num_workers == 0:
                 it: Iterator[dict[str, Any]] = reader.batches(reader.plans[0])
@@ -731,6 +801,7 @@ class PairStream:
     def _config(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "batch_size": self.batch_size, "num_workers": self._n_logical,
                 "seed": self.seed, "batches_per_epoch": self.batches_per_epoch, "split": self.split,
+                "pairs_per_clip": self.pairs_per_clip,
                 "sources": [s.fingerprint() + f"|{p:.6f}" for s, p in zip(self.sets, self.probs)]}
 
     def state_dict(self) -> dict[str, Any]:

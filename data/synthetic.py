@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-GENERATOR = "gasp-synthetic-v1"
+from data.seeds import derive_seed
+
+GENERATOR = "gasp-synthetic-v2"  # v2: trajectories seeded with data.seeds.derive_seed
 TEX_SIZE = 128          # texels per tile side
 CAMERA_CLEARANCE = 0.3  # metres between any camera centre and any primitive
 _BAND = (0.85, 1.15)    # radial scale range of the camera band around room.path
@@ -570,10 +572,6 @@ def render(room: Room, K: np.ndarray, cam2world: np.ndarray, width: int, height:
 
 # ----------------------------------------------------------------------------- posed layout
 
-def _derive_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
-
-
 def depth_to_png_mm(depth: np.ndarray) -> np.ndarray:
     """uint16 (H, W) millimetres: round(depth * 1000), 0 where invalid or beyond 65.535 m."""
     mm = np.round(np.asarray(depth, dtype=np.float64) * 1000.0)
@@ -595,7 +593,7 @@ def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 6
     (scene / "rgb").mkdir(parents=True, exist_ok=True)
     (scene / "depth").mkdir(parents=True, exist_ok=True)
     room = make_room(seed, lookalikes)
-    traj_seed = _derive_seed(seed, 1)
+    traj_seed = derive_seed(seed, 1)
     K = default_intrinsics(width, height)
     frames = []
     for i, cam2world in enumerate(make_trajectory(room, n_frames, traj_seed, step=step)):
@@ -617,7 +615,7 @@ def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 6
 
 def write_corpus(root: str | os.PathLike, n_scenes: int, seed: int = 0, **kw) -> list[str]:
     """Write scenes scene_0000 ... each from its own seed derived from `seed`."""
-    return [write_scene(root, f"scene_{i:04d}", _derive_seed(seed, 1000 + i), **kw) for i in range(n_scenes)]
+    return [write_scene(root, f"scene_{i:04d}", derive_seed(seed, 1000 + i), **kw) for i in range(n_scenes)]
 
 
 def room_for_scene(cameras: dict) -> Room:

@@ -35,6 +35,8 @@ class DataConfig:
     grad_accum: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
     num_workers: int = opt(1, "data loader worker processes per rank")
     max_pixels: int = opt(0, "per-view pixel budget of the processor resize (0: the model's default)")
+    pairs_per_clip: int = opt(0, "supervised pairs i < j per clip (a seeded subset per clip and epoch; 0: every "
+                                 "pair: K(K-1)/2 of a K-frame clip)")
     data_seed: int = opt(0, "seed of the shard order, shuffle buffers and mixing")
 
     def __post_init__(self) -> None:
@@ -44,6 +46,13 @@ class DataConfig:
             raise ValueError(f"--grad-accum must be >= 1 (got {self.grad_accum})")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0 (got {self.num_workers})")
+        if self.pairs_per_clip < 0:
+            raise ValueError(f"--pairs-per-clip must be >= 0 (got {self.pairs_per_clip})")
+
+    def pairs_per_sample(self, clip_frames: int) -> int:
+        """The most supervised pairs one clip of `clip_frames` frames brings."""
+        every = clip_frames * (clip_frames - 1) // 2
+        return min(every, self.pairs_per_clip) if self.pairs_per_clip else every
 
 
 @dataclass
@@ -68,9 +77,13 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    head: str = opt("mlp", "correspondence head of every layer: mlp (the paper's two-layer head) or linear",
+                    choices=["mlp", "linear"])
     head_dim: int = opt(256, "head output width d (min(d, D) is used)")
     tau: float = opt(0.07, "InfoNCE temperature")
     lambda_depth: float = opt(1.0, "weight of the depth-consistency loss (0 disables it)")
+    depth_loss: str = opt("relative", "depth-consistency form: relative |z_b - z_hat| / (z_b + z_hat) (the paper's) "
+                                      "or log |log z_hat - log z_b|", choices=["relative", "log"])
     head_layers: str = opt("all", "which layers' heads carry loss weight: all | last | comma-separated indices")
 
     def __post_init__(self) -> None:

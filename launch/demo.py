@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from data.cli import opt, parse_into
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# camera speed of the demo rooms (m/frame): fast enough that pairs a few frames apart move by cells
+# camera speed of the demo rooms (m/frame): fast enough that frames a few indices apart move by cells
 SYNTHETIC_STEP = 0.10
 
 
@@ -43,9 +43,11 @@ class DemoArgs:
     experiment: str = opt("gasp-demo", "MLflow experiment holding the shard job, the training run and both probes")
     scenes: int = opt(12, "synthetic scenes (a quarter held out for validation)")
     frames: int = opt(60, "frames per scene")
-    pairs_per_scene: int = opt(48, "pairs per scene")
+    clips_per_scene: int = opt(12, "clips per scene")
+    clip_frames: int = opt(4, "frames per clip (K = 4 fits two CPU cores)")
+    clip_window: int = opt(24, "a clip's frames lie within this many consecutive frames")
     steps: int = opt(300, "training steps")
-    batch_size: int = opt(2, "pairs per micro-batch per rank")
+    batch_size: int = opt(2, "clips per micro-batch per rank")
     ranks: int = opt(2, "DeepSpeed ranks (CPU processes, or GPUs when there are)")
     max_pixels: int = opt(448 * 336, "per-view pixel budget (448x336 = 16x12 cells for Qwen)")
     preset: str = opt("tiny", "model preset")
@@ -54,7 +56,7 @@ class DemoArgs:
 
     def __post_init__(self) -> None:
         if self.small:
-            self.scenes, self.frames, self.pairs_per_scene, self.steps = 4, 40, 16, 30
+            self.scenes, self.frames, self.clips_per_scene, self.steps = 4, 40, 4, 30
         check_run_sizes(self)
 
 
@@ -62,7 +64,7 @@ def check_run_sizes(args) -> None:
     """The size flags the demo and the reproduction share; ValueError (one line) names the flag."""
     if args.scenes < 2:
         raise ValueError("--scenes must be >= 2 (one is held out)")
-    for flag in ("frames", "pairs_per_scene", "steps", "batch_size", "ranks"):
+    for flag in ("frames", "clips_per_scene", "steps", "batch_size", "ranks"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
     if args.max_pixels < 56 * 56:
@@ -112,9 +114,9 @@ def comparison_table(before: dict, after: dict) -> str:
             return {}
         return {d["layer"]: d[key] for d in res[kind]["layers"]}
 
-    cols = [("raw PCK@1", col(before, "raw", "pck1"), col(after, "raw", "pck1")),
-            ("head PCK@1", col(before, "head", "pck1"), col(after, "head", "pck1")),
-            ("head PCK@0", col(before, "head", "pck0"), col(after, "head", "pck0"))]
+    cols = [("raw PCK@2p", col(before, "raw", "pck2patch"), col(after, "raw", "pck2patch")),
+            ("head PCK@2p", col(before, "head", "pck2patch"), col(after, "head", "pck2patch")),
+            ("head PCK@1", col(before, "head", "pck1"), col(after, "head", "pck1"))]
     layers = sorted(cols[0][1])
     head = f"{'layer':>5}  " + "  ".join(f"{n + ' before':>19}{n + ' after':>18}" for n, _, _ in cols)
     lines = [head, "-" * len(head)]
@@ -124,13 +126,15 @@ def comparison_table(before: dict, after: dict) -> str:
             cells.append(f"{_f(b.get(l)):>19}{_f(a.get(l)):>18}")
         lines.append(f"{l:>5}  " + "  ".join(cells))
     ch = after.get("chance", {}) if after else {}
-    lines.append(f"chance: PCK@0 {_f(ch.get('pck0'))}  PCK@1 {_f(ch.get('pck1'))}; same-cell baseline PCK@1 "
-                 f"{_f((after.get('baselines') or {}).get('same_cell', {}).get('pck1'))}")
+    sc = (after.get("baselines") or {}).get("same_cell", {}) if after else {}
+    lines.append(f"chance: PCK@2patch {_f(ch.get('pck2patch'))}  PCK@1 {_f(ch.get('pck1'))}; same-cell baseline "
+                 f"PCK@2patch {_f(sc.get('pck2patch'))}")
     for name, res in (("before", before), ("after", after)):
         best = (res.get("best") or {}).get("head") or {}
-        lines.append(f"{name}: best head layer {best.get('layer')} PCK@1 {_f(best.get('pck1'))}, "
+        robust = ", ".join(f"{ds} {_f(t.get('robustness'))}" for ds, t in (best.get("temporal") or {}).items())
+        lines.append(f"{name}: best head layer {best.get('layer')} PCK@2patch {_f(best.get('pck2patch'))}, "
                      f"confidence-accuracy corr {_f(best.get('conf_acc_corr'))}, temporal robustness "
-                     f"{_f(best.get('temporal_robustness'))}")
+                     f"{robust or 'n/a'}")
     return "\n".join(lines)
 
 
@@ -185,8 +189,8 @@ def _main(args: DemoArgs) -> int:
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
-    sizes = {k: getattr(args, k) for k in ("scenes", "frames", "pairs_per_scene", "steps", "batch_size", "ranks",
-                                           "max_pixels", "preset")}
+    sizes = {k: getattr(args, k) for k in ("scenes", "frames", "clips_per_scene", "clip_frames", "clip_window", "steps",
+                                           "batch_size", "ranks", "max_pixels", "preset")}
     refused = claim_folder(os.path.join(out, "demo_args.json"), sizes)
     if refused:
         print(f"python -m launch.demo: error: {out} holds a demo of other settings ({refused}); pass --fresh to "
@@ -215,9 +219,9 @@ def _main(args: DemoArgs) -> int:
         print(f"[demo] reused: {manifest} (complete); --fresh to rebuild", flush=True)
     else:
         run([py, os.path.join(ROOT, "pipeline", "shard.py"), "--input", corpus, "--format", "synthetic",
-             "--output", shards, "--pairs-per-scene", str(args.pairs_per_scene), "--min-gap", "2", "--max-gap",
-             "30", "--gap-buckets", "2,6,15", "--val-fraction", "0.25", "--samples-per-shard", "64", "--mlflow",
-             "--experiment", args.experiment], env)
+             "--output", shards, "--clip-frames", str(args.clip_frames), "--clip-window", str(args.clip_window),
+             "--clips-per-scene", str(args.clips_per_scene), "--val-fraction", "0.25", "--samples-per-shard", "16",
+             "--mlflow", "--experiment", args.experiment], env)
 
     common = dict(shards=[shards], max_pixels=args.max_pixels, experiment=args.experiment, batch_size=4)
     stage("probe before training (random-weight tiny VLM, untrained SVD-init heads)")

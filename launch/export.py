@@ -34,8 +34,12 @@ def _config_from_meta(meta: dict):
     from data.cli import apply_overrides
     from launch.config import TrainConfig
 
-    flat = meta["config"]
-    values = {k.replace(".", "__"): (tuple(v) if k.endswith("gap_buckets") else v) for k, v in flat.items()}
+    from data.cli import flat_dict
+
+    known = flat_dict(TrainConfig())
+    # checkpoints written before the MLP head and the relative depth loss existed trained these
+    flat = {"loss.head": "linear", "loss.depth_loss": "log", **meta["config"]}
+    values = {k.replace(".", "__"): v for k, v in flat.items() if k in known}  # flags since removed are dropped
     return apply_overrides(TrainConfig(), values)
 
 
@@ -59,16 +63,16 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, tag: str | None = None) -> st
         raise ExportError(f"{ckpt_dir}/{tag}: not a launch/train.py checkpoint (no trainer_meta.json)")
     meta = json.load(open(meta_path))
     cfg = _config_from_meta(meta)
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     source = cfg.model.model or cfg.model.preset
-    try:
+    try:  # first: the base model must load (cheaper than the checkpoint, and a moved path fails in one line)
         vlm, processor, _ = build_model_and_processor(source, dtype=torch.float32, device="cpu")
     except ModelLoadError as e:
         raise ExportError(f"checkpoint {ckpt_dir}/{tag} was trained from {source}, which does not load now ({e}); "
                           f"put the base model back at that path (the checkpoint holds only its trained weights)") \
             from None
-    gcfg = GaspConfig(trainable=cfg.model.trainable, head_dim=cfg.loss.head_dim, lora_r=cfg.model.lora_r,
-                      lora_alpha=cfg.model.lora_alpha)
+    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    gcfg = GaspConfig(trainable=cfg.model.trainable, head_dim=cfg.loss.head_dim, head=cfg.loss.head,
+                      depth_loss=cfg.loss.depth_loss, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha)
     gasp = GaspVLM(vlm, gcfg)
     missing, unexpected = gasp.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = [k for k in missing if not k.endswith("layer_weights")]

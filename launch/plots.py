@@ -24,44 +24,104 @@ def _save(fig, ax, path: str, title: str, xlabel: str, ylabel: str) -> str:
     return path
 
 
-def pck_by_layer(results: dict[str, dict[str, Any]], path: str, title: str = "PCK@1 by layer") -> str:
-    """results: {"raw": MatchMetrics.compute(), "head": ...} (either may be missing) -> PNG at path."""
+def pck_by_layer(results: dict[str, dict[str, Any]], path: str, title: str = "PCK@2patch by layer") -> str:
+    """results: {"raw": MatchMetrics.compute(), "head": ...} (either may be missing) -> PNG at path:
+    PCK@2patch (solid) and PCK@1 (faint) of each kind by layer, chance and the same-cell baseline."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
-    chance = None
+    ref = None
     for name, style in (("raw", "o--"), ("head", "s-")):
         res = results.get(name)
         if not res or not res.get("layers"):
             continue
         layers = [d["layer"] for d in res["layers"]]
-        ax.plot(layers, [d["pck1"] for d in res["layers"]], style, label=f"{name} PCK@1")
-        ax.plot(layers, [d["pck0"] for d in res["layers"]], style, alpha=0.35, label=f"{name} PCK@0")
-        chance = res.get("chance1")
-    if chance is not None:
-        ax.axhline(chance, color="grey", lw=1, ls=":", label="chance (PCK@1)")
+        ax.plot(layers, [_nan(d["pck2patch"]) for d in res["layers"]], style, label=f"{name} PCK@2patch")
+        ax.plot(layers, [_nan(d["pck1"]) for d in res["layers"]], style, alpha=0.35, label=f"{name} PCK@1")
+        ref = res
+    _baselines(ax, ref)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     return _save(fig, ax, path, title, "language-model layer", "fraction of anchors")
 
 
-def pck_by_gap(result: dict[str, Any], path: str, layers: list[int] | None = None,
-               title: str = "PCK@1 by frame gap") -> str:
-    """One line per layer (default: the best and the last): PCK@1 over the gap buckets."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
-    labels = result["gap_buckets"]["labels"]
-    if layers is None:
-        layers = sorted({result["best_layer"], len(result["layers"]) - 1} - {None})
-    for l in layers:
-        ys = result["layers"][l]["pck1_by_gap"]
-        ax.plot(range(len(labels)), [y if y is not None else float("nan") for y in ys], "o-", label=f"layer {l}")
-    ch = result["gap_buckets"].get("chance1") or []
-    if ch:
-        ax.plot(range(len(labels)), [c if c is not None else float("nan") for c in ch], ":", color="grey",
-                label="chance")
-    ax.set_xticks(range(len(labels)), [f"{l}\n(n={n})" for l, n in zip(labels, result["gap_buckets"]["counts"])])
-    return _save(fig, ax, path, title, "frame gap bucket", "PCK@1")
+def _nan(x):
+    return float("nan") if x is None else x
+
+
+def _baselines(ax, res: dict[str, Any] | None) -> None:
+    if not res:
+        return
+    if res.get("chance2") is not None:
+        ax.axhline(res["chance2"], color="grey", lw=1, ls=":", label="chance (PCK@2patch)")
+    same = (res.get("same_cell") or {}).get("pck2patch")
+    if same is not None:
+        ax.axhline(same, color="tab:red", lw=1, ls="-.", alpha=0.7, label="same-cell baseline")
+
+
+def _primary(run: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """The result a run is drawn by: its heads when it has them, else its raw features."""
+    if run.get("head") and run["head"].get("layers"):
+        return "head", run["head"]
+    return "raw", run.get("raw")
+
+
+def three_panels(runs: dict[str, dict[str, Any]], path: str, title: str = "", layer: dict[str, int] | None = None,
+                 robustness_dt: int = 24) -> str:
+    """The paper's three panels for one run or overlaid for several (DESIGN §6).
+
+    runs: {label: {"head": MatchMetrics.compute() | None, "raw": ...}} (drawn by the heads when a run
+    has them). (a) PCK@2patch by layer as bars, with chance and the same-cell baseline; (b) the
+    confidence-accuracy correlation by layer; (c) normalised PCK@2patch by frame distance, per
+    dataset, at each run's layer (`layer` {label: l}, default its best layer on these data).
+    """
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(15.0, 4.0), dpi=110)
+    n = max(1, len(runs))
+    width = 0.8 / n
+    ref = None
+    for r, (label, run) in enumerate(runs.items()):
+        kind, res = _primary(run)
+        if not res or not res.get("layers"):
+            continue
+        ref = ref or res
+        layers = np.array([d["layer"] for d in res["layers"]])
+        axes[0].bar(layers - 0.4 + width * (r + 0.5), [_nan(d["pck2patch"]) for d in res["layers"]], width,
+                    label=f"{label} ({kind})")
+        axes[1].plot(layers, [_nan(d["conf_acc_corr"]) for d in res["layers"]], "o-", label=f"{label} ({kind})")
+        chosen = (layer or {}).get(label, res.get("best_layer"))
+        if chosen is None:
+            continue
+        for name, curve in res["layers"][chosen]["temporal"].items():
+            pts = [(d, v) for d, v in zip(curve["dt"], curve["normalised"]) if v is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                axes[2].plot(xs, ys, "o-", ms=3, label=f"{label}, {name} (layer {chosen})")
+    _baselines(axes[0], ref)
+    axes[0].set_ylim(0, 1)
+    axes[0].set(xlabel="language-model layer", ylabel="PCK@2patch", title="(a) PCK@2patch by layer")
+    axes[1].axhline(0.0, color="grey", lw=1)
+    axes[1].set_ylim(-1, 1)
+    axes[1].set(xlabel="language-model layer", ylabel="Pearson r", title="(b) confidence vs correctness")
+    axes[2].axhline(1.0, color="grey", lw=1, ls=":")
+    axes[2].axvline(robustness_dt, color="grey", lw=1, ls="--")
+    axes[2].set_ylim(0, 1.3)
+    axes[2].set(xlabel="frame distance dt", ylabel="PCK@2patch(dt) / PCK@2patch(dt min)",
+                title="(c) normalised PCK by frame distance")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def confidence_vs_accuracy(max_prob, correct, path: str, layer: int, n_bins: int = 10) -> str:
-    """Reliability diagram of one layer: mean PCK@1 per bin of max softmax probability."""
+    """Reliability diagram of one layer: mean PCK@2patch correctness per bin of max softmax probability."""
     import numpy as np
 
     p = np.asarray(max_prob, dtype=float)
@@ -80,7 +140,7 @@ def confidence_vs_accuracy(max_prob, correct, path: str, layer: int, n_bins: int
     ax.scatter(centers, acc, s=[10 + 40 * n / max(counts) for n in counts] if counts else 10)
     ax.plot(centers, acc, "-", alpha=0.6)
     ax.set_xlabel("max softmax probability")
-    ax.set_ylabel("PCK@1 (fraction correct)")
+    ax.set_ylabel("PCK@2patch (fraction correct)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_title(f"confidence vs accuracy, layer {layer}")

@@ -3,8 +3,8 @@
     python launch/probe.py [--preset NAME | --model PATH] [--heads PATH | --no-head] --shards URL [...]
 
 Thin entry point: parse the flags (`ProbeArgs`), run `launch.probe_lib.run_probe`
-(checks -> model -> every pair once -> probe.json, PNG plots, MLflow run), print the
-table. A problem the user can fix (flags, an unsupported checkpoint, heads of another
+(checks -> model -> every clip once -> probe.json, PNG plots, MLflow run), print the
+table (`launch.probe_report`). A problem the user can fix (flags, an unsupported checkpoint, heads of another
 shape, missing shards) ends in ONE line on stderr and exit status 2, before the model
 is built wherever it can be checked earlier. See docs/probe.md.
 """
@@ -22,8 +22,9 @@ from data.cli import parse_into
 from launch.probe_lib import ProbeArgs, ProbeError
 
 PROG = "launch/probe.py"
-DESCRIPTION = ("Layer-wise correspondence probe (PCK@0/@1 raw and through the heads, chance, confidence-accuracy "
-               "correlation, PCK by frame gap, temporal robustness) of a VLM on held-out shards.")
+DESCRIPTION = ("Layer-wise correspondence probe (PCK@0/@1/@2patch raw and through the heads, chance and the "
+               "same-cell baseline, confidence-accuracy correlation, the per-dataset temporal curve and temporal "
+               "robustness, the paper's three panels) of a VLM on held-out clips.")
 EPILOG = ("Without --heads the heads are the untrained SVD initialisation (a baseline; the output says so); "
           "--no-head scores the raw features only. Outputs: the table on stdout, OUTPUT/probe.json, "
           "OUTPUT/*.png, and an MLflow run (--no-mlflow to skip).")
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "alembic", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from launch.probe_lib import format_table, run_probe
+    from launch.probe_lib import run_probe
+    from launch.probe_report import format_table
 
     try:
         result = run_probe(args)

@@ -39,9 +39,11 @@ class ReproArgs:
     report: str = opt("", "only print the markdown tables of this results.json")
     scenes: int = opt(32, "synthetic scenes (8 held out for the probe)")
     frames: int = opt(60, "frames per scene")
-    pairs_per_scene: int = opt(48, "pairs per scene")
+    clips_per_scene: int = opt(12, "clips per scene")
+    clip_frames: int = opt(4, "frames per clip")
+    clip_window: int = opt(24, "a clip's frames lie within this many consecutive frames")
     steps: int = opt(1200, "training steps per run")
-    batch_size: int = opt(2, "pairs per micro-batch per rank")
+    batch_size: int = opt(2, "clips per micro-batch per rank")
     ranks: int = opt(2, "DeepSpeed ranks")
     lr: float = opt(2e-3, "peak learning rate")
     max_pixels: int = opt(448 * 336, "per-view pixel budget (448x336 = 16x12 cells)")
@@ -117,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             synthetic.write_scene(corpus, f"scene_{i:04d}", seed=9000 + i, n_frames=args.frames, step=SYNTHETIC_STEP)
         print(f"[repro] corpus {i + 1}/{args.scenes} scenes ({time.time() - t_start:.0f}s)", flush=True)
     run([py, os.path.join(ROOT, "pipeline", "shard.py"), "--input", corpus, "--format", "synthetic", "--output",
-         shards, "--pairs-per-scene", str(args.pairs_per_scene), "--min-gap", "2", "--max-gap", "30",
-         "--gap-buckets", "2,6,15", "--val-fraction", "0.25", "--samples-per-shard", "64", "--quiet"], env)
+         shards, "--clip-frames", str(args.clip_frames), "--clip-window", str(args.clip_window), "--clips-per-scene",
+         str(args.clips_per_scene), "--val-fraction", "0.25", "--samples-per-shard", "16", "--quiet"], env)
     common = dict(shards=[shards], max_pixels=args.max_pixels, experiment=args.experiment, batch_size=4)
     results: dict = {"config": asdict(args), "runs": {}, "timing_s": {}}
     res_path = os.path.join(out, "results.json")

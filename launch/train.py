@@ -226,6 +226,7 @@ def check_sources(cfg, parser) -> None:
     val split of the training sets only skips validation (said in one line); an explicit
     --val-shards set must have one.
     """
+    from data.cli import one_line
     from data.shardformat import FormatError
     from data.stream import resolve_source
 
@@ -242,10 +243,10 @@ def check_sources(cfg, parser) -> None:
         try:
             return resolve_source(src, split)
         except (FileNotFoundError, FormatError, ValueError) as e:
-            parser.error(f"{flag} {src}: {_first_line(e)} (make shards with pipeline/shard.py, or omit --shards for "
+            parser.error(f"{flag} {src}: {one_line(e)} (make shards with pipeline/shard.py, or omit --shards for "
                          f"the embedded default)")
         except Exception as e:  # unreachable endpoint, credentials, permissions
-            parser.error(f"{flag} {src}: cannot be read ({type(e).__name__}: {_first_line(e)}); check the path, "
+            parser.error(f"{flag} {src}: cannot be read ({type(e).__name__}: {one_line(e)}); check the path, "
                          f"AWS_ENDPOINT_URL and credentials")
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -275,11 +276,6 @@ def check_sources(cfg, parser) -> None:
         if missing and int(os.environ.get("RANK", "0") or 0) == 0:
             print(f"[train] note: no val split in {', '.join(missing)}: validation skips those sets "
                   f"(pass --val-shards to validate elsewhere)", flush=True)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _hidden_size(cfg) -> int:

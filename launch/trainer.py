@@ -47,7 +47,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from data.pairs import DEFAULT_GAP_BUCKETS
 from data.sources import parse_spec, recorded
 from data.tracking import MlflowTracker, NullTracker, git_commit
 from launch import distributed as D
@@ -179,7 +178,7 @@ class Trainer:
     def setup(self, ds_config: dict[str, Any]) -> None:
         import deepspeed
 
-        from data.stream import PairStream
+        from data.stream import SampleStream
         from model.loading import build_model_and_processor
         from model.wrapper import GaspConfig, GaspVLM
 
@@ -221,8 +220,8 @@ class Trainer:
                                      if self.zero_stage == 3 else None)
         gcfg = GaspConfig(trainable=cfg.model.trainable, freeze_vision=cfg.model.freeze_vision,
                           gradient_checkpointing=cfg.model.gradient_checkpointing, head_dim=cfg.loss.head_dim,
-                          tau=cfg.loss.tau, lambda_depth=cfg.loss.lambda_depth, lora_r=cfg.model.lora_r,
-                          lora_alpha=cfg.model.lora_alpha)
+                          tau=cfg.loss.tau, lambda_depth=cfg.loss.lambda_depth, head=cfg.loss.head,
+                          depth_loss=cfg.loss.depth_loss, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha)
         text_cfg = getattr(vlm.config, "text_config", vlm.config)
         try:
             gcfg.layer_weights = cfg.loss.layer_weights(int(text_cfg.num_hidden_layers))
@@ -255,10 +254,11 @@ class Trainer:
         if os.environ.get(PARTITION_ENV) == "1":
             self._dump_partition()
 
-        self.train_stream = PairStream(cfg.data.shards, self.adapter, batch_size=cfg.data.batch_size, rank=self.rank,
-                                       world_size=self.world, num_workers=cfg.data.num_workers,
-                                       seed=cfg.data.data_seed, split="train",
-                                       pixel_dtype=None if self.dtype == torch.float32 else self.dtype)
+        self.train_stream = SampleStream(cfg.data.shards, self.adapter, batch_size=cfg.data.batch_size,
+                                         rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
+                                         seed=cfg.data.data_seed, split="train",
+                                         pixel_dtype=None if self.dtype == torch.float32 else self.dtype,
+                                         pairs_per_clip=cfg.data.pairs_per_clip)
         self.val_sources = cfg.data.val_shards or cfg.data.shards
         client = self._load_checkpoint() if self.resume_from else None
         if client is None and self.rank == 0:
@@ -430,11 +430,11 @@ class Trainer:
 
     def step_counts(self, micro: list[dict[str, Any]] | None) -> tuple[torch.Tensor, bool]:
         """All-reduce the step's item counts (3,) and the stop flag in ONE collective (before any forward)."""
-        from model.wrapper import batch_counts
+        from losses.gasp import count_items
 
         local = torch.zeros(4, device=self.device)  # n_ab, n_ba, n_depth, stop
         if micro is not None:
-            local[:3] = torch.stack([batch_counts(mb) for mb in micro]).sum(0).to(self.device)
+            local[:3] = torch.stack([count_items(mb) for mb in micro]).sum(0).to(self.device)
         local[3] = 1.0 if (self._stop or micro is None) else 0.0
         D.all_reduce(local)
         return local[:3], bool(local[3].item() > 0)
@@ -579,16 +579,20 @@ class Trainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> dict[str, Any] | None:
-        from data.stream import PairStream
+        """Per-layer PCK@0 / PCK@1 / PCK@2patch raw and through the heads, chance, the same-cell baseline,
+        the confidence-accuracy correlation and the per-dataset temporal curve on the val split (DESIGN §6);
+        MLflow metrics, the three-panel figure and val_metrics.json (rank 0)."""
+        from data.stream import SampleStream
         from launch import plots
-        from losses.metrics import MatchMetrics, flatten_metrics
+        from losses.metrics import MatchMetrics, flatten_metrics, temporal_series
 
         cfg = self.cfg
         try:
-            stream = PairStream(self.val_sources, self.adapter, batch_size=cfg.data.batch_size, rank=self.rank,
-                                world_size=self.world, num_workers=0, seed=0, split="val",
-                                batches_per_epoch=cfg.run.val_batches,
-                                pixel_dtype=None if self.dtype == torch.float32 else self.dtype)
+            stream = SampleStream(self.val_sources, self.adapter, batch_size=cfg.data.batch_size, rank=self.rank,
+                                  world_size=self.world, num_workers=0, seed=0, split="val",
+                                  batches_per_epoch=cfg.run.val_batches,
+                                  pixel_dtype=None if self.dtype == torch.float32 else self.dtype,
+                                  pairs_per_clip=cfg.data.pairs_per_clip)
         except (ValueError, FileNotFoundError) as e:
             D.print0(f"[val] skipped: {e}")
             return None
@@ -598,17 +602,15 @@ class Trainer:
         for batch in stream:
             batch, inputs = self._to_device(batch)
             h, r = self.engine.module.match(batch, inputs, raw=True)
-            head_stats.append(_cpu(h))
-            raw_stats.append(_cpu(r))
+            head_stats.append(h.cpu())
+            raw_stats.append(r.cpu())
         self.engine.train()
         gathered = D.gather_objects((head_stats, raw_stats))
         if self.rank != 0:
             return None
-        buckets = next((list(r.gap_buckets) for r in (recorded(parse_spec(s)[0]) for s in self.val_sources)
-                        if r.gap_buckets), list(DEFAULT_GAP_BUCKETS))
         results = {}
         for name, idx in (("head", 0), ("raw", 1)):
-            acc = MatchMetrics(gap_buckets=buckets)
+            acc = MatchMetrics()
             for per_rank in gathered:
                 for st in per_rank[idx]:
                     acc.update(st)
@@ -617,18 +619,24 @@ class Trainer:
         for name, res in results.items():
             metrics.update(flatten_metrics(res, f"val/{name}"))
         self.tracker.log_metrics(metrics, step=self.step)
+        if self.step >= cfg.optim.steps:  # the final curve, as series over the frame distance
+            for name, res in results.items():
+                for key, pts in temporal_series(res, f"val/{name}").items():
+                    for dt, v in pts:
+                        self.tracker.log_metrics({key: v}, step=dt)
         os.makedirs(self.run_dir, exist_ok=True)
-        png = plots.pck_by_layer(results, os.path.join(self.run_dir, f"pck_by_layer_step{self.step:06d}.png"),
-                                 title=f"validation PCK@1 by layer, step {self.step}")
+        png = plots.three_panels({"trained": results}, os.path.join(self.run_dir, f"panels_step{self.step:06d}.png"),
+                                 title=f"validation, step {self.step}")
         self.tracker.log_artifact(png, "plots")
-        shutil.copyfile(png, os.path.join(self.run_dir, "pck_by_layer.png"))
-        self.tracker.log_artifact(os.path.join(self.run_dir, "pck_by_layer.png"), "plots")
+        shutil.copyfile(png, os.path.join(self.run_dir, "panels.png"))
+        self.tracker.log_artifact(os.path.join(self.run_dir, "panels.png"), "plots")
         with open(os.path.join(self.run_dir, "val_metrics.json"), "w") as f:
             json.dump({"step": self.step, **results}, f, indent=1)
         h, r = results["head"], results["raw"]
-        print(f"[val] step {self.step}: {h['n_anchors']} anchors; best PCK@1 head {_fmt(h['best_pck1'])} "
-              f"(layer {h['best_layer']}), raw {_fmt(r['best_pck1'])} (layer {r['best_layer']}); chance "
-              f"{_fmt(h['chance1'])} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        print(f"[val] step {self.step}: {h['n_anchors']} anchors; best PCK@2patch head {_fmt(h['best_pck2patch'])} "
+              f"(layer {h['best_layer']}), raw {_fmt(r['best_pck2patch'])} (layer {r['best_layer']}); chance "
+              f"{_fmt(h['chance2'])}, same-cell {_fmt(h['same_cell']['pck2patch'])} "
+              f"({time.perf_counter() - t0:.1f}s)", flush=True)
         return results
 
     # ------------------------------------------------------------------ end
@@ -641,12 +649,6 @@ class Trainer:
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-def _cpu(stats):
-    from dataclasses import fields, replace
-
-    return replace(stats, **{f.name: getattr(stats, f.name).cpu() for f in fields(stats)})
 
 
 def _atomic_json(path: str, obj: Any) -> None:

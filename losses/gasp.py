@@ -1,6 +1,10 @@
-"""GASP objectives over a padded batch of pairs (DESIGN §6). Imports only torch.
+"""GASP objectives over the supervised pairs of a batch of clips (DESIGN §6). Imports only torch.
 
-Batch keys (padded, B pairs, N_a / N_b cells, M anchor slots):
+A clip batch (`data.stream`) holds per-frame cell masks, depths and grids and per-pair
+labels; `pair_view` gathers the frame-level part for each pair's A and B, and
+`pair_similarities` gathers each pair's per-frame head features, so every pair of a batch
+goes through one batched product. The per-pair keys (padded, B pairs, N_a / N_b cells, M
+anchor slots):
   cell_mask_a (B, Na) bool, cell_mask_b (B, Nb) bool     False = padding
   anchor_a (B, M) long, target_b (B, M) long, anchor_mask (B, M) bool, z_b (B, M) float
   depth_b (B, Nb) float, depth_b_valid (B, Nb) bool
@@ -31,10 +35,44 @@ from torch import nn
 Batch = Mapping[str, torch.Tensor]
 
 
+DEPTH_LOSSES = ("relative", "log")
+
+
 def similarities(fa: torch.Tensor, fb: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
     """fa (L, B, Na, d), fb (L, B, Nb, d) -> s = fa @ fb^T / tau (L, B, Na, Nb), float32."""
     with torch.autocast(device_type=fa.device.type, enabled=False):
         return torch.matmul(fa.float(), fb.float().transpose(-1, -2)) / tau  # (L, B, Na, Nb)
+
+
+def pair_similarities(f: torch.Tensor, pair_frames: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
+    """Per-frame features f (L, F, N, d) and pairs (P, 2) [frame A, frame B] -> s (L, P, N, N), float32.
+
+    Every supervised pair of a batch in one gather and one batched product (DESIGN §6).
+    """
+    pf = pair_frames.to(f.device).long()
+    return similarities(f[:, pf[:, 0]], f[:, pf[:, 1]], tau)  # (L, P, N, d) x (L, P, N, d)
+
+
+def pair_view(batch: Batch) -> dict[str, torch.Tensor]:
+    """The per-pair label tensors of a clip batch (`data.stream`): frame-level cell masks, depths and
+    grids gathered for each pair's A and B, so every pair reads as a (A, B) pair batch.
+
+    A batch that already is per-pair (has `cell_mask_a`) is returned as is.
+    """
+    if "cell_mask_a" in batch:
+        return dict(batch)
+    pf = batch["pair_frames"].long()
+    a, b = pf[:, 0], pf[:, 1]
+    out = {"cell_mask_a": batch["cell_mask"][a], "cell_mask_b": batch["cell_mask"][b],  # (P, N)
+           "anchor_a": batch["anchor_a"], "target_b": batch["target_b"], "anchor_mask": batch["anchor_mask"],
+           "z_b": batch["z_b"], "depth_b": batch["depth"][b], "depth_b_valid": batch["depth_valid"][b]}
+    for key in ("grid", "dt", "pair_clip"):
+        if key in batch:
+            if key == "grid":
+                out["grid_a"], out["grid_b"] = batch["grid"][a], batch["grid"][b]
+            else:
+                out[key] = batch[key]
+    return out
 
 
 SAVED_PER_SIMILARITY = 3.0
@@ -107,7 +145,7 @@ def item_masks(batch: Batch) -> ItemMasks:
 
 def count_items(batch: Batch) -> torch.Tensor:
     """(3,) float32 [n_ab, n_ba, n_depth] of a batch, from its labels alone (sum these, then all-reduce)."""
-    m = item_masks(batch)
+    m = item_masks(pair_view(batch))
     return torch.stack([m.anchor.sum(), m.first_of_target.sum(), m.depth.sum()]).float()
 
 
@@ -127,21 +165,25 @@ class LossTerms:
         return torch.stack([self.n_ab, self.n_ba, self.n_depth])
 
 
-def gasp_loss_terms(s: torch.Tensor, batch: Batch) -> LossTerms:
+def gasp_loss_terms(s: torch.Tensor, batch: Batch, depth_loss: str = "relative") -> LossTerms:
     """Sums of A->B InfoNCE, B->A InfoNCE and depth loss per layer, and their counts.
 
-    s (L, B, Na, Nb): similarities / tau (from `similarities`). Fully batched over L, B, M.
+    s (L, B, Na, Nb): similarities / tau (from `similarities` / `pair_similarities`; B = pairs).
+    Fully batched over L, B, M. `batch`: per-pair labels (`pair_view` of a clip batch).
     - A->B, anchor i -> target j: logsumexp_{k real in B} s[i, k] - s[i, j].
     - B->A, distinct target j with anchors P_j: logsumexp_{k real in A} s[k, j]
       - logsumexp_{i in P_j} s[i, j]  (= -log sum_{i in P_j} softmax(s[:, j])_i).
-    - depth: log z_hat = logsumexp_{k valid}(s[i, k] + log D_k) - logsumexp_{k valid} s[i, k]
-      (log of softmax-weighted depth, computed in log space); loss |log z_hat - log z_b|.
+    - depth, with p = softmax of s[i, :] over B's valid cells and z_hat = p @ D_b, computed as
+      log z_hat = logsumexp_{k valid}(s[i, k] + log D_k) - logsumexp_{k valid} s[i, k]:
+      `relative` (the paper's form) |z_b - z_hat| / (z_b + z_hat); `log` |log z_hat - log z_b|.
     """
+    if depth_loss not in DEPTH_LOSSES:
+        raise ValueError(f"depth_loss must be one of {', '.join(DEPTH_LOSSES)} (got {depth_loss!r})")
     with torch.autocast(device_type=s.device.type, enabled=False):
-        return _loss_terms(s.float(), batch)
+        return _loss_terms(s.float(), pair_view(batch), depth_loss)
 
 
-def _loss_terms(s: torch.Tensor, batch: Batch) -> LossTerms:
+def _loss_terms(s: torch.Tensor, batch: Batch, depth_loss: str = "relative") -> LossTerms:
     L, B, Na, Nb = s.shape
     m = item_masks(batch)
     M = m.anchor.shape[1]
@@ -167,8 +209,14 @@ def _loss_terms(s: torch.Tensor, batch: Batch) -> LossTerms:
     log_d = torch.where(m.depth_cells, depth_b.clamp_min(1e-30).log(), 0.0)  # (B, Nb)
     keep = m.depth_cells[None, :, None, :]  # (1, B, 1, Nb)
     log_zhat = _masked_lse(rows + log_d[None, :, None, :], keep, -1) - _masked_lse(rows, keep, -1)  # (L, B, M)
-    log_zb = torch.where(m.depth, batch["z_b"].float().clamp_min(1e-30).log(), 0.0)  # (B, M)
-    depth = torch.where(m.depth, (log_zhat - log_zb).abs(), 0.0).sum((1, 2))  # (L,)
+    if depth_loss == "log":
+        log_zb = torch.where(m.depth, batch["z_b"].float().clamp_min(1e-30).log(), 0.0)  # (B, M)
+        per_item = (log_zhat - log_zb).abs()  # (L, B, M)
+    else:  # relative: z_b > 0 for a depth item and z_hat > 0 over valid cells, so no epsilon
+        z_b = torch.where(m.depth, batch["z_b"].float(), 1.0)[None]  # (1, B, M)
+        z_hat = torch.where(m.depth[None], log_zhat, 0.0).exp()  # (L, B, M)
+        per_item = (z_b - z_hat).abs() / (z_b + z_hat)
+    depth = torch.where(m.depth, per_item, 0.0).sum((1, 2))  # (L,)
 
     n = torch.stack([m.anchor.sum(), m.first_of_target.sum(), m.depth.sum()]).float()
     return LossTerms(nce_ab, nce_ba, depth, n[0], n[1], n[2])
@@ -239,11 +287,11 @@ class GaspLoss(nn.Module):
     """
 
     def __init__(self, head: nn.Module, tau: float = 0.07, lambda_depth: float = 1.0,
-                 layer_weights: Sequence[float] | torch.Tensor | None = None) -> None:
+                 layer_weights: Sequence[float] | torch.Tensor | None = None, depth_loss: str = "relative") -> None:
         super().__init__()
         if tau <= 0:
             raise ValueError(f"tau must be > 0; got {tau}")
-        self.head, self.tau, self.lambda_depth = head, tau, lambda_depth
+        self.head, self.tau, self.lambda_depth, self.depth_loss = head, tau, lambda_depth, depth_loss
         self.register_buffer("layer_weights",
                              None if layer_weights is None else torch.as_tensor(layer_weights, dtype=torch.float32),
                              persistent=False)
@@ -252,7 +300,7 @@ class GaspLoss(nn.Module):
                 global_counts: torch.Tensor | None = None, grad_accum_steps: int = 1, world_size: int = 1,
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         s = similarities(self.head(feat_a), self.head(feat_b), self.tau)  # (L, B, Na, Nb)
-        terms = gasp_loss_terms(s, batch)
+        terms = gasp_loss_terms(s, batch, self.depth_loss)
         if global_counts is None:
             return combine(terms, self.layer_weights, self.lambda_depth)
         return loss_to_backward(terms, global_counts, grad_accum_steps, world_size,

@@ -1,10 +1,14 @@
 """The fused all-layer correspondence head (DESIGN §6).
 
 Layer l's head reads the input of layer l's query projection at the vision-token
-cells and maps it to a unit vector: `f_l(x) = normalize(W_l x)`, W_l of shape
-(d, D), d = min(256, D). The L heads are ONE float32 parameter of shape
-(L, d, D) applied in one batched product (`FusedCorrespondenceHead`); the
-per-layer loop `PerLayerHeads` is kept only as the test and benchmark reference.
+cells and maps it to a unit vector, d = min(256, D):
+- `linear`: `f_l(x) = normalize(W_l x)`, W_l of shape (d, D);
+- `mlp` (the paper's two-layer head): `f_l(x) = normalize(W2_l GELU(W1_l x))`, W1_l (2d, D),
+  W2_l (d, 2d), no biases; initialised `W1 = [W; -W]`, `W2 = [I, -I]` from the linear head's
+  SVD init, which it then equals exactly (GELU(a) - GELU(-a) = a).
+The L heads are ONE set of float32 parameters with a leading layer axis, applied in
+batched products (`FusedCorrespondenceHead`); the per-layer loop `PerLayerHeads` is kept
+only as the test and benchmark reference. The heads file records the kind.
 
 Precision: the head always computes in float32. The input (bf16 on GPU) is cast
 up, autocast is switched off inside `forward`, and the weight is used as float32
@@ -91,48 +95,78 @@ def svd_init(w_q: torch.Tensor, d: int) -> torch.Tensor:
     return w
 
 
+HEAD_KINDS = ("linear", "mlp")
+
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The full shape of a parameter (a ZeRO-3 partition keeps it in `ds_shape`)."""
+    return tuple(int(x) for x in (p.ds_shape if hasattr(p, "ds_shape") else p.shape))
+
+
 class FusedCorrespondenceHead(nn.Module):
-    """All L per-layer heads as one parameter `weight` (L, d, D), applied in one bmm."""
+    """All L per-layer heads as ONE set of parameters with a leading layer axis, applied in batched products.
+
+    kind "linear": `weight` (L, d, D), f_l(x) = normalize(W_l x).
+    kind "mlp" (the paper's two-layer head): `w1` (L, 2d, D), `w2` (L, d, 2d), no biases,
+    f_l(x) = normalize(W2_l GELU(W1_l x)) with the exact (erf) GELU.
+    """
 
     def __init__(self, num_layers: int, hidden_size: int, head_dim: int | None = None,
-                 max_dim: int = DEFAULT_MAX_DIM) -> None:
+                 max_dim: int = DEFAULT_MAX_DIM, kind: str = "linear") -> None:
         super().__init__()
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"head kind must be one of {', '.join(HEAD_KINDS)} (got {kind!r})")
         d = head_dim if head_dim is not None else head_dim_for(hidden_size, max_dim)
         if num_layers < 1 or hidden_size < 1 or not 1 <= d <= hidden_size:
             raise ValueError(f"head needs L >= 1, D >= 1 and 1 <= d <= D; got L={num_layers}, D={hidden_size}, d={d}")
+        self.kind = kind
         # Random start (replaced by `init_from_query_weights` in training); float32 always.
-        self.weight = nn.Parameter(torch.randn(num_layers, d, hidden_size) / hidden_size ** 0.5)
+        if kind == "linear":
+            self.weight = nn.Parameter(torch.randn(num_layers, d, hidden_size) / hidden_size ** 0.5)
+        else:
+            self.w1 = nn.Parameter(torch.randn(num_layers, 2 * d, hidden_size) / hidden_size ** 0.5)
+            self.w2 = nn.Parameter(torch.randn(num_layers, d, 2 * d) / (2 * d) ** 0.5)
+
+    @property
+    def _first(self) -> torch.Tensor:
+        return self.weight if self.kind == "linear" else self.w1
 
     @property
     def num_layers(self) -> int:
-        return int(self.weight.ds_shape[0]) if hasattr(self.weight, "ds_shape") else self.weight.shape[0]
+        return _shape(self._first)[0]
 
     @property
     def head_dim(self) -> int:
-        return int(self.weight.ds_shape[1]) if hasattr(self.weight, "ds_shape") else self.weight.shape[1]
+        return _shape(self.weight)[1] if self.kind == "linear" else _shape(self.w2)[1]
 
     @property
     def hidden_size(self) -> int:
-        return int(self.weight.ds_shape[2]) if hasattr(self.weight, "ds_shape") else self.weight.shape[2]
+        return _shape(self._first)[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (L, ..., D), any float dtype -> normalize(W_l x_l) (L, ..., d), float32."""
+        """x (L, ..., D), any float dtype -> f_l(x_l) (L, ..., d), unit vectors, float32."""
         L, D, d = self.num_layers, self.hidden_size, self.head_dim
         if x.dim() < 2 or x.shape[0] != L or x.shape[-1] != D:
             raise ValueError(f"head expects input (L={L}, ..., D={D}); got {tuple(x.shape)}")
         lead = x.shape[1:-1]
         with torch.autocast(device_type=x.device.type, enabled=False):
             x32 = x.float().reshape(L, -1, D)  # (L, T, D)
-            y = torch.bmm(x32, self.weight.float().transpose(1, 2))  # (L, T, d)
+            if self.kind == "linear":
+                y = torch.bmm(x32, self.weight.float().transpose(1, 2))  # (L, T, d)
+            else:
+                h = F.gelu(torch.bmm(x32, self.w1.float().transpose(1, 2)))  # (L, T, 2d)
+                y = torch.bmm(h, self.w2.float().transpose(1, 2))  # (L, T, d)
             y = F.normalize(y, dim=-1)
         return y.reshape(L, *lead, d)  # (L, ..., d)
 
     @torch.no_grad()
     def init_from_query_weights(self, weights: Iterable[torch.Tensor]) -> None:
-        """Set W_l = S[:d, None] * Vh[:d] / S[0] from layer l's query weight (out, D).
+        """From layer l's query weight (out, D): W_l = S[:d, None] * Vh[:d] / S[0] (linear); for the MLP
+        W1_l = [W_l; -W_l], W2_l = [I_d, -I_d], which equals the linear head exactly at initialisation
+        (GELU(a) - GELU(-a) = a).
 
-        `weights` may be a generator (e.g. `iter_query_weights(q_projs)`), so only
-        one full projection is held at a time. Under ZeRO-3 this is a collective.
+        `weights` may be a generator (e.g. `iter_query_weights(q_projs)`), so only one full
+        projection is held at a time. Under ZeRO-3 this is a collective.
         """
         L, D, d = self.num_layers, self.hidden_size, self.head_dim
         new = []
@@ -143,8 +177,15 @@ class FusedCorrespondenceHead(nn.Module):
             new.append(svd_init(w_q, d))
         if len(new) != L:
             raise HeadShapeError(f"got {len(new)} query weights for heads with L={L} layers")
-        with gathered([self.weight], modifier_rank=0):
-            self.weight.copy_(torch.stack(new).to(self.weight.device))  # (L, d, D)
+        W = torch.stack(new)  # (L, d, D)
+        if self.kind == "linear":
+            with gathered([self.weight], modifier_rank=0):
+                self.weight.copy_(W.to(self.weight.device))
+            return
+        eye = torch.eye(d, dtype=torch.float32)
+        with gathered([self.w1, self.w2], modifier_rank=0):
+            self.w1.copy_(torch.cat([W, -W], dim=1).to(self.w1.device))  # (L, 2d, D)
+            self.w2.copy_(torch.cat([eye, -eye], dim=1).expand(L, d, 2 * d).to(self.w2.device))  # (L, d, 2d)
 
     def init_from_query_modules(self, modules: Iterable[nn.Module | torch.Tensor]) -> None:
         """`init_from_query_weights` from each layer's `q_proj` module (ZeRO-3 gathered)."""
@@ -152,23 +193,33 @@ class FusedCorrespondenceHead(nn.Module):
 
 
 class PerLayerHeads(nn.Module):
-    """Reference: L separate `nn.Linear(D, d, bias=False)` in a Python loop (tests, benchmarks)."""
+    """Reference: L separate heads (`nn.Linear`, no bias) in a Python loop (tests, benchmarks)."""
 
-    def __init__(self, num_layers: int, hidden_size: int, head_dim: int) -> None:
+    def __init__(self, num_layers: int, hidden_size: int, head_dim: int, kind: str = "linear") -> None:
         super().__init__()
-        self.heads = nn.ModuleList(nn.Linear(hidden_size, head_dim, bias=False) for _ in range(num_layers))
+        self.kind = kind
+        if kind == "linear":
+            self.heads = nn.ModuleList(nn.Linear(hidden_size, head_dim, bias=False) for _ in range(num_layers))
+        else:
+            self.heads = nn.ModuleList(nn.Sequential(nn.Linear(hidden_size, 2 * head_dim, bias=False), nn.GELU(),
+                                                     nn.Linear(2 * head_dim, head_dim, bias=False))
+                                       for _ in range(num_layers))
 
     @classmethod
     def from_fused(cls, head: FusedCorrespondenceHead) -> "PerLayerHeads":
-        ref = cls(head.num_layers, head.hidden_size, head.head_dim).to(head.weight.device)
+        ref = cls(head.num_layers, head.hidden_size, head.head_dim, head.kind).to(head._first.device)
         with torch.no_grad():
-            for lin, w in zip(ref.heads, head.weight):
-                lin.weight.copy_(w)
+            for l, mod in enumerate(ref.heads):
+                if head.kind == "linear":
+                    mod.weight.copy_(head.weight[l])
+                else:
+                    mod[0].weight.copy_(head.w1[l])
+                    mod[2].weight.copy_(head.w2[l])
         return ref
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (L, ..., D) -> (L, ..., d), float32."""
-        return torch.stack([F.normalize(lin(x[l].float()), dim=-1) for l, lin in enumerate(self.heads)])
+        return torch.stack([F.normalize(mod(x[l].float()), dim=-1) for l, mod in enumerate(self.heads)])
 
 
 def check_head_shape(meta: dict[str, Any], num_layers: int, hidden_size: int) -> None:
@@ -187,12 +238,13 @@ def save_heads(path: str | Path, head: FusedCorrespondenceHead, meta: dict[str, 
     """
     from safetensors.torch import save_file
 
-    with gathered([head.weight], modifier_rank=None):
-        weight = head.weight.detach().float().cpu().contiguous()
-    full = {**(meta or {}), "format_version": HEADS_FORMAT_VERSION,
-            "L": weight.shape[0], "d": weight.shape[1], "D": weight.shape[2]}
+    params = dict(head.named_parameters())
+    with gathered(list(params.values()), modifier_rank=None):
+        state = {n: p.detach().float().cpu().contiguous() for n, p in params.items()}
+    full = {**(meta or {}), "format_version": HEADS_FORMAT_VERSION, "kind": head.kind,
+            "L": head.num_layers, "d": head.head_dim, "D": head.hidden_size}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": weight}, str(path), metadata={"gasp_heads": json.dumps(full, sort_keys=True)})
+    save_file(state, str(path), metadata={"gasp_heads": json.dumps(full, sort_keys=True)})
 
 
 def load_heads(path: str | Path, num_layers: int | None = None,
@@ -212,19 +264,27 @@ def load_heads(path: str | Path, num_layers: int | None = None,
     if int(meta.get("format_version", 0)) > HEADS_FORMAT_VERSION:
         raise ValueError(f"{path}: heads format_version {meta['format_version']} is newer than this code knows")
     state = load_file(str(path))
-    if tuple(state["weight"].shape) != (meta["L"], meta["d"], meta["D"]):
-        raise HeadShapeError(f"{path}: weight {tuple(state['weight'].shape)} disagrees with its meta "
-                             f"(L={meta['L']}, d={meta['d']}, D={meta['D']})")
+    meta.setdefault("kind", "linear")  # files written before the MLP head existed
+    L, d, D = int(meta["L"]), int(meta["d"]), int(meta["D"])
+    want = {"weight": (L, d, D)} if meta["kind"] == "linear" else {"w1": (L, 2 * d, D), "w2": (L, d, 2 * d)}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if meta["kind"] not in HEAD_KINDS or got != want:
+        raise HeadShapeError(f"{path}: tensors {got} disagree with its meta (kind {meta['kind']!r}, L={L}, d={d}, "
+                             f"D={D})")
     if num_layers is not None or hidden_size is not None:
         check_head_shape(meta, num_layers if num_layers is not None else int(meta["L"]),
                          hidden_size if hidden_size is not None else int(meta["D"]))
     return state, meta
 
 
-def head_from_file(path: str | Path, num_layers: int,
-                   hidden_size: int) -> tuple[FusedCorrespondenceHead, dict[str, Any]]:
-    """A `FusedCorrespondenceHead` loaded from `save_heads` output, checked against the model's L and D."""
+def head_from_file(path: str | Path, num_layers: int, hidden_size: int,
+                   kind: str | None = None) -> tuple[FusedCorrespondenceHead, dict[str, Any]]:
+    """A `FusedCorrespondenceHead` loaded from `save_heads` output, checked against the model's L and D
+    (and, when given, the head kind the caller expects: HeadShapeError, one line, on a mismatch)."""
     state, meta = load_heads(path, num_layers, hidden_size)
-    head = FusedCorrespondenceHead(meta["L"], meta["D"], head_dim=meta["d"])
+    if kind is not None and meta["kind"] != kind:
+        raise HeadShapeError(f"{path} holds {meta['kind']} heads, but {kind} heads are asked for "
+                             f"(--head {kind}); pass --head {meta['kind']} or use heads of that kind")
+    head = FusedCorrespondenceHead(meta["L"], meta["D"], head_dim=meta["d"], kind=meta["kind"])
     head.load_state_dict(state)
     return head, meta

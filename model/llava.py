@@ -1,38 +1,35 @@
 """LLaVA-OneVision / LLaVA-NeXT-Video family adapter (DESIGN §5) and torchvision-free processors.
 
-Single-crop setting. The adapter resizes every view itself (PIL bicubic, anisotropic) to
-exactly the vision tower's square input, S x S (`vision_config.image_size`: 384 for
-LLaVA-OneVision's SigLIP, 336 for LLaVA-NeXT-Video's CLIP), and runs the image processor
-with `do_resize=False`, so what the tower sees is known to the pixel. The tower cuts it
-into p x p patches (`vision_config.patch_size`, 14) with a stride-p convolution: a grid of
-`side = S // p` patches a side (27 for 384: the last S - 27 p = 6 pixel rows and columns
-belong to no patch and so to no cell), row-major. Those `side * side` base-image tokens
-are the cells: `cell_px = p`, no pooling (LLaVA pools video frames, never images).
-`max_pixels` has no meaning here: the resolution is the tower's, whatever the view.
+The adapter resizes every frame itself (PIL bicubic, anisotropic) to exactly the vision tower's
+square input, S x S (`vision_config.image_size`: 384 for LLaVA-OneVision's SigLIP, 336 for
+LLaVA-NeXT-Video's CLIP), so what the tower sees is known to the pixel. The tower cuts it into
+p x p patches (`vision_config.patch_size`, 14) with a stride-p convolution: `side = S // p`
+patches a side (27 for 384: the last S - 27 p = 6 pixel rows and columns belong to no patch and
+so to no cell), row-major. `max_pixels` has no meaning here: the resolution is the tower's.
 
-Token layout (transformers 5.24):
+Token layout of a clip of K frames (transformers 5.24):
 
-- LLaVA-OneVision (`models/llava_onevision`). With two images in one prompt the
-  processor takes the multi-image path (images passed as one nested list ->
-  `batch_num_images = [2]`): `image_processing_pil_llava_onevision._preprocess` pads to
-  square (a no-op here) and keeps ONE patch per image (no any-resolution crops), and
-  `processing_llava_onevision.replace_image_token` expands each `<image>` to
-  `num_image_tokens + 1` tokens. The model (`modeling_llava_onevision.get_image_features`
-  with `batch_num_images`) runs the tower on that patch only, and `pack_image_features`
-  (the `image_feature.shape[0] == 1` branch) appends one `image_newline` after the
-  `side * side` patch features. So an image's run of `<image>` tokens is
-  [cell 0, ..., cell side*side - 1, newline]. `vision_feature_select_strategy` must be
-  'full' (SigLIP has no CLS token; 'default' would drop cell 0).
-- LLaVA-NeXT-Video (`models/llava_next_video`), images only, any-resolution always: per
-  image `pack_image_features` puts the base image's `side * side` features FIRST, then the
-  unpadded crop features with one `image_newline` per crop row; the processor's
-  `_get_number_of_features` counts the same. The crops (the view again, at the selected
-  grid pinpoint) are fed to the LM and ignored here. 'default' drops CLIP's CLS token.
+- LLaVA-OneVision (`models/llava_onevision`): K images of one prompt, the processor's
+  multi-image path (images passed as one nested list -> `batch_num_images = [K]`):
+  `image_processing_pil_llava_onevision._preprocess` pads to square (a no-op here) and keeps ONE
+  patch per image (no any-resolution crops), `processing_llava_onevision.replace_image_token`
+  expands each `<image>` to `num_image_tokens + 1` tokens, and the model's `pack_image_features`
+  (the `image_feature.shape[0] == 1` branch) appends one `image_newline` after the `side * side`
+  patch features. So frame k's run of `<image>` tokens is [cell 0, ..., cell side*side - 1,
+  newline]; cells are the patches (`cell_px = p`). `vision_feature_select_strategy` must be
+  'full' for SigLIP (no CLS token; 'default' would drop cell 0) and 'default' for towers with one.
+- LLaVA-NeXT-Video (`models/llava_next_video`): one video of K frames, as its video input:
+  `get_video_features` runs the tower on each frame, drops CLIP's CLS token ('default'), and the
+  `LlavaNextVideoPooler` pools each frame's side x side grid with a `spatial_pool_stride` window
+  (2: a 336 px frame becomes 12 x 12), flattened row-major, frames in order, no newline. The
+  pooled tokens are the cells (`cell_px = p * stride`, `side // stride` a side). The chat text
+  holds one `<video>`, expanded here to K x cells video tokens; `pixel_values_videos` holds each
+  frame as a 1-frame video (K, 1, 3, S, S): the tower and the pooling are per frame, so the
+  result is the same and a batch may mix clips of different K.
 
-In both, the k-th token of an image's run is cell k for k < side * side; `cell_pos_*`
-are those positions, never a newline or crop token. The text is the processor's chat
-template applied to one user turn [image, image, PROMPT]; with the tiny template (and
-LLaVA-OneVision's Hugging Face checkpoints') that is
+In both, `cell_pos[k]` are the sequence positions of frame k's cells, never a newline token. The
+text is the processor's chat template applied to one user turn [media, prompt]; with the tiny
+template (and LLaVA-OneVision's Hugging Face checkpoints') a two-frame clip reads
 
     "<|im_start|>user\\n<image>\\n<image>\\nTwo views of the same scene.<|im_end|>\\n"
 """
@@ -50,7 +47,7 @@ from transformers import LlavaNextVideoProcessor, LlavaOnevisionProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from data.adapter import CellGrid, FamilyAdapter
-from model.qwen import PROMPT
+from model.qwen import PROMPT, clip_prompt
 
 FAMILIES = ("llava_onevision", "llava_next_video")
 """`model_type`s served by this module."""
@@ -62,7 +59,7 @@ _TOWER_HAS_CLS = {"siglip_vision_model": False, "clip_vision_model": True}
 
 MODEL_INPUT_NAMES = {
     "llava_onevision": ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images"),
-    "llava_next_video": ("input_ids", "attention_mask", "pixel_values", "image_sizes"),
+    "llava_next_video": ("input_ids", "attention_mask", "pixel_values_videos"),
 }
 
 
@@ -194,9 +191,15 @@ class LlavaAdapter(FamilyAdapter):
         vc = config.vision_config
         self.image_size = int(vc.image_size)
         self.patch_size = int(vc.patch_size)
-        self.cell_px = self.patch_size
-        self.side = self.image_size // self.patch_size
-        self.n_cells = self.side * self.side
+        self.side = self.image_size // self.patch_size  # patches a side
+        # LLaVA-NeXT-Video: a frame's cells are its pooled grid (spatial_pool_stride^2 patches each)
+        self.pool = int(getattr(config, "spatial_pool_stride", 1)) if family == "llava_next_video" else 1
+        if family == "llava_next_video" and getattr(config, "spatial_pool_mode", "average") not in ("average", "max"):
+            raise ValueError(f"spatial_pool_mode {config.spatial_pool_mode!r} mixes channels across cells; "
+                             f"supported: average, max")
+        self.cell_px = self.patch_size * self.pool
+        self.cell_side = self.side // self.pool
+        self.n_cells = self.cell_side * self.cell_side
         self.max_pixels = self.image_size * self.image_size
         """The fixed per-view pixel count (S * S); kept for logs shared with other families."""
         self.model_input_names = MODEL_INPUT_NAMES[family]
@@ -236,17 +239,18 @@ class LlavaAdapter(FamilyAdapter):
             if int(processor.num_additional_image_tokens) != int(has_cls):
                 raise ValueError(f"processor's num_additional_image_tokens {processor.num_additional_image_tokens} "
                                  f"does not fit the {vc.model_type} tower (CLS token: {has_cls})")
-            S = self.image_size
-            n = processor._get_number_of_features(S, S, S, S) - (1 if strategy == "default" else 0)
-            self.tokens_per_image = n  # base grid + unpadded crops + one newline per crop row
+            self.tokens_per_image = self.n_cells  # one frame of the video: its pooled grid, no newline
+            self.video_token_id = int(processor.video_token_id)
+            if self.video_token_id != int(config.video_token_id):
+                raise ValueError(f"processor's video token id {self.video_token_id} differs from the model's "
+                                 f"{config.video_token_id}")
 
         tok = processor.tokenizer
         self.pad_token_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         self.prompt = prompt
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                                 {"type": "text", "text": prompt}]}]
-        self.text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        """The chat text with one `<image>` per view (the processor expands them)."""
+        self._texts: dict[int, str] = {}
+        self.text = self.clip_text(2)
+        """The chat text of a two-frame clip (one `<image>` per view, or one `<video>`)."""
 
     # ------------------------------------------------------------------ geometry
 
@@ -255,9 +259,10 @@ class LlavaAdapter(FamilyAdapter):
         return self.n_cells
 
     def grid(self, size: tuple[int, int]) -> CellGrid:
-        """Every view: S x S resized pixels, `side x side` cells of `patch_size` pixels."""
+        """Every view: S x S resized pixels, `cell_side x cell_side` cells of `cell_px` pixels (patches;
+        LLaVA-NeXT-Video: pooled blocks of patches)."""
         S = self.image_size
-        return CellGrid(size=(S, S), cell_px=self.cell_px, rows=self.side, cols=self.side)
+        return CellGrid(size=(S, S), cell_px=self.cell_px, rows=self.cell_side, cols=self.cell_side)
 
     def resize(self, rgb: np.ndarray) -> Image.Image:
         """uint8 (H, W, 3) -> PIL image of size (S, S) (bicubic, anisotropic)."""
@@ -270,53 +275,84 @@ class LlavaAdapter(FamilyAdapter):
 
     # ------------------------------------------------------------------ encoding
 
-    def encode_pair(self, rgb_a: np.ndarray, rgb_b: np.ndarray) -> dict[str, Any]:
-        """Model inputs of one pair, unbatched.
+    def clip_text(self, n_frames: int) -> str:
+        """The chat text of a clip: one `<image>` per frame (LLaVA-OneVision), or one `<video>`
+        (LLaVA-NeXT-Video), then the fixed prompt."""
+        text = self._texts.get(n_frames)
+        if text is None:
+            media = ([{"type": "image"}] * n_frames if self.family == "llava_onevision" else [{"type": "video"}])
+            messages = [{"role": "user", "content": media + [{"type": "text",
+                                                              "text": clip_prompt(self.prompt, n_frames)}]}]
+            text = self._texts[n_frames] = self.processor.apply_chat_template(messages, tokenize=False,
+                                                                              add_generation_prompt=False)
+        return text
 
-        Returns input_ids, attention_mask (L,), pixel_values (2, P, 3, S, S) (P = 1 for
-        LLaVA-OneVision: the base patch only; 1 + crops for LLaVA-NeXT-Video), image_sizes
-        (2, 2), for LLaVA-OneVision batch_num_images (1,) = [2], and cell_pos_a, cell_pos_b
-        (side * side,) LongTensors: the sequence position of each cell's token, row-major.
+    def video_frames(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(K, 1, 3, S, S) float32: each resized frame rescaled and normalised as the image processor
+        does, one 1-frame "video" per frame (the tower and the pooling treat frames one by one, so a
+        batch may mix clips of different K)."""
+        ip = self.processor.image_processor
+        x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images])
+        if getattr(ip, "do_rescale", True):
+            x = x * float(getattr(ip, "rescale_factor", 1 / 255))
+        if getattr(ip, "do_normalize", True):
+            mean = torch.tensor(ip.image_mean, dtype=torch.float32)[:, None, None]
+            std = torch.tensor(ip.image_std, dtype=torch.float32)[:, None, None]
+            x = (x - mean) / std
+        return x[:, None]
+
+    def encode_clip(self, frames: Sequence[np.ndarray]) -> dict[str, Any]:
+        """Model inputs of one clip of K frames, unbatched (DESIGN §5).
+
+        LLaVA-OneVision: K images of one prompt (the multi-image path: one base patch each, no
+        crops): input_ids, attention_mask, pixel_values (K, 1, 3, S, S), image_sizes (K, 2),
+        batch_num_images (1,) = [K]. LLaVA-NeXT-Video: one video of K frames whose per-frame
+        pooled grids are the cells: input_ids with K * cells video tokens, attention_mask,
+        pixel_values_videos (K, 1, 3, S, S). Both: cell_pos, K LongTensors (cells,), the sequence
+        position of each cell's token of frame k, row-major.
         """
-        images = [self.resize(rgb_a), self.resize(rgb_b)]
+        images = [self.resize(rgb) for rgb in frames]
+        K = len(images)
+        T = self.tokens_per_image
         if self.family == "llava_onevision":
-            # one nested list = one prompt with two images: the multi-image path (no crops)
-            out = self.processor(images=[images], text=[self.text], do_resize=False, return_tensors="pt")
-            if out["batch_num_images"].tolist() != [2] or out["pixel_values"].shape[1] != 1:
+            # one nested list = one prompt with K images: the multi-image path (no crops)
+            out = self.processor(images=[images], text=[self.clip_text(K)], do_resize=False, return_tensors="pt")
+            if out["batch_num_images"].tolist() != [K] or out["pixel_values"].shape[1] != 1:
                 raise RuntimeError(f"processor took the single-image path (batch_num_images "
                                    f"{out['batch_num_images'].tolist()}, {out['pixel_values'].shape[1]} patches)")
+            input_ids, token = out["input_ids"][0], self.image_token_id
+            item = {"input_ids": input_ids, "attention_mask": out["attention_mask"][0],
+                    "pixel_values": out["pixel_values"],  # (K, 1, 3, S, S)
+                    "image_sizes": out["image_sizes"],  # (K, 2)
+                    "batch_num_images": out["batch_num_images"]}  # (1,)
         else:
-            out = self.processor(images=images, text=[self.text], do_resize=False, do_center_crop=False,
-                                 return_tensors="pt")
-        input_ids = out["input_ids"][0]
-        pos = torch.nonzero(input_ids == self.image_token_id).squeeze(1)  # (2 T,)
-        T = self.tokens_per_image
-        if len(pos) != 2 * T:
-            raise RuntimeError(f"{len(pos)} image tokens in the sequence, expected 2 x {T}")
-        runs = pos[:T], pos[T:]
+            token = self.video_token_id
+            ids = self.processor.tokenizer(self.clip_text(K), return_tensors="pt")["input_ids"][0]
+            at = torch.nonzero(ids == token).squeeze(1)
+            if len(at) != 1:
+                raise RuntimeError(f"the chat text holds {len(at)} video placeholders, expected 1")
+            i = int(at[0])
+            input_ids = torch.cat([ids[:i], torch.full((K * T,), token, dtype=ids.dtype), ids[i + 1:]])
+            item = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                    "pixel_values_videos": self.video_frames(images)}
+        pos = torch.nonzero(input_ids == token).squeeze(1)  # (K T,)
+        if len(pos) != K * T:
+            raise RuntimeError(f"{len(pos)} vision tokens in the sequence, expected {K} x {T}")
+        runs = torch.split(pos, T)
         for run in runs:
             if int(run[-1] - run[0]) != T - 1:
-                raise RuntimeError("an image's tokens are not contiguous in the sequence")
-        item = {
-            "input_ids": input_ids,
-            "attention_mask": out["attention_mask"][0],
-            "pixel_values": out["pixel_values"],  # (2, P, 3, S, S)
-            "image_sizes": out["image_sizes"],  # (2, 2)
-            "cell_pos_a": runs[0][:self.n_cells].clone(),
-            "cell_pos_b": runs[1][:self.n_cells].clone(),
-        }
-        if "batch_num_images" in self.model_input_names:
-            item["batch_num_images"] = out["batch_num_images"]  # (1,)
+                raise RuntimeError("a frame's tokens are not contiguous in the sequence")
+        item["cell_pos"] = [run[:self.n_cells].clone() for run in runs]
         return item
 
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Right-pad the sequences to (B, L_max); concatenate the images of all pairs.
+        """Right-pad the sequences to (B, L_max); concatenate the frames of all clips.
 
-        input_ids is padded with the pad token, attention_mask with 0; pixel_values
-        (2B, P, 3, S, S) (patch slots zero-padded to the largest P, as the image processor
-        pads a batch), image_sizes (2B, 2), batch_num_images (B,). cell_pos_a / cell_pos_b
-        become lists of B LongTensors; right padding leaves them valid. Any other key is
-        gathered into a list.
+        input_ids is padded with the pad token, attention_mask with 0; LLaVA-OneVision:
+        pixel_values (sum K, 1, 3, S, S), image_sizes (sum K, 2), batch_num_images (B,);
+        LLaVA-NeXT-Video: pixel_values_videos (sum K, 1, 3, S, S). cell_pos becomes a list of B
+        lists of K LongTensors; right padding leaves them valid. Any other key is gathered into
+        a list.
         """
         B = len(items)
         L = max(int(it["input_ids"].shape[0]) for it in items)
@@ -326,16 +362,14 @@ class LlavaAdapter(FamilyAdapter):
             n = it["input_ids"].shape[0]
             input_ids[b, :n] = it["input_ids"]
             attention_mask[b, :n] = it["attention_mask"]
-        P = max(int(it["pixel_values"].shape[1]) for it in items)
-        pixel_values = torch.cat([_pad_patches(it["pixel_values"], P) for it in items], dim=0)  # (2B, P, 3, S, S)
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "pixel_values": pixel_values,
-            "image_sizes": torch.cat([it["image_sizes"] for it in items], dim=0),  # (2B, 2)
-        }
-        if "batch_num_images" in self.model_input_names:
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.family == "llava_onevision":
+            P = max(int(it["pixel_values"].shape[1]) for it in items)
+            batch["pixel_values"] = torch.cat([_pad_patches(it["pixel_values"], P) for it in items], dim=0)
+            batch["image_sizes"] = torch.cat([it["image_sizes"] for it in items], dim=0)  # (sum K, 2)
             batch["batch_num_images"] = torch.cat([it["batch_num_images"] for it in items], dim=0)  # (B,)
+        else:
+            batch["pixel_values_videos"] = torch.cat([it["pixel_values_videos"] for it in items], dim=0)
         for key in items[0]:
             if key not in batch:
                 batch[key] = [it[key] for it in items]

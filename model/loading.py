@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from model.presets import FAMILIES, LLAVA_FAMILIES, PRESETS, Preset, get_preset
+from data.cli import one_line
+from model.presets import FAMILIES, LLAVA_FAMILIES, PRESETS, Preset, get_preset, model_class
 from model.qwen import QwenAdapter, make_processor
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,6 @@ SAME_WEIGHTS_UNDER_ZERO3_MAX_WIDTH = 1024
 
 class ModelLoadError(Exception):
     """A model or processor could not be built; the message is one line."""
-
-
-def model_class(family: str):
-    """The `...ForConditionalGeneration` class of a supported family (one of FAMILIES)."""
-    from transformers import (LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
-                              Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
-
-    return {"qwen2_vl": Qwen2VLForConditionalGeneration,
-            "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-            "llava_onevision": LlavaOnevisionForConditionalGeneration,
-            "llava_next_video": LlavaNextVideoForConditionalGeneration}[family]
 
 
 def _flash_attn_importable() -> bool:
@@ -95,11 +85,6 @@ def _seeded(seed: int, device: torch.device):
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _zero3() -> bool:
@@ -218,7 +203,7 @@ def checkpoint_family(path: str | Path) -> str:
     try:
         family = json.loads(cfg.read_text()).get("model_type")
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot read {cfg}: {_first_line(e)}") from None
+        raise ModelLoadError(f"cannot read {cfg}: {one_line(e)}") from None
     if family not in FAMILIES:
         raise ModelLoadError(f"{path}: model_type {family!r} is not supported; supported families: "
                              f"{', '.join(FAMILIES)}")
@@ -267,7 +252,7 @@ def build_model_and_processor(preset_or_path: str, *, dtype: torch.dtype | str =
             model = model_class(family).from_pretrained(path, **kwargs)
             processor = load_processor(path, family)
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load {path}: {_first_line(e)}") from None
+            raise ModelLoadError(f"cannot load {path}: {one_line(e)}") from None
         source = f"checkpoint {path}"
 
     # ---- one path from here on
@@ -281,7 +266,7 @@ def build_model_and_processor(preset_or_path: str, *, dtype: torch.dtype | str =
     try:
         adapter = make_adapter(family, processor, model.config, max_pixels=max_pixels)
     except ValueError as e:
-        raise ModelLoadError(f"{source}: {_first_line(e)}") from None
+        raise ModelLoadError(f"{source}: {one_line(e)}") from None
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: full size
     log.info("model: %s (%s, %.1fM parameters, %s, attention %s, max %d pixels a view)", source, family,
              n_params / 1e6, dtype, attn, adapter.max_pixels)
@@ -316,12 +301,12 @@ def processor_and_adapter(preset_or_path: str, *, max_pixels: int | None = None)
             config = AutoConfig.from_pretrained(preset_or_path, local_files_only=True)
             processor = load_processor(preset_or_path, family)
         except (OSError, ValueError) as e:
-            raise ModelLoadError(f"cannot load {preset_or_path}: {_first_line(e)}") from None
+            raise ModelLoadError(f"cannot load {preset_or_path}: {one_line(e)}") from None
     text = getattr(config, "text_config", None) or config
     try:
         adapter = make_adapter(family, processor, config, max_pixels=max_pixels)
     except ValueError as e:
-        raise ModelLoadError(f"{preset_or_path}: {_first_line(e)}") from None
+        raise ModelLoadError(f"{preset_or_path}: {one_line(e)}") from None
     return family, int(text.num_hidden_layers), int(text.hidden_size), adapter
 
 

@@ -115,11 +115,20 @@ class Preset:
         """Parameter count, computed on the meta device (no memory)."""
         import torch
 
-        from model.loading import model_class
-
         with torch.device("meta"):
             model = model_class(self.family)(self.config())
         return sum(p.numel() for p in model.parameters())
+
+
+def model_class(family: str):
+    """The `...ForConditionalGeneration` class of a supported family (one of FAMILIES)."""
+    from transformers import (LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
+                              Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
+
+    return {"qwen2_vl": Qwen2VLForConditionalGeneration,
+            "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+            "llava_onevision": LlavaOnevisionForConditionalGeneration,
+            "llava_next_video": LlavaNextVideoForConditionalGeneration}[family]
 
 
 # ----------------------------------------------------------------------------- presets

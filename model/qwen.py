@@ -35,7 +35,15 @@ from transformers.processing_utils import ProcessorMixin
 from data.adapter import CellGrid, FamilyAdapter
 
 PROMPT = "Two views of the same scene."
-"""The user turn's text after the two images (no question, no answer)."""
+"""The user turn's text after the two images of a pair (no question, no answer); a clip of K
+frames reads `clip_prompt(PROMPT, K)`."""
+
+
+def clip_prompt(prompt: str, n_frames: int) -> str:
+    """The fixed prompt after the K images of a clip: PROMPT for two, "K views of the same scene." else."""
+    if n_frames == 2 or prompt != PROMPT:
+        return prompt
+    return f"{n_frames} views of the same scene."
 
 HF_PROCESSOR_CLASS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}
 
@@ -159,10 +167,9 @@ class QwenAdapter(FamilyAdapter):
         tok = processor.tokenizer
         self.pad_token_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         self.prompt = prompt
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
-                                                 {"type": "text", "text": prompt}]}]
-        self.text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-        """The chat text with one `<|image_pad|>` per image (the processor expands them)."""
+        self._texts: dict[int, str] = {}
+        self.text = self.clip_text(2)
+        """The chat text of a two-frame clip (the processor expands each `<|image_pad|>`)."""
 
     # ------------------------------------------------------------------ geometry
 
@@ -191,42 +198,53 @@ class QwenAdapter(FamilyAdapter):
 
     # ------------------------------------------------------------------ encoding
 
-    def encode_pair(self, rgb_a: np.ndarray, rgb_b: np.ndarray) -> dict[str, Any]:
-        """Model inputs of one pair, unbatched.
+    def clip_text(self, n_frames: int) -> str:
+        """The chat text of a clip of n frames: one `<|image_pad|>` per frame (the processor expands them)."""
+        text = self._texts.get(n_frames)
+        if text is None:
+            messages = [{"role": "user", "content": [{"type": "image"}] * n_frames
+                         + [{"type": "text", "text": clip_prompt(self.prompt, n_frames)}]}]
+            text = self._texts[n_frames] = self.processor.apply_chat_template(messages, tokenize=False,
+                                                                              add_generation_prompt=False)
+        return text
+
+    def encode_clip(self, frames: Sequence[np.ndarray]) -> dict[str, Any]:
+        """Model inputs of one clip of K frames, unbatched (DESIGN §5: K images of one sequence).
 
         Returns input_ids, attention_mask, mm_token_type_ids (S,) (1 at image tokens),
-        pixel_values (P, 3 * T * 14 * 14) with P = 4 * (N_a + N_b) patches, image_grid_thw
-        (2, 3) = [[1, 2 rows_a, 2 cols_a], [1, 2 rows_b, 2 cols_b]], and cell_pos_a (N_a,),
-        cell_pos_b (N_b,) LongTensors: the sequence position of each cell's token, row-major.
+        pixel_values (P, 3 * T * 14 * 14) with P = 4 * sum(N_k) patches (each frame fills both
+        temporal slots of its patches, so every frame keeps its own token grid), image_grid_thw
+        (K, 3) = [[1, 2 rows_k, 2 cols_k], ...], and cell_pos: K LongTensors (N_k,), the sequence
+        position of each cell's token of frame k, row-major.
         """
-        images = [self.resize(rgb_a), self.resize(rgb_b)]
-        grids = [self.grid((rgb.shape[1], rgb.shape[0])) for rgb in (rgb_a, rgb_b)]
-        out = self.processor(images=images, text=[self.text], do_resize=False, return_tensors="pt")
+        images = [self.resize(rgb) for rgb in frames]
+        grids = [self.grid((rgb.shape[1], rgb.shape[0])) for rgb in frames]
+        out = self.processor(images=images, text=[self.clip_text(len(frames))], do_resize=False,
+                             return_tensors="pt")
         input_ids = out["input_ids"][0]
         thw = out["image_grid_thw"]
         expect = torch.tensor([[1, g.rows * self.merge_size, g.cols * self.merge_size] for g in grids])
         if not torch.equal(thw.cpu(), expect):
             raise RuntimeError(f"image processor gave grids {thw.tolist()}, expected {expect.tolist()}")
-        pos = torch.nonzero(input_ids == self.image_token_id).squeeze(1)  # (N_a + N_b,)
-        n_a, n_b = grids[0].n_cells, grids[1].n_cells
-        if len(pos) != n_a + n_b:
-            raise RuntimeError(f"{len(pos)} image tokens in the sequence, expected {n_a} + {n_b}")
+        pos = torch.nonzero(input_ids == self.image_token_id).squeeze(1)  # (sum N_k,)
+        counts = [g.n_cells for g in grids]
+        if len(pos) != sum(counts):
+            raise RuntimeError(f"{len(pos)} image tokens in the sequence, expected {' + '.join(map(str, counts))}")
         return {
             "input_ids": input_ids,
             "attention_mask": out["attention_mask"][0],
             "mm_token_type_ids": out["mm_token_type_ids"][0],
             "pixel_values": out["pixel_values"],
             "image_grid_thw": thw,
-            "cell_pos_a": pos[:n_a].clone(),
-            "cell_pos_b": pos[n_a:].clone(),
+            "cell_pos": [p.clone() for p in torch.split(pos, counts)],
         }
 
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Right-pad the sequences to (B, S_max); concatenate pixel_values and image_grid_thw.
 
         input_ids is padded with the pad token, attention_mask and mm_token_type_ids with 0.
-        cell_pos_a / cell_pos_b become lists of B LongTensors (views may differ in cells);
-        right padding leaves them valid. Any other key is gathered into a list.
+        cell_pos becomes a list of B lists of K LongTensors (frames may differ in cells); right
+        padding leaves them valid. Any other key is gathered into a list.
         """
         B = len(items)
         S = max(int(it["input_ids"].shape[0]) for it in items)

@@ -4,10 +4,11 @@
 
 - A forward pre-hook on each language-model layer's query projection keeps its
   input (the hidden state after the layer's input norm) at the vision-token cell
-  positions only: (B, Na + Nb, D) per layer, never a full `output_hidden_states`.
+  positions of every frame only: (F, N, D) per layer, never a full `output_hidden_states`.
 - `forward(batch)` runs the VLM's base model (no LM head: logits are not needed),
-  stacks the captures to feat_a (L, B, Na, D), feat_b (L, B, Nb, D), applies the
-  fused head and the GASP loss (float32), and returns the loss with its parts.
+  stacks the captures to per-frame features (L, F, N, D), applies the fused head once
+  per frame, gathers every supervised pair (A, B) from them and computes the GASP loss
+  over all pairs in one batched product (float32); returns the loss with its parts.
 - What trains: `heads` (the VLM runs without autograd; only the head learns),
   `lora` (PEFT LoRA on the LM's linear layers + heads) or `full` (LM + heads). The
   vision tower is frozen unless asked otherwise; the unused LM head always is.
@@ -25,8 +26,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from losses.gasp import count_items, gasp_loss_terms, loss_to_backward, combine, similarities
-from losses.metrics import RAW_TAU, match_stats, raw_similarities
+from losses.gasp import combine, gasp_loss_terms, loss_to_backward, pair_similarities, pair_view
+from losses.metrics import RAW_TAU, match_stats
 from model.head import FusedCorrespondenceHead, head_dim_for
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,10 @@ class GaspConfig:
     """d of the heads (min(d, D) is used)."""
     tau: float = 0.07
     lambda_depth: float = 1.0
+    head: str = "linear"
+    """linear | mlp (DESIGN §6)."""
+    depth_loss: str = "relative"
+    """relative (the paper's form) | log."""
     layer_weights: Sequence[float] | None = None
     """Per-layer loss weights w_l (default all 1)."""
     lora_r: int = 16
@@ -103,7 +108,7 @@ class GaspVLM(nn.Module):
         self.num_layers = len(self.layers)
         if head is None:
             head = FusedCorrespondenceHead(self.num_layers, self.hidden_size,
-                                           head_dim=head_dim_for(self.hidden_size, cfg.head_dim))
+                                           head_dim=head_dim_for(self.hidden_size, cfg.head_dim), kind=cfg.head)
         if head.num_layers != self.num_layers or head.hidden_size != self.hidden_size:
             from model.head import HeadShapeError
 
@@ -176,12 +181,14 @@ class GaspVLM(nn.Module):
     # ------------------------------------------------------------------ capture
     def _make_hook(self, l: int):
         def hook(module: nn.Module, args: tuple[Any, ...]):
-            pos = self._positions
+            where = self._positions
             x = args[0]  # (B, S, D): the query projection's input
-            if pos is None or pos.shape[0] != x.shape[0] or int(pos.max()) >= x.shape[1]:
+            if where is None:
                 return None  # not a capturing forward
-            rows = torch.arange(x.shape[0], device=x.device)[:, None]
-            picked = x[rows, pos.to(x.device)]  # (B, Na + Nb, D)
+            rows, pos = where
+            if int(rows.max()) >= x.shape[0] or int(pos.max()) >= x.shape[1]:
+                return None  # not a capturing forward (another batch shape)
+            picked = x[rows.to(x.device)[:, None], pos.to(x.device)]  # (F, N, D)
             # An activation-checkpoint recompute runs this hook again: it must repeat the
             # same ops (the checkpoint compares saved tensors), but the capture of this
             # forward is already held, so the result is dropped.
@@ -191,12 +198,12 @@ class GaspVLM(nn.Module):
 
         return hook
 
-    def capture(self, batch: dict[str, Any], model_inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the VLM and return feat_a (L, B, Na, D), feat_b (L, B, Nb, D) in the model dtype."""
-        pos_a, pos_b = batch["cell_pos_a"], batch["cell_pos_b"]
-        Na = pos_a.shape[1]
+    def capture(self, batch: dict[str, Any], model_inputs: dict[str, Any]) -> torch.Tensor:
+        """Run the VLM and return per-frame features (L, F, N, D) in the model dtype: what each layer's
+        attention reads at the vision-token cells of every frame of the batch (padding cells point at
+        position 0 of their row and are masked later)."""
         # positions stay set after the forward: a checkpoint recompute during backward needs them
-        self._positions = torch.cat([pos_a, pos_b], 1).long()  # (B, Na + Nb); padding points at 0, masked later
+        self._positions = (batch["frame_clip"].long(), batch["cell_pos"].long())  # (F,), (F, N)
         self._captured = {}
         grad = self.cfg.trainable != "heads" and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
@@ -205,8 +212,7 @@ class GaspVLM(nn.Module):
             body(**model_inputs, use_cache=False)
         if len(self._captured) != self.num_layers:
             raise WrapperError(f"captured {len(self._captured)} of {self.num_layers} layers: the hooks did not fire")
-        feats = torch.stack([self._captured[l] for l in range(self.num_layers)])  # (L, B, Na + Nb, D)
-        return feats[:, :, :Na], feats[:, :, Na:]
+        return torch.stack([self._captured[l] for l in range(self.num_layers)])  # (L, F, N, D)
 
     def batch_to_device(self, batch: dict[str, Any], adapter, device: torch.device,
                         dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -231,15 +237,15 @@ class GaspVLM(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], model_inputs: dict[str, Any], global_counts: torch.Tensor | None = None,
                 grad_accum_steps: int = 1, world_size: int = 1, return_features: bool = False):
-        """Loss of a batch.
+        """Loss of a batch of clips: every supervised pair from the per-frame features in one batched op.
 
         With `global_counts` (3,) the returned loss is the micro-batch loss to hand
         DeepSpeed's backward (DESIGN §6 scaling); without, the batch's own mean loss.
-        Returns (loss, parts) or, with return_features, (loss, parts, s, feat_a, feat_b).
+        Returns (loss, parts) or, with return_features, (loss, parts, s, feats).
         """
-        feat_a, feat_b = self.capture(batch, model_inputs)
-        s = similarities(self.head(feat_a), self.head(feat_b), self.cfg.tau)  # (L, B, Na, Nb) float32
-        terms = gasp_loss_terms(s, batch)
+        feats = self.capture(batch, model_inputs)  # (L, F, N, D)
+        s = pair_similarities(self.head(feats), batch["pair_frames"], self.cfg.tau)  # (L, P, N, N) float32
+        terms = gasp_loss_terms(s, batch, self.cfg.depth_loss)
         if global_counts is None:
             loss, parts = combine(terms, self.layer_weights, self.cfg.lambda_depth)
         else:
@@ -247,22 +253,25 @@ class GaspVLM(nn.Module):
                                            self.layer_weights, self.cfg.lambda_depth)
         parts["n_ab"], parts["n_ba"], parts["n_depth"] = terms.counts().tolist()
         if return_features:
-            return loss, parts, s, feat_a, feat_b
+            return loss, parts, s, feats
         return loss, parts
 
     @torch.no_grad()
-    def match(self, batch: dict[str, Any], model_inputs: dict[str, Any], raw: bool = True):
-        """Per-anchor match statistics through the heads (and raw features): (head_stats, raw_stats | None)."""
-        feat_a, feat_b = self.capture(batch, model_inputs)
-        s_head = similarities(self.head(feat_a), self.head(feat_b), self.cfg.tau)
-        head_stats = match_stats(s_head, batch)
-        raw_stats = match_stats(raw_similarities(feat_a, feat_b, RAW_TAU), batch) if raw else None  # tau 0.07 always
+    def match(self, batch: dict[str, Any], model_inputs: dict[str, Any], raw: bool = True, head: bool = True,
+              tau_head: float | None = None):
+        """Per-anchor match statistics through the heads and of the raw features (tau 0.07 always):
+        (head_stats | None, raw_stats | None), one capture for both."""
+        feats = self.capture(batch, model_inputs)  # (L, F, N, D)
+        view = pair_view(batch)
+        datasets = batch.get("datasets")
+        head_stats = raw_stats = None
+        if head:
+            s_head = pair_similarities(self.head(feats), batch["pair_frames"], tau_head or self.cfg.tau)
+            head_stats = match_stats(s_head, view, datasets)
+        if raw:
+            unit = torch.nn.functional.normalize(feats.float(), dim=-1)
+            raw_stats = match_stats(pair_similarities(unit, batch["pair_frames"], RAW_TAU), view, datasets)
         return head_stats, raw_stats
-
-
-def batch_counts(batch: dict[str, Any]) -> torch.Tensor:
-    """(3,) [n_ab, n_ba, n_depth] of a batch from its labels (before any forward)."""
-    return count_items(batch)
 
 
 def _apply_lora(vlm: nn.Module, cfg: GaspConfig) -> nn.Module:

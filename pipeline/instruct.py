@@ -25,13 +25,13 @@ import os
 import sys
 import time
 import traceback
-import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from data import instruct, shardformat
+from data.seeds import derive_seed
 from data.storage import open_fs, url_join
 from pipeline import stages
 
@@ -151,7 +151,7 @@ def load_annotations(url: str, output: str = "") -> Loaded:
 
 def split_groups(groups: list[instruct.Group], cfg: InstructConfig) -> list[str]:
     """train/val of each group, by media: image sets that share an image are one unit, so no file
-    (and no video) lands in both splits. Deterministic per seed (stages.split_scenes on the units)."""
+    (and no video) lands in both splits. Deterministic per seed (stages.split_names on the units)."""
     parent = list(range(len(groups)))
 
     def find(i: int) -> int:
@@ -170,7 +170,7 @@ def split_groups(groups: list[instruct.Group], cfg: InstructConfig) -> list[str]
             else:
                 owner[f] = gi
     unit = [groups[find(i)].key for i in range(len(groups))]
-    split = stages.split_scenes(cfg, unit)  # type: ignore[arg-type]  (reads val_fraction and seed)
+    split = stages.split_names(unit, cfg.seed, cfg.val_fraction)
     return [split[u] for u in unit]
 
 
@@ -183,7 +183,7 @@ def make_plan(loaded: Loaded, cfg: InstructConfig) -> dict[str, Any]:
         items = [{"media": g.media, "files": list(g.files), "ids": [r.id for r in g.records],
                   "source": [r.origin for r in g.records], "conversations": [r.conversations for r in g.records]}
                  for g, s in zip(groups, splits) if s == which]
-        rng = np.random.default_rng(stages.scene_seed(cfg.seed, "instruct-plan", which))
+        rng = np.random.default_rng(derive_seed(cfg.seed, "instruct-plan", which))
         items = [items[i] for i in rng.permutation(len(items))]
         n = cfg.samples_per_shard
         for k in range(0, len(items), n):
@@ -275,75 +275,52 @@ def render_sample(item: dict[str, Any], cfg: InstructConfig, timings: dict[str, 
 def write_shard(entry: dict[str, Any], cfg: InstructConfig) -> dict[str, Any]:
     """Write one planned shard (tar, then its stats.json). Returns a status dict, never raises.
 
-    The same publication as stages.write_shard: assembled under `.NAME.<random>.part` (in the
-    output folder when it is local, else a local temp dir), renamed or uploaded in one PUT only
-    when whole; stats.json goes last and marks the shard done.
+    Published as stages.publish_tar publishes clip shards (whole or not at all); stats.json goes
+    last and marks the shard done.
     """
-    import webdataset as wds
-
     t0, c0 = time.perf_counter(), time.process_time()
     name, shard_idx = entry["name"], int(entry["shard"])
     timings: dict[str, float] = collections.defaultdict(float)
     skipped: collections.Counter = collections.Counter()
     skipped_items: list[dict[str, str]] = []
     by_media: collections.Counter = collections.Counter()
-    n = n_conv = n_frames = 0
+    counts = {"samples": 0, "conversations": 0, "frames": 0}
     delay = float(os.environ.get(stages.TEST_DELAY_ENV) or 0.0)
-    tmp = None
+
+    def samples():
+        for i, item in enumerate(entry["samples"]):
+            if delay:
+                time.sleep(delay)
+            try:
+                jpgs, stamps = render_sample(item, cfg, timings)
+            except MediaError as e:
+                skipped[e.reason] += 1
+                if len(skipped_items) < MAX_SKIPPED_PER_SHARD:
+                    skipped_items.append({"file": e.file, "reason": e.reason, "ids": item["ids"][:3],
+                                          "detail": stages.one_line(e.detail, 200)})
+                continue
+            meta = instruct.make_meta(item["ids"], item["source"], item["conversations"], item["media"],
+                                      item["files"], len(jpgs), stamps)
+            counts["samples"] += 1
+            counts["conversations"] += len(item["conversations"])
+            counts["frames"] += len(jpgs)
+            by_media[item["media"]] += 1
+            yield instruct.encode_sample(shardformat.sample_key(shard_idx, i), meta, jpgs)
+
     try:
-        folder, local = stages.part_dir(cfg.output)
-        stages.remove_stale_parts(folder, name)
-        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{stages.PART_SUFFIX}")
-        with open(tmp, "wb") as raw:
-            out = stages._HashingWriter(raw)
-            sink = wds.TarWriter(out, user="", group="", mtime=0, encoder=False)
-            for i, item in enumerate(entry["samples"]):
-                if delay:
-                    time.sleep(delay)
-                try:
-                    jpgs, stamps = render_sample(item, cfg, timings)
-                except MediaError as e:
-                    skipped[e.reason] += 1
-                    if len(skipped_items) < MAX_SKIPPED_PER_SHARD:
-                        skipped_items.append({"file": e.file, "reason": e.reason, "ids": item["ids"][:3],
-                                              "detail": stages.one_line(e.detail, 200)})
-                    continue
-                meta = instruct.make_meta(item["ids"], item["source"], item["conversations"], item["media"],
-                                          item["files"], len(jpgs), stamps)
-                tw = time.perf_counter()
-                sink.write(instruct.encode_sample(shardformat.sample_key(shard_idx, i), meta, jpgs))
-                timings["write"] += time.perf_counter() - tw
-                n += 1
-                n_conv += len(item["conversations"])
-                n_frames += len(jpgs)
-                by_media[item["media"]] += 1
-            tw = time.perf_counter()
-            sink.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        digest, size = out.sha.hexdigest(), out.size
-        final = url_join(cfg.output, name)
-        if local:
-            os.replace(tmp, open_fs(final)[1])
-        else:  # object stores: one PUT (or a completed multipart upload) appears whole or not at all
-            fs, path = open_fs(final)
-            fs.put_file(tmp, path)
-        timings["write"] += time.perf_counter() - tw
-        stats = {"name": name, "split": entry["split"], "shard": shard_idx, "samples": n,
+        digest, size = stages.publish_tar(cfg.output, name, samples(), timings)
+        stats = {"name": name, "split": entry["split"], "shard": shard_idx, **counts,
                  "planned": len(entry["samples"]), "bytes": size, "sha256": digest,
-                 "conversations": n_conv, "frames": n_frames, "by_media": dict(sorted(by_media.items())),
+                 "by_media": dict(sorted(by_media.items())),
                  "skipped": dict(sorted(skipped.items())), "skipped_items": skipped_items,
                  "seconds": {k: round(v, 4) for k, v in sorted(timings.items())},
                  "total_seconds": round(time.perf_counter() - t0, 4),
                  "cpu_seconds": round(time.process_time() - c0, 4)}
-        stages._write_text(stages.stats_url_of(cfg.output, name), json.dumps(stats, indent=1, sort_keys=True))
+        stages.write_json(stages.stats_url_of(cfg.output, name), stats)
         return {"ok": True, **stats}
     except Exception as e:
         return {"ok": False, "name": name, "error": stages.one_line(f"{type(e).__name__}: {e}"),
                 "trace": traceback.format_exc(limit=6)}
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ------------------------------------------------------------------------ driver

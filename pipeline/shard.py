@@ -1,4 +1,4 @@
-"""The Ray shard job: video-scene corpora -> WebDataset shards of frame pairs (DESIGN §4, §7).
+"""The Ray shard job: video-scene corpora -> WebDataset shards of multi-frame clips (DESIGN §4, §7).
 
     python pipeline/shard.py                      # embedded default: local Ray, synthetic scenes, ./runs/shards
     python pipeline/shard.py --input ROOT --format scannet --output OUT
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from data.cli import flat_dict, opt, parse_into
-from data.pairs import DEFAULT_GAP_BUCKETS, PairConfig
+from data.pairs import ClipConfig
 from data.scenes import FORMATS, SceneError, list_scenes
 from data.scenes.base import open_fs, url_join
 from pipeline import instruct, stages
@@ -55,17 +55,22 @@ class ShardArgs:
     format: str = opt("synthetic", "corpus layout; llava-json: LLaVA instruction data (pipeline/instruct.py)",
                       choices=sorted([*FORMATS, instruct.FORMAT]))
     output: str = opt(DEFAULT_OUTPUT, "output folder or s3:// prefix for shards, plan.json and manifest.json")
-    pairs_per_scene: int = opt(24, "pairs drawn per scene, spread across gap buckets")
-    samples_per_shard: int = opt(64, "pairs per tar shard")
+    clip_frames: int = opt(8, "K: frames per clip (2..32; 2 is a pair)")
+    clip_window: int = opt(48, "R: a clip's frames lie within this many consecutive frame indices (dt <= R - 1)")
+    clips_per_scene: int = opt(8, "clips drawn per scene, their windows spread over the scene")
+    samples_per_shard: int = opt(64, "clips per tar shard")
     max_side: int = opt(640, "longer side of stored views in pixels (never upscaled)")
     val_fraction: float = opt(0.1, "fraction of scenes held out as the val split (split by scene)")
-    seed: int = opt(0, "seed of pair sampling, split and shuffle")
-    min_gap: int = opt(1, "smallest frame gap of a pair")
-    max_gap: int = opt(40, "largest frame gap of a pair")
-    min_overlap: float = opt(0.3, "smallest overlap (fraction of A's valid pixels visible in B)")
-    max_overlap: float = opt(0.98, "largest overlap (drops near-duplicates)")
-    gap_buckets: tuple[int, ...] = opt(DEFAULT_GAP_BUCKETS, "gap bucket edges in frames (comma-separated)")
+    test_fraction: float = opt(0.0, "fraction of scenes held out as the test split (split by scene)")
+    seed: int = opt(0, "seed of clip sampling, split and shuffle")
+    min_overlap: float = opt(0.3, "every frame overlaps another frame of its clip by at least this "
+                                  "(fraction of its valid pixels visible in the other)")
+    max_overlap: float = opt(0.98, "no two frames of a clip overlap more than this (drops near-duplicates)")
     max_corr: int = opt(4096, "most correspondences stored per pair")
+    max_corr_clip: int = opt(65536, "most correspondences stored per clip (each pair then gets at most "
+                                    "this / its pairs)")
+    exclude_scenes: str = opt("", "file of scene ids (one a line, # comments) dropped before planning, e.g. a "
+                                  "benchmark's evaluation scenes; the manifest lists them")
     depth_root: str = opt("", "nerfstudio/DL3DV only: folder of per-scene depth maps (see README)")
     media_root: str = opt("", "llava-json only: folder or s3:// prefix the records' image and video paths are relative to")
     frames: int = opt(32, "llava-json only: most frames kept per video, sampled uniformly over its length")
@@ -82,17 +87,17 @@ class ShardArgs:
     quiet: bool = opt(False, "no progress lines (the summary is still printed)")
 
     def __post_init__(self) -> None:
-        PairConfig(min_gap=self.min_gap, max_gap=self.max_gap, min_overlap=self.min_overlap,
-                   max_overlap=self.max_overlap, gap_buckets=self.gap_buckets,
-                   pairs_per_scene=self.pairs_per_scene)  # raises the one-line errors
+        self.clip_config()  # raises the one-line errors
         if self.samples_per_shard < 1:
             raise ValueError(f"--samples-per-shard must be >= 1 (got {self.samples_per_shard})")
         if self.max_side < 16:
             raise ValueError(f"--max-side must be >= 16 (got {self.max_side})")
-        if self.max_corr < 1:
-            raise ValueError(f"--max-corr must be >= 1 (got {self.max_corr})")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        for flag in ("val_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, flag) < 1.0:
+                raise ValueError(f"--{flag.replace('_', '-')} must be in [0, 1) (got {getattr(self, flag)})")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"--val-fraction + --test-fraction must leave scenes to train on (got "
+                             f"{self.val_fraction} + {self.test_fraction})")
         if not 0.0 <= self.max_broken_fraction <= 1.0:
             raise ValueError(f"--max-broken-fraction must be in [0, 1] (got {self.max_broken_fraction})")
         if self.retries < 0 or self.num_cpus < 0:
@@ -104,13 +109,17 @@ class ShardArgs:
         if not 1 <= self.frames <= instruct.MAX_FRAMES:
             raise ValueError(f"--frames must be in [1, {instruct.MAX_FRAMES}] (got {self.frames})")
 
-    def job_config(self) -> stages.JobConfig:
-        pc = PairConfig(min_gap=self.min_gap, max_gap=self.max_gap, min_overlap=self.min_overlap,
-                        max_overlap=self.max_overlap, gap_buckets=self.gap_buckets,
-                        pairs_per_scene=self.pairs_per_scene, max_corr=self.max_corr)
+    def clip_config(self) -> ClipConfig:
+        return ClipConfig(clip_frames=self.clip_frames, clip_window=self.clip_window,
+                          clips_per_scene=self.clips_per_scene, min_overlap=self.min_overlap,
+                          max_overlap=self.max_overlap, max_corr=self.max_corr, max_corr_clip=self.max_corr_clip)
+
+    def job_config(self, excluded: tuple[str, ...] = ()) -> stages.JobConfig:
         return stages.JobConfig(input=self.input.rstrip("/"), format=self.format, output=self.output.rstrip("/"),
-                                pairs=pc, samples_per_shard=self.samples_per_shard, max_side=self.max_side,
-                                val_fraction=self.val_fraction, seed=self.seed, depth_root=self.depth_root or None)
+                                clips=self.clip_config(), samples_per_shard=self.samples_per_shard,
+                                max_side=self.max_side, val_fraction=self.val_fraction,
+                                test_fraction=self.test_fraction, seed=self.seed,
+                                depth_root=self.depth_root or None, excluded=excluded)
 
 
 class JobError(Exception):
@@ -186,11 +195,12 @@ def build_default_corpus(args: ShardArgs, root: str, todo: list[str]) -> None:
         raise JobError(f"could not render the embedded synthetic corpus: {bad[0].get('error')}")
 
 
-def prepare(args: ShardArgs) -> tuple[stages.JobConfig, list[str], dict[str, Any] | None, list[str]]:
+def prepare(args: ShardArgs) -> tuple[stages.JobConfig, list[str], dict[str, Any] | None, list[str], list[str]]:
     """Checks and plan.json look-up, all before Ray. Raises JobError / SceneError (one line).
 
     Returns (config, scene URLs, plan.json of an earlier run or None, synthetic scenes to render
-    first: the embedded default builds its corpus with Ray, then lists it).
+    first: the embedded default builds its corpus with Ray, then lists it; the scene keys
+    --exclude-scenes dropped).
     """
     synthetic_todo: list[str] = []
     if not args.input:
@@ -199,8 +209,8 @@ def prepare(args: ShardArgs) -> tuple[stages.JobConfig, list[str], dict[str, Any
         args.input, synthetic_todo = default_corpus_todo(args)
         os.makedirs(args.input, exist_ok=True)
     check_args(args)
-    cfg = args.job_config()
-    scenes = [] if synthetic_todo else list_scenes(cfg.input, cfg.format)  # listed after rendering
+    cfg = args.job_config(read_exclusions(args.exclude_scenes) if args.exclude_scenes else ())
+    scenes, dropped = ([], []) if synthetic_todo else kept_scenes(list_scenes(cfg.input, cfg.format), cfg)
     plan_url = url_join(cfg.output, "plan.json")
     try:
         old_plan = stages.read_json(plan_url)
@@ -213,7 +223,42 @@ def prepare(args: ShardArgs) -> tuple[stages.JobConfig, list[str], dict[str, Any
         old_plan = _replan_or_refuse(args, cfg, f"holds shards made with different arguments ({why})")
     if old_plan is not None and not synthetic_todo:
         old_plan = check_plan_inputs(args, cfg, old_plan, scenes)
-    return cfg, scenes, old_plan, synthetic_todo
+    return cfg, scenes, old_plan, synthetic_todo, dropped
+
+
+def read_exclusions(path: str) -> tuple[str, ...]:
+    """The scene ids of an --exclude-scenes file (one a line; blank lines and '# ...' ignored), sorted."""
+    try:
+        text = stages.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise JobError(f"--exclude-scenes {stages.public_url(path)}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise JobError(f"--exclude-scenes {stages.public_url(path)}: unreadable ({type(e).__name__}: {e})") from None
+    ids = {line.split("#", 1)[0].strip() for line in text.splitlines()}
+    ids.discard("")
+    if not ids:
+        raise JobError(f"--exclude-scenes {stages.public_url(path)}: names no scene (one scene id a line)")
+    return tuple(sorted(ids))
+
+
+def excluded_keys(keys: list[str], excluded: tuple[str, ...]) -> set[str]:
+    """Scene keys an exclusion list names: by the key itself or its last path component (the scene id)."""
+    ids = set(excluded)
+    return {k for k in keys if k in ids or k.rstrip("/").rsplit("/", 1)[-1] in ids}
+
+
+def kept_scenes(scenes: list[str], cfg: stages.JobConfig) -> tuple[list[str], list[str]]:
+    """(scene URLs left after --exclude-scenes, the scene keys it dropped): dropped before planning, so no
+    shard holds them."""
+    if not cfg.excluded:
+        return scenes, []
+    drop = excluded_keys([stages.scene_key(u, cfg.input) for u in scenes], cfg.excluded)
+    kept = [u for u in scenes if stages.scene_key(u, cfg.input) not in drop]
+    if not kept:
+        raise JobError(f"--exclude-scenes drops every scene of {stages.public_url(cfg.input)} ({len(scenes)})")
+    print(f"[job] --exclude-scenes: {len(drop)} of {len(scenes)} scenes excluded ({len(cfg.excluded)} ids listed)",
+          flush=True)
+    return kept, sorted(drop)
 
 
 def _replan_or_refuse(args: ShardArgs, cfg: stages.JobConfig, what: str) -> None:
@@ -261,12 +306,12 @@ def clear_output(output: str) -> int:
 # ------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_into(ShardArgs, argv, PROG, "Corpora -> WebDataset shards of frame pairs (Ray).", EPILOG)
+    args = parse_into(ShardArgs, argv, PROG, "Corpora -> WebDataset shards of multi-frame clips (Ray).", EPILOG)
     t_start = time.time()
     if args.format == instruct.FORMAT:  # LLaVA instruction data: its own job
         return instruct.main(args, t_start)
     try:
-        cfg, scenes, old_plan, synthetic_todo = prepare(args)
+        cfg, scenes, old_plan, synthetic_todo, dropped = prepare(args)
     except (JobError, SceneError) as e:
         _err(str(e))
         return 2
@@ -278,12 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[ray] {where}", flush=True)
         if synthetic_todo:
             build_default_corpus(args, cfg.input, synthetic_todo)
-            scenes = list_scenes(cfg.input, cfg.format)
+            scenes, dropped = kept_scenes(list_scenes(cfg.input, cfg.format), cfg)
             if old_plan is not None:
                 old_plan = check_plan_inputs(args, cfg, old_plan, scenes)
         print(f"[job] input {stages.public_url(cfg.input)} ({cfg.format}, {len(scenes)} scenes) -> "
               f"{stages.public_url(cfg.output)}", flush=True)
-        return run_job(args, cfg, scenes, old_plan, t_start)
+        return run_job(args, cfg, scenes, old_plan, t_start, dropped)
     except (JobError, SceneError) as e:
         _err(str(e))
         return 1
@@ -295,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan: dict[str, Any] | None,
-            t_start: float) -> int:
+            t_start: float, dropped: list[str] | None = None) -> int:
     import ray
 
     from pipeline import ray_tasks
@@ -321,16 +366,18 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
         for url, res, shell_ref in out:
             res.setdefault("scene", stages.scene_key(url, cfg.input))
             scans.append(res)
-            if res.get("ok") and res.get("pairs") and shell_ref is not None:
+            if res.get("ok") and res.get("clips") and shell_ref is not None:
                 shells[res["scene"]] = shell_ref
         times["scan"] = time.time() - t0
         t1 = time.time()
         plan = stages.make_plan(scans, cfg)
+        plan["excluded_scenes"] = sorted(dropped or [])
         stages.write_json(plan_url, plan)
         times["plan"] = time.time() - t1
-        n_val = sum(1 for s in plan["scenes"].values() if s == "val")
-        print(f"[plan] {sum(len(s['pairs']) for s in plan['shards'])} pairs in {len(plan['shards'])} shards; "
-              f"{len(plan['scenes']) - n_val} train / {n_val} val scenes -> {stages.public_url(plan_url)}",
+        per_split = collections.Counter(plan["scenes"].values())
+        print(f"[plan] {sum(len(s['clips']) for s in plan['shards'])} clips in {len(plan['shards'])} shards; "
+              f"{per_split['train']} train / {per_split['val']} val / {per_split['test']} test scenes -> "
+              f"{stages.public_url(plan_url)}",
               flush=True)
 
     # ---- write the shards that are not done yet
@@ -346,10 +393,10 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
     run_id = uuid.uuid4().hex
 
     def write_args(e: dict[str, Any]) -> tuple:
-        refs = {k: shells[k] for k in {it["scene"] for it in e["pairs"]} if k in shells}
+        refs = {k: shells[k] for k in {it["scene"] for it in e["clips"]} if k in shells}
         return e, cfg_ref, refs or None, run_id
 
-    prog = ray_tasks.Progress("write", len(todo), "shards", args.quiet, rate_unit="pairs")
+    prog = ray_tasks.Progress("write", len(todo), "shards", args.quiet, rate_unit="clips")
     results = ray_tasks.run_tasks(ray_tasks.write_task, todo, write_args, prog, args.retries,
                                   label=lambda e: e["name"], name="write_shard",
                                   amount=lambda r: int(r.get("samples") or 0))
@@ -364,12 +411,12 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
     manifest = build_manifest(plan, stats, cfg, args, failed)
     stages.write_json(url_join(cfg.output, "manifest.json"), manifest)
     times["total"] = time.time() - t_start
-    new_pairs = sum(int(r.get("samples") or 0) for r in written.values())
-    print_summary(manifest, times, new_pairs, len(written), cfg)
+    new_clips = sum(int(r.get("samples") or 0) for r in written.values())
+    print_summary(manifest, times, new_clips, len(written), cfg)
     code = 0
     if args.mlflow:
         try:
-            record_mlflow(manifest, args, cfg, times, new_pairs)
+            record_mlflow(manifest, args, cfg, times, new_clips)
         except Exception as e:  # the shards are fine; say what went wrong with the record
             _err(f"--mlflow: could not record the job ({type(e).__name__}: {e})")
             code = 1
@@ -383,8 +430,8 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
         _err(f"{frac:.1%} of all frames are broken (more than --max-broken-fraction {args.max_broken_fraction:g}); "
              f"see skipped_by_reason in manifest.json")
         code = 1
-    if not failed and manifest["counts"]["pairs"] == 0:
-        _err("no pair was written: no scene has a pair that passes the gap and overlap filters "
+    if not failed and manifest["counts"]["clips"] == 0:
+        _err("no clip was written: no scene has a clip that passes the overlap filters "
              "(see flagged_scenes in manifest.json)")
         code = 1
     return code
@@ -394,47 +441,52 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
 
 def build_manifest(plan: dict[str, Any], stats: dict[str, dict[str, Any]], cfg: stages.JobConfig,
                    args: ShardArgs, failed: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Counts, shards (size, sha256), gap buckets, skipped-by-reason, per-scene self-check, flags, config.
+    """Counts, shards (size, sha256), the dt histogram and frame step per dataset, excluded scenes,
+    skipped-by-reason, per-scene self-check, flags, config.
 
     Built from plan.json and the shards' stats.json only, so a rerun gives the same manifest.
     """
     scan = plan.get("scan", {})
     skipped: collections.Counter = collections.Counter()
-    skipped_pairs: collections.Counter = collections.Counter()
+    skipped_clips: collections.Counter = collections.Counter()
     planned: collections.Counter = collections.Counter()
     for e in plan["shards"]:
-        for it in e["pairs"]:
+        for it in e["clips"]:
             planned[it["scene"]] += 1
     agg: dict[str, dict[str, Any]] = {}
     shards = []
-    by_bucket = np.zeros(len(cfg.pairs.gap_buckets), dtype=np.int64)
+    dt_hist: dict[str, collections.Counter] = {}
     for e in plan["shards"]:
         st = stats.get(e["name"])
         if st is None:
             continue
-        shards.append({k: st[k] for k in ("name", "split", "samples", "bytes", "sha256")})
-        skipped_pairs.update(st.get("skipped_pairs") or {})
-        if st.get("by_bucket") and len(st["by_bucket"]) == len(by_bucket):
-            by_bucket += np.asarray(st["by_bucket"], dtype=np.int64)
+        shards.append({k: st[k] for k in ("name", "split", "samples", "pairs", "frames", "bytes", "sha256")})
+        skipped_clips.update(st.get("skipped_clips") or {})
+        for ds, h in (st.get("dt_histogram") or {}).items():
+            dt_hist.setdefault(ds, collections.Counter()).update({k: int(v) for k, v in h.items()})
         for sc, a in (st.get("scenes") or {}).items():
-            acc = agg.setdefault(sc, {"pairs": 0, "checked": 0, "photo_err": 0.0, "photo_err_shuffled": 0.0,
-                                      "ratios": []})
-            for k in ("pairs", "checked", "photo_err", "photo_err_shuffled"):
+            acc = agg.setdefault(sc, {"clips": 0, "pairs": 0, "checked": 0, "photo_err": 0.0,
+                                      "photo_err_shuffled": 0.0, "ratios": []})
+            for k in ("clips", "pairs", "checked", "photo_err", "photo_err_shuffled"):
                 acc[k] += a.get(k, 0)
             acc["ratios"] += a.get("ratios", [])
     scenes_info: dict[str, Any] = {}
     flagged: dict[str, str] = {}
     frames = usable = 0
+    steps: dict[str, list[float]] = {}
     for key, s in sorted(scan.items()):
         frames += s.get("frames") or 0
         usable += s.get("usable") or 0
         skipped.update(s.get("skipped") or {})
+        if s.get("frame_seconds"):
+            steps.setdefault(str(s.get("dataset")), []).append(float(s["frame_seconds"]))
         a = agg.get(key)
-        info = {"split": plan["scenes"].get(key), "frames": s.get("frames"), "usable": s.get("usable"),
-                "skipped": s.get("skipped") or {}, "pair_yield": s.get("yield"),
-                "reference_yield": s.get("reference_yield"),
-                "candidates_tested": s.get("tested"), "pairs_planned": planned.get(key, 0),
-                "pairs": a["pairs"] if a else 0, "metric_depth": s.get("metric_depth")}
+        info = {"split": plan["scenes"].get(key), "dataset": s.get("dataset"), "frames": s.get("frames"),
+                "usable": s.get("usable"), "skipped": s.get("skipped") or {}, "clip_yield": s.get("yield"),
+                "reference_yield": s.get("reference_yield"), "candidates_tested": s.get("tested"),
+                "short_clips": s.get("short_clips"), "clips_planned": planned.get(key, 0),
+                "clips": a["clips"] if a else 0, "pairs": a["pairs"] if a else 0,
+                "metric_depth": s.get("metric_depth"), "frame_seconds": s.get("frame_seconds")}
         if a and a["checked"]:
             info["photo_err"] = round(a["photo_err"] / a["checked"], 3)
             info["photo_err_shuffled"] = round(a["photo_err_shuffled"] / a["checked"], 3)
@@ -448,38 +500,45 @@ def build_manifest(plan: dict[str, Any], stats: dict[str, dict[str, Any]], cfg: 
             info["flag"] = why
         scenes_info[key] = info
     broken = frames - usable
-    pairs_written = sum(s["samples"] for s in shards)
     counts = {"scenes": len(scan), "scenes_readable": sum(1 for s in scan.values() if s.get("ok")),
               "scenes_flagged": len(flagged), "frames": frames, "frames_usable": usable, "frames_skipped": broken,
               "frames_skipped_fraction": round(broken / frames, 4) if frames else 0.0,
-              "pairs": pairs_written, "pairs_planned": sum(len(e["pairs"]) for e in plan["shards"]),
-              "pairs_skipped": sum(skipped_pairs.values()),
+              "clips": sum(s["samples"] for s in shards), "pairs": sum(s["pairs"] for s in shards),
+              "frames_stored": sum(s["frames"] for s in shards),
+              "clips_planned": sum(len(e["clips"]) for e in plan["shards"]),
+              "clips_skipped": sum(skipped_clips.values()),
               "shards": len(shards), "shards_planned": len(plan["shards"]), "shards_failed": len(failed or []),
               "bytes": sum(s["bytes"] for s in shards)}
-    for split in ("train", "val"):
-        counts[f"pairs_{split}"] = sum(s["samples"] for s in shards if s["split"] == split)
+    for split in stages.SPLITS:
+        counts[f"clips_{split}"] = sum(s["samples"] for s in shards if s["split"] == split)
         counts[f"scenes_{split}"] = sum(1 for v in plan["scenes"].values() if v == split)
     public_cfg = dict(plan["config"])
     public_cfg["output"] = stages.public_url(cfg.output)
-    return {"version": MANIFEST_VERSION, "format_version": plan["format_version"],
+    public_cfg["clip_frames"] = cfg.clips.clip_frames  # the most frames a clip holds (what readers size by)
+    listed = set(plan["config"].get("excluded") or [])
+    excluded = sorted(plan.get("excluded_scenes") or [])
+    return {"version": MANIFEST_VERSION, "kind": "clips", "format_version": plan["format_version"],
             "content_hash": plan["content_hash"], "complete": len(shards) == len(plan["shards"]),
             "counts": counts, "shards": shards,
-            "gap_buckets": list(cfg.pairs.gap_buckets), "pairs_by_gap_bucket": [int(x) for x in by_bucket],
+            "dt_histogram": {ds: dict(sorted(h.items(), key=lambda kv: int(kv[0]))) for ds, h in sorted(dt_hist.items())},
+            "frame_seconds": {ds: round(float(np.median(v)), 6) for ds, v in sorted(steps.items())},
+            "excluded_scenes": excluded, "exclude_ids": sorted(listed),
             "skipped_by_reason": dict(sorted(skipped.items())),
-            "skipped_pairs_by_reason": dict(sorted(skipped_pairs.items())),
+            "skipped_clips_by_reason": dict(sorted(skipped_clips.items())),
             "flagged_scenes": flagged,
-            "splits": {sp: sorted(k for k, v in plan["scenes"].items() if v == sp) for sp in ("train", "val")},
+            "splits": {sp: sorted(k for k, v in plan["scenes"].items() if v == sp) for sp in stages.SPLITS},
             "scenes": scenes_info,
             "failed_shards": sorted(r.get("name") for r in failed or []),
             "config": public_cfg}
 
 
-def print_summary(m: dict[str, Any], times: dict[str, float], new_pairs: int, new_shards: int,
+def print_summary(m: dict[str, Any], times: dict[str, float], new_clips: int, new_shards: int,
                   cfg: stages.JobConfig) -> None:
-    """The one-screen table: scenes, frames, skipped by reason, pairs, shards, bytes, pairs/s, flags."""
+    """The one-screen table: scenes, frames, skipped by reason, clips, pairs, dt range, shards, bytes, flags."""
     c = m["counts"]
     rows = [("scenes", f"{c['scenes']} ({c['scenes_readable']} readable; train {c['scenes_train']}, "
-                       f"val {c['scenes_val']})"),
+                       f"val {c['scenes_val']}, test {c['scenes_test']})"
+                       + (f"; {len(m['excluded_scenes'])} excluded" if m.get("exclude_ids") else "")),
             ("frames", f"{c['frames']} ({c['frames_usable']} usable, {c['frames_skipped']} skipped = "
                        f"{c['frames_skipped_fraction']:.1%})")]
     reasons = sorted(m["skipped_by_reason"].items(), key=lambda x: (-x[1], x[0]))
@@ -487,15 +546,19 @@ def print_summary(m: dict[str, Any], times: dict[str, float], new_pairs: int, ne
         rows.append(("  skipped: " + reason, str(n)))
     if len(reasons) > 8:
         rows.append(("  skipped: ...", f"{len(reasons) - 8} more reasons in manifest.json"))
-    rows += [("pairs", f"{c['pairs']} of {c['pairs_planned']} planned (train {c['pairs_train']}, val "
-                       f"{c['pairs_val']}; {c['pairs_skipped']} skipped: broken frame)"),
-             ("pairs by gap bucket", ", ".join(f"{lo}+: {n}" for lo, n in zip(m["gap_buckets"],
-                                                                           m["pairs_by_gap_bucket"]))),
-             ("shards", f"{c['shards']} of {c['shards_planned']} ({new_shards} written now, "
+    rows += [("clips", f"{c['clips']} of {c['clips_planned']} planned (train {c['clips_train']}, val "
+                       f"{c['clips_val']}, test {c['clips_test']}; {c['clips_skipped']} skipped: broken frame); "
+                       f"{c['pairs']} supervised pairs, {c['frames_stored']} frames")]
+    for ds, h in m["dt_histogram"].items():
+        dts = sorted(int(k) for k in h)
+        step = m["frame_seconds"].get(ds)
+        rows.append((f"  dt ({ds})", f"{dts[0]}..{dts[-1]} frames over {len(dts)} distances"
+                                     + (f"; {step:.3g} s a frame" if step else "")))
+    rows += [("shards", f"{c['shards']} of {c['shards_planned']} ({new_shards} written now, "
                         f"{c['shards_failed']} failed)"),
              ("bytes", f"{c['bytes'] / 1e6:.1f} MB"),
-             ("pairs/s", f"{new_pairs / max(times.get('write', 0.0), 1e-9):.1f} ({new_pairs} pairs written in "
-                         f"{times.get('write', 0.0):.1f}s)" if new_pairs else "- (nothing left to write)"),
+             ("clips/s", f"{new_clips / max(times.get('write', 0.0), 1e-9):.1f} ({new_clips} clips written in "
+                         f"{times.get('write', 0.0):.1f}s)" if new_clips else "- (nothing left to write)"),
              ("time", f"scan {times.get('scan', 0.0):.1f}s, plan {times.get('plan', 0.0):.1f}s, write "
                       f"{times.get('write', 0.0):.1f}s, total {times.get('total', 0.0):.1f}s"),
              ("flagged scenes", f"{len(m['flagged_scenes'])}")]
@@ -517,7 +580,7 @@ def print_summary(m: dict[str, Any], times: dict[str, float], new_pairs: int, ne
 
 
 def record_mlflow(manifest: dict[str, Any], args: ShardArgs, cfg: stages.JobConfig, times: dict[str, float],
-                  new_pairs: int) -> None:
+                  new_clips: int) -> None:
     """Params (no credentials), counts and timings as metrics, manifest.json as an artifact."""
     import tempfile
 
@@ -534,7 +597,7 @@ def record_mlflow(manifest: dict[str, Any], args: ShardArgs, cfg: stages.JobConf
         metrics.update({f"skipped.{k}": v for k, v in manifest["skipped_by_reason"].items()})
         metrics.update({f"seconds.{k}": round(v, 3) for k, v in times.items()})
         if times.get("write"):
-            metrics["pairs_per_s"] = new_pairs / times["write"]
+            metrics["clips_per_s"] = new_clips / times["write"]
         tr.log_metrics({_metric_name(k): v for k, v in metrics.items()})
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "manifest.json")

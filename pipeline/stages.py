@@ -29,12 +29,16 @@ import numpy as np
 from data import geometry, pairs, shardformat
 from data.scenes import FrameError, SceneError, open_scene
 from data.scenes.base import Scene, fit_view
-from data.storage import fresh_fs, is_local, open_fs, read_json, url_join  # noqa: F401  (used as stages.*)
+from data.cli import one_line  # noqa: F401  (used as stages.one_line)
+from data.seeds import derive_seed
+from data.storage import fresh_fs, is_local, open_fs, public_url, read_bytes, read_json, url_join  # noqa: F401
 
-PLAN_VERSION = 3  # 3: plan.json records its inputs (the scene list and the reader's version)
+PLAN_VERSION = 4  # 3: plan.json records its inputs (scene list, reader version); 4: clips (shard format 2)
 # Self-check (DESIGN §4). A pair fails when photo_err > PHOTO_FLAG_RATIO * photo_err_shuffled;
 # a scene is flagged when the median of its pairs' ratios is above it.
 PHOTO_FLAG_RATIO = 0.5
+PHOTO_FLAG_SHARE = 0.25  # ... or when more than this share of its pairs fail (with at least MIN_PAIRS_FOR_SHARE)
+MIN_PAIRS_FOR_SHARE = 8
 # A scene whose candidate pairs mostly fail the overlap filter ("pair yield collapses")
 # is flagged too: with wrong pose conventions only near-duplicate frames still overlap.
 # Correct synthetic scenes yield ~0.9; world2cam-as-cam2world or OpenGL axes ~0.1.
@@ -56,18 +60,22 @@ class JobConfig:
     """Corpus layout (data.scenes.FORMATS)."""
     output: str
     """Output folder or s3:// prefix (not part of the content: shards do not depend on it)."""
-    pairs: pairs.PairConfig = field(default_factory=pairs.PairConfig)
-    """Pair sampling and correspondences."""
+    clips: pairs.ClipConfig = field(default_factory=pairs.ClipConfig)
+    """Clip sampling and correspondences."""
     samples_per_shard: int = 64
-    """Pairs per tar shard."""
+    """Clips per tar shard."""
     max_side: int = 640
     """Longer side of stored views in pixels (never upscaled)."""
     val_fraction: float = 0.1
     """Fraction of scenes in the val split (split by scene)."""
+    test_fraction: float = 0.0
+    """Fraction of scenes in the test split (split by scene)."""
     seed: int = 0
-    """Seed of pair sampling, split, shuffle and correspondence jitter."""
+    """Seed of clip sampling, split, shuffle and correspondence jitter."""
     depth_root: str | None = None
     """nerfstudio only: folder of per-scene depth maps."""
+    excluded: tuple[str, ...] = ()
+    """Scene ids dropped before planning (--exclude-scenes), sorted."""
 
     def content_dict(self) -> dict[str, Any]:
         """The settings that decide shard bytes (a rerun must match them); no credentials."""
@@ -75,7 +83,7 @@ class JobConfig:
         d.pop("output")
         d["input"] = public_url(self.input)
         d["depth_root"] = public_url(self.depth_root) if self.depth_root else None
-        d["pairs"]["gap_buckets"] = list(self.pairs.gap_buckets)
+        d["excluded"] = list(self.excluded)
         return d
 
     def content_hash(self) -> str:
@@ -99,26 +107,8 @@ def inputs_record(scene_keys: list[str], format: str) -> dict[str, Any]:
             "reader": f"{format}/{reader_version(format)}"}
 
 
-def scene_seed(seed: int, *parts: Any) -> int:
-    """A stable 63-bit seed from the job seed and names (independent of Python's hash)."""
-    h = hashlib.sha256(("|".join([str(seed)] + [str(p) for p in parts])).encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
-
-
 def reader_options(cfg: JobConfig) -> dict[str, Any]:
     return {"depth_root": cfg.depth_root} if cfg.format == "nerfstudio" and cfg.depth_root else {}
-
-
-def public_url(url: str | None) -> str | None:
-    """A URL without credentials (`user:password@` is dropped, query strings too)."""
-    if not url or "://" not in url:
-        return url
-    proto, rest = url.split("://", 1)
-    host, slash, path = rest.partition("/")
-    if "@" in host:
-        host = host.rsplit("@", 1)[1]
-    return proto + "://" + host + slash + path.split("?", 1)[0]
-
 
 
 def scene_key(url: str, root: str) -> str:
@@ -137,11 +127,6 @@ def scene_key(url: str, root: str) -> str:
 def reason_of(e: FrameError) -> str:
     """The countable part of a FrameError reason: 'unreadable rgb (OSError: ...)' -> 'unreadable rgb'."""
     return e.reason.split(" (")[0]
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    first = str(text).strip().splitlines()[0] if str(text).strip() else ""
-    return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- scan
@@ -166,19 +151,20 @@ def scene_shell(scene: Scene, indices: set[int]) -> Scene:
 
 
 def scan_scene(url: str, cfg: JobConfig) -> dict[str, Any]:
-    """Scan one scene: usable frames, broken frames by reason, candidate pairs.
+    """Scan one scene: usable frames, broken frames by reason, candidate clips.
 
     Returns a status dict: {"ok": bool, "scene" (key), "name", "dataset", "frames",
     "usable", "skipped": {reason: n}, "skipped_frames": [[frame, reason], ...] (first 20),
-    "pairs": [[ia, ib, ov_ab, ov_ba], ...], "tested", "passed", "yield", "reference_yield" (the
-    share of tested candidates inside the default overlap window, pairs.REFERENCE_OVERLAP), "by_bucket",
-    "median_depth", "metric_depth", "error" (when not ok), "seconds",
-    "shell" (a `scene_shell` of the paired frames; the driver keeps it out of plan.json)}.
+    "clips": [{"indices": [...], "overlap": K x K}, ...], "tested", "passed", "yield",
+    "reference_yield" (the share of tested candidates inside the default overlap window,
+    pairs.REFERENCE_OVERLAP), "short_clips", "median_depth", "metric_depth", "frame_seconds"
+    (seconds between consecutive frame indices, when the reader knows), "error" (when not ok),
+    "seconds", "shell" (a `scene_shell` of the clips' frames; the driver keeps it out of plan.json)}.
     """
     t0 = time.time()
     key = scene_key(url, cfg.input)
     base = {"scene": key, "name": key.rsplit("/", 1)[-1], "frames": 0, "usable": 0, "skipped": {},
-            "pairs": [], "tested": 0, "passed": 0, "yield": None}
+            "clips": [], "tested": 0, "passed": 0, "yield": None}
     try:
         scene = open_scene(url, cfg.format, **reader_options(cfg))
     except SceneError as e:
@@ -198,76 +184,88 @@ def scan_scene(url: str, cfg: JobConfig) -> dict[str, Any]:
             if len(skipped_frames) < 20:
                 skipped_frames.append([fr.name, e.reason])
             continue
-        views.append(pairs.scan_view(fr.index, fr.name, depth, fr.K, fr.cam2world, cfg.pairs.scan_side))
+        views.append(pairs.scan_view(fr.index, fr.name, depth, fr.K, fr.cam2world, cfg.clips.scan_side))
         medians.append(float(np.median(depth[depth > 0])))
     n_total = len(scene.frames) + len(scene.skipped)
     out: dict[str, Any] = {**base, "ok": True, "name": scene.name, "dataset": scene.dataset,
                            "frames": n_total, "usable": len(views), "skipped": dict(skipped),
                            "skipped_frames": skipped_frames, "metric_depth": bool(scene.metric_depth),
                            "median_depth": float(np.median(medians)) if medians else None,
-                           "by_bucket": [0] * len(cfg.pairs.gap_buckets)}
+                           "frame_seconds": scene.frame_seconds(), "short_clips": 0}
     if len(views) >= 2:
-        abs_tol = geometry.visibility_tolerance(scene.metric_depth, out["median_depth"], cfg.pairs.abs_tol)
-        rng = np.random.default_rng(scene_seed(cfg.seed, "scan", key))
-        res = pairs.candidate_pairs(views, cfg.pairs, rng, abs_tol=abs_tol)
-        out["pairs"] = [[c.index_a, c.index_b, c.overlap_ab, c.overlap_ba] for c in res.pairs]
-        out["tested"], out["passed"] = res.tested, res.passed
+        abs_tol = geometry.visibility_tolerance(scene.metric_depth, out["median_depth"], cfg.clips.abs_tol)
+        rng = np.random.default_rng(derive_seed(cfg.seed, "scan", key))
+        res = pairs.candidate_clips(views, cfg.clips, rng, abs_tol=abs_tol)
+        out["clips"] = [{"indices": c.indices, "overlap": c.overlap} for c in res.clips]
+        out["tested"], out["passed"], out["short_clips"] = res.tested, res.passed, res.short_clips
         out["yield"] = round(res.passed / res.tested, 4) if res.tested else None
         out["reference_yield"] = round(res.reference_passed / res.tested, 4) if res.tested else None
-        out["by_bucket"] = res.by_bucket
-    used = {i for p in out["pairs"] for i in p[:2]}
+    used = {i for c in out["clips"] for i in c["indices"]}
     out["shell"] = scene_shell(scene, used) if used else None
     out["seconds"] = round(time.time() - t0, 3)
     return out
 
 
 SCAN_SUMMARY_KEYS = ("ok", "name", "dataset", "frames", "usable", "skipped", "skipped_frames", "tested",
-                     "passed", "yield", "reference_yield", "by_bucket", "error", "metric_depth", "median_depth")
+                     "passed", "yield", "reference_yield", "short_clips", "error", "metric_depth", "median_depth",
+                     "frame_seconds")
 
 
 # ----------------------------------------------------------------------------- plan
 
-def split_of(scene: str, cfg: JobConfig, all_scenes: list[str]) -> str:
-    """train/val by scene (never by pair), deterministic per seed."""
-    return split_scenes(cfg, all_scenes).get(scene, "train")
+SPLITS = ("train", "val", "test")
+
+
+def split_names(names: list[str], seed: int, val_fraction: float, test_fraction: float = 0.0) -> dict[str, str]:
+    """{name: "train" | "val" | "test"}, deterministic per seed: round(fraction * n) names each (at least
+    1 when its fraction is set and n allows; at least one name stays train). Scenes (here) and media
+    units (pipeline/instruct.py) are split this way, never clips or records."""
+    names = sorted(set(names))
+    ranked = sorted(names, key=lambda s: derive_seed(seed, "split", s))
+    out = {s: "train" for s in names}
+    room = len(names) - 1
+    at = 0
+    for which, frac in (("val", val_fraction), ("test", test_fraction)):
+        if frac <= 0 or room <= 0:
+            continue
+        n = min(max(int(round(frac * len(names))), 1), room)
+        for s in ranked[at:at + n]:
+            out[s] = which
+        at, room = at + n, room - n
+    return out
 
 
 def split_scenes(cfg: JobConfig, all_scenes: list[str]) -> dict[str, str]:
-    """{scene: "train" | "val"}: round(val_fraction * n) scenes (at least 1 when n >= 2) are val."""
-    names = sorted(set(all_scenes))
-    if cfg.val_fraction <= 0 or len(names) < 2:
-        return {s: "train" for s in names}
-    ranked = sorted(names, key=lambda s: scene_seed(cfg.seed, "split", s))
-    n_val = min(max(int(round(cfg.val_fraction * len(names))), 1), len(names) - 1)
-    val = set(ranked[:n_val])
-    return {s: ("val" if s in val else "train") for s in names}
+    """{scene: "train" | "val" | "test"} by scene (never by clip): `split_names` with the job's fractions."""
+    return split_names(all_scenes, cfg.seed, cfg.val_fraction, cfg.test_fraction)
 
 
 def make_plan(scans: list[dict[str, Any]], cfg: JobConfig) -> dict[str, Any]:
-    """Deterministic global plan: split by scene, shuffle all pairs of a split, cut into shards.
+    """Deterministic global plan: split by scene, shuffle all clips of a split, cut into shards.
 
     Each shard mixes many scenes. The plan also keeps each scene's scan summary (frames,
-    skipped frames by reason, pair yield) for the manifest of this and later runs.
+    skipped frames by reason, clip yield) for the manifest of this and later runs. Every clip
+    is built once, in its final order (a seeded permutation of the split's clips).
     """
     scans = sorted(scans, key=lambda s: s["scene"])
     ok = [s for s in scans if s.get("ok")]
     split = split_scenes(cfg, [s["scene"] for s in ok])
     shards: list[dict[str, Any]] = []
-    for which in ("train", "val"):
+    n = cfg.samples_per_shard
+    for which in SPLITS:
+        members = [s for s in ok if split[s["scene"]] == which]
+        refs = [(si, ci) for si, s in enumerate(members) for ci in range(len(s["clips"]))]
+        order = np.random.default_rng(derive_seed(cfg.seed, "plan", which)).permutation(len(refs))
         items = []
-        for s in ok:
-            if split[s["scene"]] != which:
-                continue
-            for ia, ib, ov_ab, ov_ba in s["pairs"]:
-                items.append({"scene": s["scene"], "index_a": int(ia), "index_b": int(ib),
-                              "overlap_ab": ov_ab, "overlap_ba": ov_ba, "median_depth": s["median_depth"]})
-        rng = np.random.default_rng(scene_seed(cfg.seed, "plan", which))
-        items = [items[i] for i in rng.permutation(len(items))]
-        n = cfg.samples_per_shard
+        for k in order.tolist():
+            si, ci = refs[k]
+            s, c = members[si], members[si]["clips"][ci]
+            items.append({"scene": s["scene"], "indices": [int(i) for i in c["indices"]], "overlap": c["overlap"],
+                          "median_depth": s["median_depth"]})
         for k in range(0, len(items), n):
             shards.append({"split": which, "shard": k // n, "name": shardformat.shard_name(which, k // n),
-                           "pairs": items[k:k + n]})
-    return {"plan_version": PLAN_VERSION, "format_version": shardformat.FORMAT_VERSION,
+                           "clips": items[k:k + n]})
+    return {"plan_version": PLAN_VERSION, "kind": "clips", "format_version": shardformat.FORMAT_VERSION,
             "content_hash": cfg.content_hash(), "config": cfg.content_dict(), "scenes": split,
             "inputs": inputs_record([s["scene"] for s in scans], cfg.format),
             "scan": {s["scene"]: {k: s.get(k) for k in SCAN_SUMMARY_KEYS} for s in scans},
@@ -276,23 +274,25 @@ def make_plan(scans: list[dict[str, Any]], cfg: JobConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- write
 
-_SCENE_CACHE: "collections.OrderedDict[str, tuple[Scene, dict[int, Any]]]" = collections.OrderedDict()
+_SCENE_CACHE: "collections.OrderedDict[str, Scene]" = collections.OrderedDict()
+SCENE_CACHE_SIZE = 16  # opened scenes a write worker keeps across the tasks of one run
 
 
-def _open_cached(url: str, cfg: JobConfig) -> tuple[Scene, dict[int, Any]]:
-    """(scene, frames by index) of scenes this worker opened, most recent 16 kept.
+def _open_cached(url: str, cfg: JobConfig) -> Scene:
+    """A scene this worker opened (the most recent SCENE_CACHE_SIZE kept across tasks), else opened now.
 
-    Used when a write task has no shell from the scan (a rerun that reuses plan.json).
+    Used when a write task has no shell from the scan (a rerun that reuses plan.json). A task
+    asks once per scene it touches (ShardContext keeps what it needs), so a shard mixing more
+    scenes than the cache holds does not reopen any of them.
     """
     key = f"{cfg.format}|{url}|{cfg.depth_root}"
     if key in _SCENE_CACHE:
         _SCENE_CACHE.move_to_end(key)
         return _SCENE_CACHE[key]
-    sc = open_scene(url, cfg.format, **reader_options(cfg))
-    _SCENE_CACHE[key] = (sc, {f.index: f for f in sc.frames})
-    while len(_SCENE_CACHE) > 16:
+    sc = _SCENE_CACHE[key] = open_scene(url, cfg.format, **reader_options(cfg))
+    while len(_SCENE_CACHE) > SCENE_CACHE_SIZE:
         _SCENE_CACHE.popitem(last=False)
-    return _SCENE_CACHE[key]
+    return sc
 
 
 def clear_scene_cache() -> None:
@@ -317,38 +317,41 @@ def quantize_depth(depth: np.ndarray, depth_scale: float) -> np.ndarray:
     float32 (H, W) -> float32 (H, W). Correspondences are computed on this, so every
     stored row passes the visibility test against the STORED depth.
     """
-    d = np.where(np.isfinite(depth) & (depth > 0), depth, 0.0) * depth_scale
-    q = np.rint(d)
-    q[(q > shardformat.UINT16_MAX) | (q < 0)] = 0
-    return q.astype(np.uint16).astype(np.float32) / np.float32(depth_scale)
+    return shardformat.quantize_depth(depth, depth_scale).astype(np.float32) / np.float32(depth_scale)
 
 
 class ShardContext:
-    """What one write task shares between its pairs: scenes, and views used by several pairs.
+    """What one write task shares between its clips: scenes, and views used by several clips.
 
-    A frame used by k pairs of the shard is read, aligned, resized and encoded once;
-    it is dropped after its last use (so memory stays at the views still needed).
+    Each scene the shard touches is opened at most once per task (or comes from the scan's
+    shell) and is kept as a shell of the frames this shard needs; a frame used by k clips of the
+    shard is read, aligned, resized and encoded once and dropped after its last use (so memory
+    stays at the views still needed).
     """
 
     def __init__(self, cfg: JobConfig, entry: dict[str, Any], shells: dict[str, Scene] | None,
                  timings: dict[str, float]):
         self.cfg, self.shells, self.timings = cfg, shells or {}, timings
         self.uses = collections.Counter()
-        for it in entry["pairs"]:
-            self.uses[(it["scene"], int(it["index_a"]))] += 1
-            self.uses[(it["scene"], int(it["index_b"]))] += 1
+        self.needed: dict[str, set[int]] = collections.defaultdict(set)  # scene -> frame indices of this shard
+        for it in entry["clips"]:
+            for index in it["indices"]:
+                self.uses[(it["scene"], int(index))] += 1
+                self.needed[it["scene"]].add(int(index))
         self.views: dict[tuple[str, int], View | FrameError] = {}
-        self._frames: dict[str, dict[int, Any]] = {}
+        self._scenes: dict[str, tuple[Scene, dict[int, Any]]] = {}
         self.opened: set[str] = set()  # scenes this task had to open (no shell)
 
     def scene(self, key: str) -> tuple[Scene, dict[int, Any]]:
-        if key in self.shells and self.shells[key] is not None:
-            sc = self.shells[key]
-            if key not in self._frames:
-                self._frames[key] = {f.index: f for f in sc.frames}
-            return sc, self._frames[key]
-        self.opened.add(key)
-        return _open_cached(self.cfg.scene_url(key), self.cfg)
+        """(scene, its frames by index) for a scene of this shard; opened on first use only."""
+        hit = self._scenes.get(key)
+        if hit is None:
+            sc = self.shells.get(key)
+            if sc is None:
+                self.opened.add(key)
+                sc = scene_shell(_open_cached(self.cfg.scene_url(key), self.cfg), self.needed[key])
+            hit = self._scenes[key] = (sc, {f.index: f for f in sc.frames})
+        return hit
 
     def view(self, key: str, index: int) -> View:
         k = (key, index)
@@ -394,59 +397,63 @@ def _encoded(view: View, depth_scale: float, timings: dict[str, float]) -> tuple
     return view.jpg, q, png
 
 
-def render_pair(item: dict[str, Any], cfg: JobConfig, key: str, timings: dict[str, float],
-                ctx: ShardContext) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load, align, resize, match, self-check and encode one planned pair.
+def pair_seed(seed: int, key: str, i: int, j: int) -> int:
+    """The seed of pair (i, j)'s correspondence jitter and self-check in clip `key`."""
+    return derive_seed(seed, "pair", key, i, j)
 
-    Returns (sample dict of bytes for webdataset's TarWriter, its metadata).
-    Raises FrameError when a frame turns out broken.
+
+def render_clip(item: dict[str, Any], cfg: JobConfig, key: str, timings: dict[str, float],
+                ctx: ShardContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load, align, resize, match every pair i < j, self-check and encode one planned clip.
+
+    Each frame is loaded once for all its pairs (and for all the clips of the shard that use
+    it). Returns (sample dict of bytes for webdataset's TarWriter, its metadata). Raises
+    FrameError when a frame turns out broken (the clip is skipped and counted).
     """
     scene, _ = ctx.scene(item["scene"])
     views, errors = [], []
-    for index in (int(item["index_a"]), int(item["index_b"])):  # both, so that use counts stay right
+    for index in item["indices"]:  # every frame, so that use counts stay right
         try:
-            views.append(ctx.view(item["scene"], index))
+            views.append(ctx.view(item["scene"], int(index)))
         except FrameError as e:
             errors.append(e)
     if errors:
         raise errors[0]
-    va, vb = views
-    fa, fb = va.frame, vb.frame
-    max_depth = float(max(va.depth.max(), vb.depth.max()))
+    max_depth = float(max(v.depth.max() for v in views))
     scale = shardformat.depth_scale_for(max_depth, scene.metric_depth)
-    jpg_a, qa, png_a = _encoded(va, scale, timings)
-    jpg_b, qb, png_b = _encoded(vb, scale, timings)
-    t2 = time.perf_counter()
-    abs_tol = geometry.visibility_tolerance(scene.metric_depth, item.get("median_depth"), cfg.pairs.abs_tol)
-    rng = np.random.default_rng(scene_seed(cfg.seed, "pair", key))
-    corr = pairs.correspondences(qa, va.K, fa.cam2world, qb, vb.K, fb.cam2world, rng,
-                                 stride=cfg.pairs.stride, max_corr=cfg.pairs.max_corr,
-                                 abs_tol=abs_tol, rel_tol=cfg.pairs.rel_tol)
-    t3 = time.perf_counter()
-    timings["corr"] += t3 - t2
-    err, err_sh = pairs.photo_check(va.rgb, vb.rgb, corr, rng)
+    enc = [_encoded(v, scale, timings) for v in views]
+    abs_tol = geometry.visibility_tolerance(scene.metric_depth, item.get("median_depth"), cfg.clips.abs_tol)
+    cap = cfg.clips.corr_per_pair(len(views))
+    rows, n_corr, errs, errs_sh = [], [], [], []
+    for i, j in shardformat.clip_pairs(len(views)):
+        t2 = time.perf_counter()
+        rng = np.random.default_rng(pair_seed(cfg.seed, key, i, j))
+        corr = pairs.correspondences(enc[i][1], views[i].K, views[i].frame.cam2world, enc[j][1], views[j].K,
+                                     views[j].frame.cam2world, rng, stride=cfg.clips.stride, max_corr=cap,
+                                     abs_tol=abs_tol, rel_tol=cfg.clips.rel_tol)
+        t3 = time.perf_counter()
+        timings["corr"] += t3 - t2
+        err, err_sh = pairs.photo_check(views[i].rgb, views[j].rgb, corr, rng)
+        timings["check"] += time.perf_counter() - t3
+        ij = np.tile(np.array([[i, j]], dtype=np.float32), (len(corr), 1))
+        rows.append(np.concatenate([ij, corr], axis=1))
+        n_corr.append(int(len(corr)))
+        errs.append(None if not np.isfinite(err) else round(err, 4))
+        errs_sh.append(None if not np.isfinite(err_sh) else round(err_sh, 4))
     t4 = time.perf_counter()
-    timings["check"] += t4 - t3
     meta = {
-        "version": shardformat.FORMAT_VERSION, "dataset": scene.dataset, "scene": scene.name,
-        "frame_a": fa.name, "frame_b": fb.name, "index_a": fa.index, "index_b": fb.index,
-        "gap": fb.index - fa.index, "K_a": va.K.tolist(), "K_b": vb.K.tolist(),
-        "T_wa": np.asarray(fa.cam2world, dtype=np.float64).tolist(),
-        "T_wb": np.asarray(fb.cam2world, dtype=np.float64).tolist(),
-        "size_a": [int(va.rgb.shape[1]), int(va.rgb.shape[0])],
-        "size_b": [int(vb.rgb.shape[1]), int(vb.rgb.shape[0])],
-        "overlap_ab": item["overlap_ab"], "overlap_ba": item["overlap_ba"], "n_corr": int(len(corr)),
-        "depth_scale": scale, "metric_depth": bool(scene.metric_depth),
-        "photo_err": None if not np.isfinite(err) else round(err, 4),
-        "photo_err_shuffled": None if not np.isfinite(err_sh) else round(err_sh, 4),
-        "source": public_url(cfg.scene_url(item["scene"])),
+        "version": shardformat.FORMAT_VERSION, "kind": "clip", "dataset": scene.dataset, "scene": scene.name,
+        "frames": [v.frame.name for v in views], "indices": [int(v.frame.index) for v in views],
+        "K": [v.K.tolist() for v in views],
+        "T_w": [np.asarray(v.frame.cam2world, dtype=np.float64).tolist() for v in views],
+        "sizes": [[int(v.rgb.shape[1]), int(v.rgb.shape[0])] for v in views],
+        "overlap": item["overlap"], "pairs": [list(p) for p in shardformat.clip_pairs(len(views))],
+        "n_corr": n_corr, "depth_scale": scale, "metric_depth": bool(scene.metric_depth),
+        "photo_err": errs, "photo_err_shuffled": errs_sh, "source": public_url(cfg.scene_url(item["scene"])),
     }
-    missing = [k for k in shardformat.META_KEYS if k not in meta]
-    if missing:  # the same contract as shardformat.make_sample
-        raise ValueError(f"sample {key}: metadata lacks {missing}")
-    sample = {"__key__": key, "a.jpg": jpg_a, "b.jpg": jpg_b, "a.depth.png": png_a, "b.depth.png": png_b,
-              "corr.npy": shardformat.encode_npy(np.ascontiguousarray(corr, dtype=np.float32)),
-              "json": shardformat.encode_json(meta)}
+    corr = np.concatenate(rows, axis=0) if rows else np.zeros((0, 6), np.float32)
+    sample = shardformat.make_clip_sample(key, [v.rgb for v in views], [v.depth for v in views], corr, meta,
+                                          jpgs=[e[0] for e in enc], pngs=[e[2] for e in enc])
     timings["encode"] += time.perf_counter() - t4
     return sample, meta
 
@@ -527,71 +534,57 @@ def write_shard(entry: dict[str, Any], cfg: JobConfig, shells: dict[str, Scene] 
     The tar is assembled under a hidden temporary name (`.NAME.<random>.part`, in the
     output folder when it is local, else in a local temp dir) and renamed (local) or
     uploaded in one PUT (s3://) under its final name only when whole; stats.json goes
-    last and marks the shard done. Pairs whose frames turn out broken are skipped and
+    last and marks the shard done. Clips whose frames turn out broken are skipped and
     counted. `shells` ({scene key: scene_shell}) spare re-opening scenes.
     """
-    import webdataset as wds
-
     t0, c0 = time.perf_counter(), time.process_time()
     name = entry["name"]
-    final = url_join(cfg.output, name)
     timings: dict[str, float] = collections.defaultdict(float)
     per_scene: dict[str, dict[str, Any]] = {}
     skipped: collections.Counter = collections.Counter()
-    by_bucket = [0] * len(cfg.pairs.gap_buckets)
-    n = 0
+    dt_hist: dict[str, collections.Counter] = {}
+    counts = {"samples": 0, "pairs": 0, "frames": 0}
     shard_idx = int(entry["shard"])
     delay = float(os.environ.get(TEST_DELAY_ENV) or 0.0)
-    tmp = None
-    try:
-        folder, local = part_dir(cfg.output)
-        remove_stale_parts(folder, name)
-        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}")
-        ctx = ShardContext(cfg, entry, shells, timings)
-        with open(tmp, "wb") as raw:
-            out = _HashingWriter(raw)
-            sink = wds.TarWriter(out, user="", group="", mtime=0, encoder=False)
-            for i, item in enumerate(entry["pairs"]):
-                if delay:
-                    time.sleep(delay)
-                key = shardformat.sample_key(shard_idx, i)
-                try:
-                    sample, meta = render_pair(item, cfg, key, timings, ctx)
-                except FrameError as e:
-                    skipped[reason_of(e)] += 1
-                    continue
-                tw = time.perf_counter()
-                sink.write(sample)
-                timings["write"] += time.perf_counter() - tw
-                n += 1
-                b = int(pairs.bucket_of(meta["gap"], cfg.pairs.gap_buckets))
-                if 0 <= b < len(by_bucket):
-                    by_bucket[b] += 1
-                acc = per_scene.setdefault(item["scene"], {"pairs": 0, "checked": 0, "photo_err": 0.0,
-                                                           "photo_err_shuffled": 0.0, "ratios": []})
-                acc["pairs"] += 1
-                if meta["photo_err"] is not None and meta["photo_err_shuffled"]:
+    ctx = ShardContext(cfg, entry, shells, timings)
+
+    def samples():
+        for i, item in enumerate(entry["clips"]):
+            if delay:
+                time.sleep(delay)
+            key = shardformat.sample_key(shard_idx, i)
+            try:
+                sample, meta = render_clip(item, cfg, key, timings, ctx)
+            except FrameError as e:
+                skipped[reason_of(e)] += 1
+                continue
+            counts["samples"] += 1
+            counts["pairs"] += len(meta["pairs"])
+            counts["frames"] += len(meta["frames"])
+            hist = dt_hist.setdefault(str(meta["dataset"]), collections.Counter())
+            ix = meta["indices"]
+            hist.update(str(ix[j] - ix[i]) for i, j in meta["pairs"])
+            acc = per_scene.setdefault(item["scene"], {"clips": 0, "pairs": 0, "checked": 0, "photo_err": 0.0,
+                                                       "photo_err_shuffled": 0.0, "ratios": []})
+            acc["clips"] += 1
+            acc["pairs"] += len(meta["pairs"])
+            for err, err_sh in zip(meta["photo_err"], meta["photo_err_shuffled"]):
+                if err is not None and err_sh:
                     acc["checked"] += 1
-                    acc["photo_err"] += meta["photo_err"]
-                    acc["photo_err_shuffled"] += meta["photo_err_shuffled"]
-                    acc["ratios"].append(round(meta["photo_err"] / meta["photo_err_shuffled"], 4))
-            tw = time.perf_counter()
-            sink.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        digest, size = out.sha.hexdigest(), out.size
-        if local:
-            os.replace(tmp, open_fs(final)[1])
-        else:  # object stores: one PUT (or a completed multipart upload) appears whole or not at all
-            fs, path = open_fs(final)
-            fs.put_file(tmp, path)
-        timings["write"] += time.perf_counter() - tw
+                    acc["photo_err"] += err
+                    acc["photo_err_shuffled"] += err_sh
+                    acc["ratios"].append(round(err / err_sh, 4))
+            yield sample
+
+    try:
+        digest, size = publish_tar(cfg.output, name, samples(), timings)
         for acc in per_scene.values():
             acc["photo_err"] = round(acc["photo_err"], 4)
             acc["photo_err_shuffled"] = round(acc["photo_err_shuffled"], 4)
-        stats = {"name": name, "split": entry["split"], "shard": shard_idx, "samples": n,
-                 "planned": len(entry["pairs"]), "bytes": size, "sha256": digest,
-                 "skipped_pairs": dict(skipped), "scenes": per_scene, "by_bucket": by_bucket,
+        stats = {"name": name, "split": entry["split"], "shard": shard_idx, **counts,
+                 "planned": len(entry["clips"]), "bytes": size, "sha256": digest,
+                 "skipped_clips": dict(skipped), "scenes": per_scene,
+                 "dt_histogram": {ds: dict(sorted(h.items(), key=lambda kv: int(kv[0]))) for ds, h in dt_hist.items()},
                  "scenes_opened": len(ctx.opened),
                  "seconds": {k: round(v, 4) for k, v in sorted(timings.items())},
                  "total_seconds": round(time.perf_counter() - t0, 4),
@@ -601,8 +594,50 @@ def write_shard(entry: dict[str, Any], cfg: JobConfig, shells: dict[str, Scene] 
     except Exception as e:
         return {"ok": False, "name": name, "error": one_line(f"{type(e).__name__}: {e}"),
                 "trace": traceback.format_exc(limit=6)}
+
+
+def publish_tar(output: str, name: str, samples, timings: dict[str, float] | None = None) -> tuple[str, int]:
+    """Write the samples (dicts of bytes) as tar `name` of `output`, published only when whole.
+
+    Assembled under a hidden temporary name (`.NAME.<random>.part`, in the output folder when it
+    is local, else in a local temp folder of this output), fsynced, then renamed (local) or
+    uploaded in one PUT (object stores): a shard appears whole or not at all. Tar members carry
+    mtime 0, uid/gid 0 and the writer's sorted order, so equal samples give equal bytes.
+    Returns (sha256, bytes). Shared by the clip and the instruction shard jobs.
+    """
+    import webdataset as wds
+
+    timings = timings if timings is not None else collections.defaultdict(float)
+    final = url_join(output, name)
+    folder, local = part_dir(output)
+    remove_stale_parts(folder, name)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}")
+    try:
+        with open(tmp, "wb") as raw:
+            out = _HashingWriter(raw)
+            sink = wds.TarWriter(out, user="", group="", mtime=0, encoder=False)
+            it = iter(samples)
+            while True:
+                try:
+                    sample = next(it)
+                except StopIteration:
+                    break
+                tw = time.perf_counter()
+                sink.write(sample)
+                timings["write"] = timings.get("write", 0.0) + time.perf_counter() - tw
+            tw = time.perf_counter()
+            sink.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        if local:
+            os.replace(tmp, open_fs(final)[1])
+        else:  # object stores: one PUT (or a completed multipart upload) appears whole or not at all
+            fs, path = open_fs(final)
+            fs.put_file(tmp, path)
+        timings["write"] = timings.get("write", 0.0) + time.perf_counter() - tw
+        return out.sha.hexdigest(), out.size
     finally:
-        if tmp is not None and os.path.exists(tmp):
+        if os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -675,13 +710,20 @@ def scene_verdict(scan: dict[str, Any] | None, agg: dict[str, Any] | None) -> st
     if scan.get("usable", 2) < 2:
         return f"fewer than 2 usable frames ({scan.get('usable')} of {scan.get('frames')})"
     if tested >= MIN_TESTED_FOR_YIELD and y is not None and y < MIN_PAIR_YIELD:
-        lo, hi = pairs.REFERENCE_OVERLAP
-        return (f"pair yield collapsed (only {y:.0%} of {tested} candidates overlap by {lo:g}-{hi:g}): "
-                f"wrong pose convention?")
+        lo = pairs.REFERENCE_OVERLAP[0]
+        return (f"clip yield collapsed (only {y:.0%} of {tested} candidate frames overlap a clip's frames by "
+                f"{lo:g}): wrong pose convention?")
     if agg and agg.get("ratios"):
-        med = float(np.median(agg["ratios"]))
+        ratios = np.asarray(agg["ratios"], dtype=np.float64)
+        med = float(np.median(ratios))
+        failing = float((ratios > PHOTO_FLAG_RATIO).mean())
         if med > PHOTO_FLAG_RATIO:
             return (f"photometric self-check failed (median photo_err/shuffled {med:.2f} > {PHOTO_FLAG_RATIO}): "
                     f"wrong pose convention?")
+        # clips hold many small frame distances, where a wrong convention barely shows: a quarter of the
+        # pairs failing is as telling (correct scenes keep every pair well below the ratio)
+        if len(ratios) >= MIN_PAIRS_FOR_SHARE and failing > PHOTO_FLAG_SHARE:
+            return (f"photometric self-check failed on {failing:.0%} of {len(ratios)} pairs (photo_err/shuffled > "
+                    f"{PHOTO_FLAG_RATIO}; at most {PHOTO_FLAG_SHARE:.0%} allowed): wrong pose convention?")
     return None
 

@@ -4,6 +4,7 @@ Tiny VLMs come from `model.presets` (random weights from real config classes).
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -42,28 +43,28 @@ def _teardown_process_group():
 
 
 def write_tiny_corpus(root: str, n_scenes: int = 3, n_frames: int = 24, width: int = 160, height: int = 120,
-                      seed: int = 0) -> str:
-    """A small synthetic corpus in the posed layout (deterministic)."""
+                      seed: int = 0, step: float = 0.1) -> str:
+    """A small synthetic corpus in the posed layout (deterministic); the camera moves `step` m a frame."""
     from data import synthetic
 
     os.makedirs(root, exist_ok=True)
     for i in range(n_scenes):
         name = f"scene_{i:04d}"
         if not os.path.exists(os.path.join(root, name, "cameras.json")):
-            synthetic.write_scene(root, name, seed=seed * 100 + i, n_frames=n_frames, width=width, height=height)
+            synthetic.write_scene(root, name, seed=seed * 100 + i, n_frames=n_frames, width=width, height=height,
+                                  step=step)
     return root
 
 
 def build_shards(input_root: str, output: str, fmt: str = "synthetic", **kw) -> dict:
     """Run scan -> plan -> write in this process (no Ray) and return the plan."""
-    from data.pairs import PairConfig
+    from data.pairs import ClipConfig
     from pipeline import stages
 
-    pc_keys = {"min_gap", "max_gap", "min_overlap", "max_overlap", "gap_buckets", "pairs_per_scene", "max_corr",
-               "stride"}
-    pc = PairConfig(**{k: v for k, v in kw.items() if k in pc_keys})
-    job = {k: v for k, v in kw.items() if k not in pc_keys}
-    cfg = stages.JobConfig(input=input_root, format=fmt, output=output, pairs=pc, **job)
+    cc_keys = {f for f in ClipConfig.__dataclass_fields__}
+    cc = ClipConfig(**{k: v for k, v in kw.items() if k in cc_keys})
+    job = {k: v for k, v in kw.items() if k not in cc_keys}
+    cfg = stages.JobConfig(input=input_root, format=fmt, output=output, clips=cc, **job)
     os.makedirs(output, exist_ok=True) if "://" not in output else None
     from data.scenes import list_scenes
 
@@ -83,10 +84,10 @@ def tiny_corpus(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_corpus, tmp_path_factory) -> str:
-    """Shards of the tiny corpus: a folder with train-*.tar, val-*.tar, plan.json."""
+    """Shards of the tiny corpus (clips of up to 4 frames in windows of 16): train-*.tar, val-*.tar, plan.json."""
     out = str(tmp_path_factory.mktemp("shards"))
-    build_shards(tiny_corpus, out, pairs_per_scene=6, samples_per_shard=4, max_side=160, val_fraction=0.34,
-                 max_gap=20, gap_buckets=(1, 5, 15))
+    build_shards(tiny_corpus, out, clip_frames=4, clip_window=16, clips_per_scene=3, samples_per_shard=2,
+                 max_side=160, val_fraction=0.34)
     return out
 
 
@@ -176,8 +177,8 @@ def check_tar_layout(fileobj) -> list[str]:
 
 
 def check_pair_sample(raw: dict, abs_tol: float = 0.05, rel_tol: float = 0.03):
-    """Every member of DESIGN §4 with the right dtypes and shapes; every corr row passes the
-    visibility test, rechecked with data.geometry from the STORED depth, K and poses.
+    """A version-1 pair (the golden shard): every member of DESIGN §4.1 v1 with the right dtypes and shapes;
+    every corr row passes the visibility test, rechecked with data.geometry from the STORED depth, K and poses.
 
     raw: one sample of raw bytes as webdataset yields it. -> shardformat.PairSample
     """
@@ -188,17 +189,17 @@ def check_pair_sample(raw: dict, abs_tol: float = 0.05, rel_tol: float = 0.03):
 
     from data import geometry, shardformat
 
-    assert set(shardformat.MEMBERS) <= set(raw), sorted(raw)
+    assert set(shardformat.MEMBERS_V1) <= set(raw), sorted(raw)
     for m in ("a.depth.png", "b.depth.png"):
         with Image.open(io.BytesIO(bytes(raw[m]))) as im:
             assert im.format == "PNG" and im.mode in ("I;16", "I;16B", "I;16L"), (m, im.mode)
     for m in ("a.jpg", "b.jpg"):
         with Image.open(io.BytesIO(bytes(raw[m]))) as im:
             assert im.format == "JPEG" and im.mode == "RGB", (m, im.mode)
-    s = shardformat.decode_sample(raw)
+    s = shardformat.decode_pair(raw)
     meta = s.meta
-    assert set(shardformat.META_KEYS) <= set(meta), set(shardformat.META_KEYS) - set(meta)
-    assert meta["version"] == shardformat.FORMAT_VERSION
+    assert set(shardformat.META_KEYS_V1) <= set(meta), set(shardformat.META_KEYS_V1) - set(meta)
+    assert meta["version"] == 1
     assert meta["gap"] == meta["index_b"] - meta["index_a"] > 0
     for view, rgb, depth in (("a", s.rgb_a, s.depth_a), ("b", s.rgb_b, s.depth_b)):
         W, H = meta[f"size_{view}"]
@@ -208,22 +209,82 @@ def check_pair_sample(raw: dict, abs_tol: float = 0.05, rel_tol: float = 0.03):
     corr = s.corr
     assert corr.dtype == np.float32 and corr.ndim == 2 and corr.shape[1] == 4
     assert len(corr) == meta["n_corr"] > 0
+    _check_corr(corr, s.depth_a, s.K_a, s.T_wa, s.depth_b, s.K_b, s.T_wb, abs_tol, rel_tol)
+    return s
+
+
+def _check_corr(corr, depth_a, K_a, T_wa, depth_b, K_b, T_wb, abs_tol, rel_tol) -> None:
+    """(N, 4) rows of one pair: A's points are grid pixels with depth, reprojected onto B's points, visible there."""
+    import numpy as np
+
+    from data import geometry
+
     uv_a = corr[:, :2].astype(np.float64)
     assert np.array_equal(uv_a, np.round(uv_a)), "A's points are grid pixels"
-    z_a = s.depth_a[uv_a[:, 1].astype(int), uv_a[:, 0].astype(int)]
+    z_a = depth_a[uv_a[:, 1].astype(int), uv_a[:, 0].astype(int)]
     assert (z_a > 0).all(), "A has depth at every corr point"
-    uv_b, z_b = geometry.reproject(uv_a, z_a, s.K_a, s.T_wa, s.K_b, s.T_wb)
+    uv_b, z_b = geometry.reproject(uv_a, z_a, K_a, T_wa, K_b, T_wb)
     np.testing.assert_allclose(uv_b, corr[:, 2:], atol=2e-3)
-    assert geometry.visible_in(uv_b, z_b, s.depth_b, abs_tol, rel_tol).all()
+    assert geometry.visible_in(uv_b, z_b, depth_b, abs_tol, rel_tol).all()
+
+
+def check_clip_sample(raw: dict, abs_tol: float = 0.05, rel_tol: float = 0.03):
+    """A version-2 clip: every member of DESIGN §4.1 with the right modes, dtypes and shapes; corr rows grouped
+    by pair i < j ascending, counted per pair, and each passing the visibility test of its pair, rechecked with
+    data.geometry from the STORED depth, K and poses.
+
+    raw: one sample of raw bytes as webdataset yields it. -> shardformat.ClipSample
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data import shardformat
+
+    meta = json.loads(bytes(raw["json"]).decode())
+    K = len(meta["frames"])
+    assert 2 <= K <= 32 and meta["version"] == 2 and meta["kind"] == "clip"
+    assert set(shardformat.META_KEYS_V2) <= set(meta), set(shardformat.META_KEYS_V2) - set(meta)
+    want = {m for k in range(K) for m in shardformat.frame_members(k)} | {"corr.npy", "json"}
+    assert want <= set(raw), sorted(want - set(raw))
+    for k in range(K):
+        rgb_m, depth_m = shardformat.frame_members(k)
+        with Image.open(io.BytesIO(bytes(raw[depth_m]))) as im:
+            assert im.format == "PNG" and im.mode in ("I;16", "I;16B", "I;16L"), (depth_m, im.mode)
+        with Image.open(io.BytesIO(bytes(raw[rgb_m]))) as im:
+            assert im.format == "JPEG" and im.mode == "RGB", (rgb_m, im.mode)
+    s = shardformat.decode_sample(raw)
+    ix = meta["indices"]
+    assert ix == sorted(ix) and len(set(ix)) == K and ix[-1] - ix[0] >= 1
+    pairs = shardformat.clip_pairs(K)
+    assert meta["pairs"] == [list(p) for p in pairs] and len(meta["n_corr"]) == len(pairs)
+    assert len(meta["photo_err"]) == len(meta["photo_err_shuffled"]) == len(pairs)
+    assert np.asarray(meta["overlap"]).shape == (K, K)
+    for k in range(K):
+        W, H = meta["sizes"][k]
+        assert s.rgb[k].shape == (H, W, 3) and s.rgb[k].dtype == np.uint8
+        assert s.depth[k].shape == (H, W) and s.depth[k].dtype == np.float32 and (s.depth[k] > 0).any()
+        assert s.K(k).shape == (3, 3) and s.T_w(k).shape == (4, 4)
+    corr = s.corr
+    assert corr.dtype == np.float32 and corr.ndim == 2 and corr.shape[1] == 6
+    order = [tuple(int(x) for x in row) for row in corr[:, :2]]
+    assert order == sorted(order), "corr rows are grouped by pair ascending"
+    assert len(corr) == sum(meta["n_corr"]) > 0
+    for p, (i, j) in enumerate(pairs):
+        rows = s.pair_corr(i, j)
+        assert len(rows) == meta["n_corr"][p]
+        if len(rows):
+            _check_corr(rows, s.depth[i], s.K(i), s.T_w(i), s.depth[j], s.K(j), s.T_w(j), abs_tol, rel_tol)
     return s
 
 
 @pytest.fixture(scope="session")
 def shard_checks():
-    """The shard-format checks above, for tests: `.tar(fileobj)`, `.sample(raw)`."""
+    """The shard-format checks above, for tests: `.tar(fileobj)`, `.sample(raw)` (v2 clip), `.pair(raw)` (v1)."""
     import types
 
-    return types.SimpleNamespace(tar=check_tar_layout, sample=check_pair_sample)
+    return types.SimpleNamespace(tar=check_tar_layout, sample=check_clip_sample, pair=check_pair_sample)
 
 
 # ------------------------------------------------- training (DeepSpeed launcher, MLflow server)
@@ -438,3 +499,75 @@ def reference_run(tiny_shards, mlflow_server, tmp_path_factory):
                     env={**TRAIN_ENV, "MLFLOW_TRACKING_URI": mlflow_server.uri, "GASP_DEBUG_PARTITION": "1"})
     rc = launch.wait(timeout=600)
     return types.SimpleNamespace(dir=run_dir, rc=rc, launch=launch, run_name="reference", root=root)
+
+
+# ----------------------------------------------------------------- clip batches with hand-made labels
+
+def clip_batch(adapter, clips: list[list] | None = None, seed: int = 0, anchors: list[list[tuple]] | None = None):
+    """A collated clip batch (the loader's layout, data/stream.py) of random-image clips with hand-made
+    labels. clips: frames per clip (default two clips of 3 and 2 frames, B = a sideways shift of A);
+    anchors: per supervised pair [(cell of A, target cell of B, z_b), ...] (default: every pair i < j
+    gets four anchors, two of them sharing a target, the second clip's pair only two)."""
+    import numpy as np
+    import torch
+
+    from data.labels import ClipLabels, ClipPairLabels
+    from data.shardformat import clip_pairs
+    from data.stream import PreparedClip, collate_clips
+
+    rng = np.random.default_rng(seed)
+    if clips is None:
+        a = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+        b = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+        clips = [[a, np.roll(a, 40, axis=1), np.roll(a, 80, axis=1)], [b, np.roll(b, 40, axis=1)]]
+    items, k = [], 0
+    for c, frames in enumerate(clips):
+        grids = [adapter.grid((f.shape[1], f.shape[0])) for f in frames]
+        pairs = []
+        for i, j in clip_pairs(len(frames)):
+            n = min(grids[i].n_cells, grids[j].n_cells)
+            spec = anchors[k] if anchors is not None else (
+                [(0, 1, 2.0), (5, 6, 2.5), (7, 6, 3.0), (n - 2, n - 1, 1.5)] if c == 0 else [(0, 1, 2.0), (5, 6, 2.5)])
+            k += 1
+            pairs.append(ClipPairLabels(i, j, np.array([a for a, _, _ in spec], dtype=np.int64),
+                                        np.array([t for _, t, _ in spec], dtype=np.int64),
+                                        np.array([z for _, _, z in spec], dtype=np.float32), 3 * (j - i)))
+        depth = [np.linspace(1.0, 4.0, g.n_cells).astype(np.float32) for g in grids]
+        labels = ClipLabels([(g.rows, g.cols) for g in grids], depth, [np.ones(g.n_cells, bool) for g in grids], pairs)
+        items.append(PreparedClip(f"clip{c}", "synthetic", adapter.encode_clip(frames), labels))
+    return collate_clips(items, adapter)
+
+
+def union_batch(batches: list[dict], pad_token_id: int = 0) -> dict:
+    """One clip batch holding every clip of `batches` (what one process sees of a whole step): sequences
+    right-padded to the longest, per-frame / per-pair tensors concatenated with their frame, row and clip
+    indices shifted, labels padded to the longest anchor list. Qwen-family model inputs only."""
+    import torch
+    import torch.nn.functional as F
+
+    out: dict = {}
+    S = max(b["input_ids"].shape[1] for b in batches)
+    N = max(b["cell_pos"].shape[1] for b in batches)
+    M = max(b["anchor_a"].shape[1] for b in batches)
+    rows = frames = 0
+    parts: dict[str, list] = {}
+    for b in batches:
+        pad_s = S - b["input_ids"].shape[1]
+        parts.setdefault("input_ids", []).append(F.pad(b["input_ids"], (0, pad_s), value=pad_token_id))
+        for k in ("attention_mask", "mm_token_type_ids"):
+            parts.setdefault(k, []).append(F.pad(b[k], (0, pad_s)))
+        for k in ("pixel_values", "image_grid_thw", "grid", "dt", "n_anchors", "n_frames"):
+            parts.setdefault(k, []).append(b[k])
+        for k in ("cell_pos", "cell_mask", "depth", "depth_valid"):
+            parts.setdefault(k, []).append(F.pad(b[k], (0, N - b[k].shape[1])))
+        for k in ("anchor_a", "target_b", "z_b", "anchor_mask"):
+            parts.setdefault(k, []).append(F.pad(b[k], (0, M - b[k].shape[1])))
+        parts.setdefault("frame_clip", []).append(b["frame_clip"] + rows)
+        parts.setdefault("pair_clip", []).append(b["pair_clip"] + rows)
+        parts.setdefault("pair_frames", []).append(b["pair_frames"] + frames)
+        rows += b["input_ids"].shape[0]
+        frames += b["cell_pos"].shape[0]
+    out = {k: torch.cat(v, 0) for k, v in parts.items()}
+    out["keys"] = [k for b in batches for k in b["keys"]]
+    out["datasets"] = [d for b in batches for d in b["datasets"]]
+    return out

@@ -224,7 +224,7 @@ def write_nerfstudio_scene(root: str | pathlib.Path, name: str, seed: int, n_fra
             Image.fromarray(rgb).save(scene / "images" / f"{stem}.png")
             z_lens = z
         T_file = A @ T
-        fr = {"file_path": f"images/{stem}.png", "transform_matrix": geometry.cv_to_gl(T_file).tolist(),
+        fr = {"file_path": f"images/{stem}.png", "transform_matrix": geometry.gl_to_cv(T_file).tolist(),
               "colmap_im_id": k + 1}
         if depth == "file":
             _save_depth_png(scene / "depths" / f"{stem}.png", z_lens)

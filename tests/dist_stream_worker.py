@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from data.stream import PairStream
+    from data.stream import SampleStream
     from model.loading import build_preset_processor
     from model.presets import get_preset
     from model.qwen import QwenAdapter
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preset = get_preset("tiny")
         adapter = QwenAdapter(build_preset_processor(preset), family=preset.family)
-        stream = PairStream([args.shards], adapter, batch_size=args.batch_size, rank=rank, world_size=world,
+        stream = SampleStream([args.shards], adapter, batch_size=args.batch_size, rank=rank, world_size=world,
                             num_workers=args.workers, seed=7)
         epochs = []
         for epoch in range(args.epochs):

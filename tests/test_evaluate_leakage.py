@@ -52,8 +52,8 @@ def scannet_shards(ray_local, tmp_path_factory):
         write_scannet_scene(root, f"scene{i:04d}_00", seed=60 + i, n_frames=12, color_size=(162, 121),
                             depth_size=(80, 60))
     out = str(tmp_path_factory.mktemp("shards"))
-    assert shard.main(["--input", str(root), "--format", "scannet", "--output", out, "--pairs-per-scene", "2",
-                       "--samples-per-shard", "4", "--max-side", "80", "--max-gap", "8", "--gap-buckets", "1,4",
+    assert shard.main(["--input", str(root), "--format", "scannet", "--output", out, "--clips-per-scene", "2",
+                       "--clip-frames", "3", "--clip-window", "9", "--samples-per-shard", "4", "--max-side", "80",
                        "--val-fraction", "0.34", "--quiet"]) == 0
     with open(os.path.join(out, "manifest.json")) as f:
         manifest = json.load(f)

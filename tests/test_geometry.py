@@ -132,7 +132,7 @@ def test_overlap_of_identical_and_disjoint_views():
 
 def test_gl_cv_conversion_is_an_involution_and_flips_y_z():
     T = _pose([0.1, -0.2, 0.3], [1, 2, 3])
-    assert np.allclose(g.cv_to_gl(g.gl_to_cv(T)), T)
+    assert np.allclose(g.gl_to_cv(g.gl_to_cv(T)), T)
     T_cv = g.gl_to_cv(T)
     assert np.allclose(T_cv[:3, 0], T[:3, 0])
     assert np.allclose(T_cv[:3, 1], -T[:3, 1]) and np.allclose(T_cv[:3, 2], -T[:3, 2])

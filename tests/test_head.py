@@ -129,3 +129,59 @@ def test_save_load_roundtrip_and_shape_errors(tmp_path):
         load_heads(path, num_layers=4, hidden_size=24)
     with pytest.raises(HeadShapeError, match=r"D=24.*D=32"):
         head_from_file(path, 3, 32)
+
+
+# ------------------------------------------------------------------ the two-layer (MLP) head (DESIGN §6)
+
+def test_mlp_head_shapes_and_parity_with_the_per_layer_loop():
+    torch.manual_seed(2)
+    L, B, N, D, d = 3, 2, 5, 40, 12
+    fused = FusedCorrespondenceHead(L, D, head_dim=d, kind="mlp")
+    assert [(n, tuple(p.shape)) for n, p in fused.named_parameters()] == [("w1", (L, 2 * d, D)), ("w2", (L, d, 2 * d))]
+    assert (fused.num_layers, fused.head_dim, fused.hidden_size) == (L, d, D)
+    ref = PerLayerHeads.from_fused(fused)
+    x = torch.randn(L, B, N, D)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = fused(x1), ref(x2)
+    assert y1.shape == (L, B, N, d) and _rel(y1, y2) < 1e-6
+    r = torch.randn_like(y1)
+    (y1 * r).sum().backward()
+    (y2 * r).sum().backward()
+    assert _rel(x1.grad, x2.grad) < 1e-6
+    assert _rel(fused.w1.grad, torch.stack([m[0].weight.grad for m in ref.heads])) < 1e-6
+    assert _rel(fused.w2.grad, torch.stack([m[2].weight.grad for m in ref.heads])) < 1e-6
+
+
+def test_mlp_head_at_initialisation_equals_the_linear_head():
+    """W1 = [W; -W], W2 = [I, -I] with GELU(a) - GELU(-a) = a: the MLP head is the linear head at init
+    (to 1e-6 in fp32), and the first step breaks the symmetry."""
+    torch.manual_seed(3)
+    L, D, d = 4, 48, 16
+    q_projs = nn.ModuleList(nn.Linear(D, 56, bias=False) for _ in range(L))
+    lin, mlp = FusedCorrespondenceHead(L, D, head_dim=d), FusedCorrespondenceHead(L, D, head_dim=d, kind="mlp")
+    lin.init_from_query_modules(q_projs)
+    mlp.init_from_query_modules(q_projs)
+    eye = torch.eye(d)
+    assert torch.equal(mlp.w1, torch.cat([lin.weight, -lin.weight], 1)) and torch.equal(mlp.w2[0], torch.cat([eye, -eye], 1))
+    x = torch.randn(L, 3, 7, D) * 3
+    assert (mlp(x) - lin(x)).abs().max() < 1e-6
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.5)
+    (mlp(x)[..., 0].sum()).backward()
+    opt.step()
+    assert (mlp(x) - lin(x)).abs().max() > 1e-3
+
+
+def test_heads_file_records_the_kind_and_a_mismatch_is_refused(tmp_path):
+    torch.manual_seed(4)
+    head = FusedCorrespondenceHead(2, 24, head_dim=8, kind="mlp")
+    path = tmp_path / "heads.safetensors"
+    save_heads(path, head, {"model": "tiny"})
+    state, meta = load_heads(path, 2, 24)
+    assert meta["kind"] == "mlp" and set(state) == {"w1", "w2"}
+    loaded, _ = head_from_file(path, 2, 24, kind="mlp")
+    x = torch.randn(2, 3, 24)
+    assert loaded.kind == "mlp" and torch.equal(loaded(x), head(x))
+    with pytest.raises(HeadShapeError, match=r"holds mlp heads, but linear heads are asked for \(--head linear\)"):
+        head_from_file(path, 2, 24, kind="linear")
+    with pytest.raises(ValueError, match="head kind must be one of linear, mlp"):
+        FusedCorrespondenceHead(2, 24, kind="conv")

@@ -1,4 +1,4 @@
-"""Token labels (DESIGN §5) against a slow per-pixel / per-correspondence reference."""
+"""Token labels (DESIGN §5) against a slow per-pixel / per-correspondence reference, pair by pair of clips."""
 from __future__ import annotations
 
 import collections
@@ -103,12 +103,20 @@ def check_against_brute(sample: PairSample, grid_a: CellGrid, grid_b: CellGrid) 
     return len(anchors)
 
 
-def _shard_samples(folder: str) -> list[PairSample]:
+def _shard_clips(folder: str) -> list:
     out = []
     for url in sorted(glob.glob(os.path.join(folder, "*.tar"))):
         for raw in tar_samples(url, lambda reason, msg: pytest.fail(msg)):
             out.append(decode_sample(raw))
     return out
+
+
+def pair_of(clip, i: int, j: int) -> PairSample:
+    """Pair (i, j) of a clip as a stand-alone version-1 pair (the reference labels are computed on it)."""
+    meta = {"K_a": clip.meta["K"][i], "K_b": clip.meta["K"][j], "T_wa": clip.meta["T_w"][i],
+            "T_wb": clip.meta["T_w"][j], "gap": clip.index(j) - clip.index(i)}
+    return PairSample(f"{clip.key}:{i}-{j}", clip.rgb[i], clip.rgb[j], clip.depth[i], clip.depth[j],
+                      clip.pair_corr(i, j), meta)
 
 
 def _holes(sample: PairSample, seed: int) -> PairSample:
@@ -127,10 +135,62 @@ GRIDS = [make_grid(168, 112), make_grid(224, 168), make_grid(112, 84), make_grid
          make_grid(300, 200, cell=28)]
 
 
+def _family_grids():
+    """The cell grid of a stored 160x120 view for each family's adapter (Qwen 28 px cells after its resize,
+    LLaVA-OneVision 14 px patches of its 118 px square, LLaVA-NeXT-Video 28 px pooled cells)."""
+    from model.loading import build_model_and_processor
+
+    out = {}
+    for name in ("tiny", "tiny-llava-ov", "tiny-llava-next-video"):
+        _, _, adapter = build_model_and_processor(name)
+        out[name] = adapter.grid((160, 120))
+    return out
+
+
 # ------------------------------------------------------------------------ tests
 
+def test_clip_labels_equal_each_pair_labelled_alone_for_each_family(tiny_shards):
+    """Labels of a clip (D_b once per frame, anchors per pair) equal, pair by pair, the brute-force labels
+    of that pair alone, for each family's cell layout."""
+    from data.labels import clip_labels
+    from data.shardformat import clip_pairs
+
+    clips = _shard_clips(tiny_shards)
+    assert len(clips) >= 6 and max(c.n_frames for c in clips) == 4
+    n_anchors = n_pairs = 0
+    for family, grid in _family_grids().items():
+        for clip in clips[:4]:
+            lab = clip_labels(clip, [grid] * clip.n_frames)
+            assert [(p.i, p.j) for p in lab.pairs] == clip_pairs(clip.n_frames)
+            for p in lab.pairs:
+                pair = pair_of(clip, p.i, p.j)
+                anchors, D, valid = brute_labels(pair, grid, grid)
+                assert p.anchor_a.tolist() == [a for a, _, _ in anchors], (family, clip.key, p.i, p.j)
+                assert p.target_b.tolist() == [b for _, b, _ in anchors]
+                np.testing.assert_allclose(p.z_b, [z for _, _, z in anchors], rtol=1e-5, atol=1e-6)
+                assert lab.depth_valid[p.j].tolist() == valid.tolist()
+                np.testing.assert_allclose(lab.depth[p.j], D, rtol=1e-6)
+                assert p.dt == clip.index(p.j) - clip.index(p.i) > 0
+                n_anchors += p.n_anchors
+                n_pairs += 1
+    assert n_anchors > 100 and n_pairs >= 24  # the check saw real anchors
+
+
+def test_pairs_per_clip_subsamples_a_seeded_subset():
+    from data.stream import choose_pairs
+
+    every = choose_pairs(8, 0, None)
+    assert len(every) == 28 and every == sorted(every)
+    a = choose_pairs(8, 6, np.random.default_rng(1))
+    b = choose_pairs(8, 6, np.random.default_rng(1))
+    c = choose_pairs(8, 6, np.random.default_rng(2))
+    assert a == b and a != c and len(a) == 6 and a == sorted(a) and set(a) <= set(every)
+    assert choose_pairs(3, 6, np.random.default_rng(1)) == [(0, 1), (0, 2), (1, 2)]  # fewer than asked: all
+
+
 def test_labels_match_brute_force_on_shards(tiny_shards):
-    samples = _shard_samples(tiny_shards)
+    clips = _shard_clips(tiny_shards)
+    samples = [pair_of(c, i, j) for c in clips for i, j in [(0, 1), (0, c.n_frames - 1)]]
     assert len(samples) >= 12
     n_anchors = 0
     for i, sample in enumerate(samples[:8]):
@@ -140,10 +200,10 @@ def test_labels_match_brute_force_on_shards(tiny_shards):
 
 
 def test_labels_match_brute_force_with_depth_holes(tiny_shards):
-    samples = _shard_samples(tiny_shards)
+    clips = _shard_clips(tiny_shards)
     checked_invalid = 0
-    for i, sample in enumerate(samples[:4]):
-        holed = _holes(sample, i)
+    for i, clip in enumerate(clips[:4]):
+        holed = _holes(pair_of(clip, 0, 1), i)
         check_against_brute(holed, GRIDS[i % 3], GRIDS[(i + 1) % 3])
         checked_invalid += int((~pair_labels(holed, GRIDS[0], GRIDS[0]).depth_b_valid).sum())
     assert checked_invalid > 0  # the validity rule was exercised

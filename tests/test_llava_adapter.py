@@ -1,10 +1,10 @@
 """LLaVA-OneVision / LLaVA-NeXT-Video adapter, tiny presets and loading (CPU).
 
-The cell-order test paints each cell of the resized view in its own colour and turns the
+The cell-order test paints each cell of each frame of a clip in its own colour and turns the
 vision tower + projector into a colour reader, so the language model's input embedding at
-`cell_pos[k]` must carry the colour of cell k: the processor, the tower's patch order,
-the feature packing (image_newline, any-resolution crops) and the placement of features
-into the sequence are all the model's own code.
+`cell_pos[k][i]` must carry the colour of cell i of frame k: the processor, the tower's patch
+order, the feature packing (image_newline), LLaVA-NeXT-Video's per-frame pooling and the
+placement of features into the sequence are all the model's own code.
 """
 from __future__ import annotations
 
@@ -117,21 +117,46 @@ def _lm_inputs_embeds(model: nn.Module, inputs: dict) -> torch.Tensor:
     return seen["x"]
 
 
+def _cells(name: str) -> int:
+    """Cells a view: OneVision 8 x 8 patches of 14 px; NeXT-Video its pooled 4 x 4 grid of 28 px."""
+    return N if name == "tiny-llava-ov" else (SIDE // 2) ** 2
+
+
+def _palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 colours, pairwise distinct by at least 30 grey levels in some channel."""
+    i = np.arange(n)
+    assert n <= 343
+    return np.stack([20 + 30 * (i % 7), 20 + 30 * ((i // 7) % 7), 20 + 30 * (i // 49)], axis=1).astype(np.uint8)
+
+
+def _painted_ids(grid, stored: tuple[int, int], first: int, margin: int) -> np.ndarray:
+    """A stored (W, H) view whose pixels carry palette colour first + (the resized cell they map to)
+    (DESIGN §3 resize rule, §5 cell rule); pixels that map to no cell get palette colour `margin`."""
+    W, H = stored
+    sx, sy = grid.size[0] / W, grid.size[1] / H
+    col = np.floor((np.arange(W) + 0.5) * sx / grid.cell_px).astype(int)  # (W,) cell column of u
+    row = np.floor((np.arange(H) + 0.5) * sy / grid.cell_px).astype(int)  # (H,)
+    inside = (row[:, None] < grid.rows) & (col[None, :] < grid.cols)  # (H, W)
+    index = np.where(inside, first + row[:, None] * grid.cols + col[None, :], margin)  # (H, W)
+    return _palette(margin + 1)[index]  # (H, W, 3)
+
+
 # ------------------------------------------------------------------------ (a) forward
 
 def test_forward_all_layers_on_a_collated_batch(tiny):
     name, model, processor, adapter = tiny
     a, b, c = _views()
-    items = [adapter.encode_pair(a, b), adapter.encode_pair(c, a)]
+    items = [adapter.encode_clip([a, b, c]), adapter.encode_clip([c, a])]
     batch = adapter.collate(items)
     cfg = model.config.text_config
     B, L = batch["input_ids"].shape
-    P = 1 if name == "tiny-llava-ov" else 3  # OneVision: the base patch only; NeXT-Video: base + 2 crops
-    assert B == 2 and batch["pixel_values"].shape == (4, P, 3, S, S)
-    assert batch["image_sizes"].tolist() == [[S, S]] * 4
-    assert [len(p) for p in batch["cell_pos_a"]] == [N, N] and [len(p) for p in batch["cell_pos_b"]] == [N, N]
-    if name == "tiny-llava-ov":
-        assert batch["batch_num_images"].tolist() == [2, 2]
+    n = _cells(name)
+    assert B == 2 and [[len(p) for p in clip] for clip in batch["cell_pos"]] == [[n] * 3, [n] * 2]
+    if name == "tiny-llava-ov":  # the multi-image path: one base patch per frame, no crops
+        assert batch["pixel_values"].shape == (5, 1, 3, S, S) and batch["image_sizes"].tolist() == [[S, S]] * 5
+        assert batch["batch_num_images"].tolist() == [3, 2]
+    else:  # one 1-frame video per frame (the tower and the pooling are per frame), any K per clip
+        assert batch["pixel_values_videos"].shape == (5, 1, 3, S, S)
     assert set(adapter.model_inputs(batch)) == set(adapter.model_input_names)
 
     with torch.no_grad():
@@ -139,111 +164,97 @@ def test_forward_all_layers_on_a_collated_batch(tiny):
     assert len(out.hidden_states) == cfg.num_hidden_layers + 1
     for h in out.hidden_states:
         assert h.shape == (B, L, cfg.hidden_size) and torch.isfinite(h).all()
-    # each pair's images land in its own sequence: the second sample equals the sample alone
+    # each clip's frames land in its own sequence: the second sample equals the sample alone
     with torch.no_grad():
         ref = model(**adapter.model_inputs(adapter.collate(items[1:])), output_hidden_states=True)
+    m = len(items[1]["input_ids"])
     for h, r in zip(out.hidden_states, ref.hidden_states):
-        torch.testing.assert_close(h[1], r[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(h[1, :m], r[0], rtol=1e-4, atol=1e-4)
 
 
 def test_prompt_text_and_token_layout(tiny):
     name, _, processor, adapter = tiny
-    assert adapter.text == f"<|im_start|>user\n{IMAGE_TOKEN}\n{IMAGE_TOKEN}\n{PROMPT}<|im_end|>\n"
-    item = adapter.encode_pair(*_views()[:2])
+    item = adapter.encode_clip(_views())
     ids = item["input_ids"]
-    nl = processor.tokenizer.convert_tokens_to_ids("Ċ")  # byte-level "\n"
-    image = ids == adapter.image_token_id
     T = adapter.tokens_per_image
-    assert int(image.sum()) == 2 * T
-    assert T == (N + 1 if name == "tiny-llava-ov" else N + 8 * 8 + 8)  # + newline / + crops and their newlines
-    for cell_pos in (item["cell_pos_a"], item["cell_pos_b"]):
-        assert torch.equal(cell_pos, torch.arange(N) + cell_pos[0])  # the first N tokens of the run
-        assert ids[cell_pos[0] - 1] == nl and image[cell_pos].all()  # "<image>" follows "user\n" / "\n"
-        end = cell_pos[0] + T  # one past the image's run
-        assert image[cell_pos[-1] + 1:end].all() and ids[end] == nl
-    assert item["cell_pos_b"][0] == item["cell_pos_a"][0] + T + 1
+    if name == "tiny-llava-ov":
+        assert adapter.text == f"<|im_start|>user\n{IMAGE_TOKEN}\n{IMAGE_TOKEN}\n{PROMPT}<|im_end|>\n"
+        assert adapter.clip_text(3).count(IMAGE_TOKEN) == 3 and "3 views of the same scene." in adapter.clip_text(3)
+        nl = processor.tokenizer.convert_tokens_to_ids("Ċ")  # byte-level "\n"
+        image = ids == adapter.image_token_id
+        assert T == N + 1 and int(image.sum()) == 3 * T  # base grid + one newline per image
+        for cell_pos in item["cell_pos"]:
+            assert torch.equal(cell_pos, torch.arange(N) + cell_pos[0])  # the first N tokens of the run
+            assert ids[cell_pos[0] - 1] == nl and image[cell_pos].all()
+            end = cell_pos[0] + T  # one past the image's run
+            assert image[cell_pos[-1] + 1:end].all() and ids[end] == nl
+        assert item["cell_pos"][1][0] == item["cell_pos"][0][0] + T + 1
+    else:
+        assert adapter.text == f"<|im_start|>user\n{VIDEO_TOKEN}\n{PROMPT}<|im_end|>\n"
+        video = ids == adapter.video_token_id
+        assert T == 16 and int(video.sum()) == 3 * 16  # one video: K pooled 4 x 4 grids, contiguous, no newline
+        run = torch.nonzero(video).squeeze(1)
+        assert torch.equal(run, torch.arange(48) + run[0])
+        assert [p.tolist() for p in item["cell_pos"]] == [list(range(int(run[0]) + 16 * k, int(run[0]) + 16 * k + 16))
+                                                           for k in range(3)]
 
 
 # -------------------------------------------------------------------- (b) token order
 
-@pytest.mark.parametrize("stored", [((320, 240), (150, 100)), ((90, 70), (S, S))])
-def test_cell_order_matches_the_models_vision_tokens(tiny, stored):
-    """Colour-coded cells: the LM input at cell_pos[k] carries the colour of cell k (row-major);
-    newline and crop tokens are not in cell_pos."""
+@pytest.mark.parametrize("stored", [((320, 240), (150, 100), (90, 70), (S, S))])
+def test_clip_frame_and_cell_order_match_the_models_vision_tokens(tiny, stored):
+    """Colour-coded cells in a K = 4 clip: the LM input at cell_pos[k][i] carries the colour of cell i of
+    frame k (row-major; NeXT-Video: its pooled cell); newline tokens are not in cell_pos."""
     name = tiny[0]
     model, processor, adapter = build_model_and_processor(name)  # a fresh copy: its tower is rewired
     _colour_reader(model, adapter.patch_size)
-    (wa, ha), (wb, hb) = stored
-    views = [_painted(adapter.grid((w, h)), (w, h)) for w, h in ((wa, ha), (wb, hb))]
-    items = [adapter.encode_pair(views[0], views[1]), adapter.encode_pair(views[1], views[0])]
-    batch = adapter.collate(items)
-    colours = _cell_colours(N)[:N].astype(np.float64)  # (N, 3)
+    n = _cells(name)
+    grids = [adapter.grid(sz) for sz in stored]
+    margin = len(stored) * n
+    frames = [_painted_ids(g, sz, k * n, margin) for k, (g, sz) in enumerate(zip(grids, stored))]
+    item = adapter.encode_clip(frames)
+    batch = adapter.collate([item, adapter.encode_clip(frames[::-1])])
+    colours = _palette(margin + 1).astype(np.float64)
 
-    # the processor did not resize again: its base patch is the adapter's resize, cells in order
-    for i in range(4):
-        np.testing.assert_allclose(_centres(batch["pixel_values"][i, 0], processor, 14), colours, atol=1e-3)
-    # the margin (no cell) really is outside the tower's patches
-    assert adapter.grid((wa, ha)).size == (S, S) and S - SIDE * 14 == 6
-
+    # the margin (no cell) really is outside the tower's patches / the pooled grid
+    assert grids[0].size == (S, S) and S - grids[0].cols * grids[0].cell_px == 6
     x = _lm_inputs_embeds(model, adapter.model_inputs(batch))  # (B, L, D)
     ip = processor.image_processor
     mean, std = np.asarray(ip.image_mean), np.asarray(ip.image_std)
-    newline = model.model.image_newline.detach()
-    for b in range(2):
-        for cell_pos in (batch["cell_pos_a"][b], batch["cell_pos_b"][b]):
-            got = (x[b, cell_pos, :3].double().numpy() * std + mean) * 255.0  # (N, 3)
-            for index in range(N):
-                np.testing.assert_allclose(got[index], colours[index], atol=1.01, err_msg=f"cell {index}")
-            assert torch.all(x[b, cell_pos, 3:] == 0)  # colour tokens only, no newline among them
-            assert not any(torch.equal(x[b, p], newline) for p in cell_pos)
-        if name == "tiny-llava-ov":  # the token right after each base grid is the image_newline
-            for cell_pos in (batch["cell_pos_a"][b], batch["cell_pos_b"][b]):
-                torch.testing.assert_close(x[b, cell_pos[-1] + 1], newline)
+    newline = model.model.image_newline.detach() if name == "tiny-llava-ov" else None
+    for b, order in ((0, range(4)), (1, range(3, -1, -1))):
+        for pos_k, k in zip(batch["cell_pos"][b], order):
+            got = (x[b, pos_k, :3].double().numpy() * std + mean) * 255.0  # (n, 3)
+            np.testing.assert_allclose(got, colours[k * n:(k + 1) * n], atol=1.01, err_msg=f"clip {b} frame {k}")
+            assert torch.all(x[b, pos_k, 3:] == 0)  # colour tokens only
+            if newline is not None:  # the token right after each base grid is the image_newline
+                assert not any(torch.equal(x[b, p], newline) for p in pos_k)
+                torch.testing.assert_close(x[b, pos_k[-1] + 1], newline)
 
 
 def test_points_in_the_margin_have_no_cell(tiny):
-    """S = 8 x 14 + 6: a point mapping to resized u' or v' >= 111.5 lies in no patch, so in no cell."""
-    _, _, _, adapter = tiny
+    """S = 8 x 14 + 6: a point mapping to resized u' or v' >= 111.5 lies in no patch, so in no cell
+    (NeXT-Video's 28 px pooled cells cover the same 112 px)."""
+    name, _, _, adapter = tiny
     grid = adapter.grid((320, 240))
-    assert (grid.rows, grid.cols, grid.cell_px, grid.size) == (SIDE, SIDE, 14, (S, S))
+    side, cell = (SIDE, 14) if name == "tiny-llava-ov" else (SIDE // 2, 28)
+    assert (grid.rows, grid.cols, grid.cell_px, grid.size) == (side, side, cell, (S, S))
     sx, sy = S / 320, S / 240
     resized = np.array([[0.0, 0.0], [111.4, 5.0], [111.6, 5.0], [5.0, 117.0], [20.0, 30.0]])  # (u', v')
     stored = np.stack([(resized[:, 0] + 0.5) / sx - 0.5, (resized[:, 1] + 0.5) / sy - 0.5], axis=1)
     idx, inside = point_cells(stored, (320, 240), grid)
     assert inside.tolist() == [True, True, False, False, True]
-    assert idx.tolist() == [0, 7, -1, -1, 2 * SIDE + 1]
+    c = int((20.0 + 0.5) // cell), int((30.0 + 0.5) // cell)
+    assert idx.tolist() == [0, side - 1, -1, -1, c[1] * side + c[0]]
 
 
 # ------------------------------------------------------------------ (c) the wrapper
 
-def _pair_batch(adapter, seed=0, n_pairs=2):
-    """A collated batch of random-image pairs with hand-made labels (two anchors share a target)."""
-    rng = np.random.default_rng(seed)
-    items = []
-    for _ in range(n_pairs):
-        a = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
-        items.append(adapter.encode_pair(a, np.roll(a, 40, axis=1)))
-    batch = adapter.collate(items)
-    B = n_pairs
-    batch["cell_pos_a"] = torch.stack(batch["cell_pos_a"])
-    batch["cell_pos_b"] = torch.stack(batch["cell_pos_b"])
-    batch["cell_mask_a"] = torch.ones(B, N, dtype=torch.bool)
-    batch["cell_mask_b"] = torch.ones(B, N, dtype=torch.bool)
-    batch["anchor_a"] = torch.tensor([[0, 9, 17, 63]] * B)
-    batch["target_b"] = torch.tensor([[1, 10, 10, 62]] * B)
-    batch["anchor_mask"] = torch.tensor([[True, True, True, True], [True, True, False, False]][:B])
-    batch["z_b"] = torch.full((B, 4), 2.0)
-    batch["depth_b"] = torch.linspace(1.0, 4.0, N).repeat(B, 1)
-    batch["depth_b_valid"] = torch.ones(B, N, dtype=torch.bool)
-    batch["grid_a"] = torch.tensor([[SIDE, SIDE]] * B)
-    batch["grid_b"] = torch.tensor([[SIDE, SIDE]] * B)
-    batch["gap"] = torch.tensor([1, 20][:B])
-    return batch
-
-
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("mode", ["heads", "full"])
 def test_wrapper_captures_trains_and_initialises(name, mode):
+    from conftest import clip_batch
+
     vlm, _, adapter = build_model_and_processor(name)
     g = GaspVLM(vlm, GaspConfig(trainable=mode))
     g.init_heads()
@@ -258,7 +269,7 @@ def test_wrapper_captures_trains_and_initialises(name, mode):
                                    atol=1e-5, rtol=0)
 
     g.train()
-    batch = _pair_batch(adapter)
+    batch = clip_batch(adapter)
     seen = {}
 
     def make(l):
@@ -268,16 +279,15 @@ def test_wrapper_captures_trains_and_initialises(name, mode):
 
     hooks = [layer.self_attn.q_proj.register_forward_pre_hook(make(l)) for l, layer in enumerate(g.layers)]
     try:
-        loss, parts, _, fa, fb = g(batch, adapter.model_inputs(batch), return_features=True)
+        loss, parts, _, feats = g(batch, adapter.model_inputs(batch), return_features=True)
     finally:
         for h in hooks:
             h.remove()
-    assert fa.shape == (L, 2, N, 64) and fb.shape == (L, 2, N, 64)
+    assert feats.shape == (L, 5, _cells(name), 64)
     for l in range(L):
-        for b in range(2):
-            assert torch.equal(fa[l, b].detach(), seen[l][b, batch["cell_pos_a"][b]])
-            assert torch.equal(fb[l, b].detach(), seen[l][b, batch["cell_pos_b"][b]])
-    assert torch.isfinite(loss) and parts["n_ab"] == 6 and parts["n_ba"] == 5
+        for f in range(5):
+            assert torch.equal(feats[l, f].detach(), seen[l][int(batch["frame_clip"][f]), batch["cell_pos"][f]])
+    assert torch.isfinite(loss) and parts["n_ab"] == 14 and parts["n_ba"] == 11
     loss.backward()
     got = {n for n, p in g.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert "head.weight" in got
@@ -316,9 +326,9 @@ def test_real_size_processor_gives_27x27_cells():
     adapter = LlavaAdapter(build_preset_processor(preset), preset.config())
     grid = adapter.grid((1920, 1080))
     assert (grid.size, grid.cell_px, grid.rows, grid.cols) == ((384, 384), 14, 27, 27)
-    item = adapter.encode_pair(*_views()[:2])
+    item = adapter.encode_clip(_views()[:2])
     assert item["pixel_values"].shape == (2, 1, 3, 384, 384) and adapter.tokens_per_image == 730
-    assert len(item["cell_pos_a"]) == len(item["cell_pos_b"]) == 729
+    assert [len(p) for p in item["cell_pos"]] == [729, 729]
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -332,11 +342,11 @@ def test_saved_checkpoint_loads_with_identical_logits(tmp_path, name):
     assert type(m1) is type(m2) and a2.family == a1.family and a2.text == a1.text
     assert a2.tokens_per_image == a1.tokens_per_image
     a, b, c = _views(1)
-    batch1 = a1.collate([a1.encode_pair(a, b), a1.encode_pair(c, a)])
-    batch2 = a2.collate([a2.encode_pair(a, b), a2.encode_pair(c, a)])
-    for k in a1.model_input_names + ("cell_pos_a", "cell_pos_b"):
-        v1, v2 = batch1[k], batch2[k]
-        assert all(torch.equal(x, y) for x, y in zip(v1, v2)) if isinstance(v1, list) else torch.equal(v1, v2), k
+    batch1 = a1.collate([a1.encode_clip([a, b, c]), a1.encode_clip([c, a])])
+    batch2 = a2.collate([a2.encode_clip([a, b, c]), a2.encode_clip([c, a])])
+    for k in a1.model_input_names:
+        assert torch.equal(batch1[k], batch2[k]), k
+    assert all(torch.equal(x, y) for c1, c2 in zip(batch1["cell_pos"], batch2["cell_pos"]) for x, y in zip(c1, c2))
     with torch.no_grad():
         assert torch.equal(m1(**a1.model_inputs(batch1)).logits, m2(**a2.model_inputs(batch2)).logits)
 

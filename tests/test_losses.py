@@ -29,13 +29,15 @@ def make_batch(mask_a, mask_b, anchors, depth_b=None, depth_valid=None, M=None, 
         "depth_b": torch.ones(B, Nb) if depth_b is None else torch.tensor(depth_b, dtype=torch.float32),
         "depth_b_valid": (torch.ones(B, Nb, dtype=torch.bool) if depth_valid is None
                           else torch.tensor(depth_valid, dtype=torch.bool)),
-        "grid_b": torch.tensor(grid_b if grid_b is not None else [[1, Nb]] * B),
-        "gap": torch.tensor(gap if gap is not None else [1] * B),
+        "grid_a": torch.tensor([[1, Na]] * B), "grid_b": torch.tensor(grid_b if grid_b is not None else [[1, Nb]] * B),
+        "dt": torch.tensor(gap if gap is not None else [1] * B),
     }
 
 
-def hand_terms(s: torch.Tensor, batch: dict) -> tuple[list[float], list[float], list[float], int, int, int]:
-    """DESIGN §6 written out with python loops and math, per layer sums and counts."""
+def hand_terms(s: torch.Tensor, batch: dict, form: str = "relative"
+               ) -> tuple[list[float], list[float], list[float], int, int, int]:
+    """DESIGN §6 written out with python loops and math, per layer sums and counts; `form` of the depth
+    term: relative |z_b - z_hat| / (z_b + z_hat) (the paper's) or log |log z_hat - log z_b|."""
     S = s.double().tolist()
     L = len(S)
     ab, ba, dep = [0.0] * L, [0.0] * L, [0.0] * L
@@ -58,7 +60,8 @@ def hand_terms(s: torch.Tensor, batch: dict) -> tuple[list[float], list[float], 
                 if valid:
                     den = sum(math.exp(S[l][b][i][k]) for k in valid)
                     z_hat = sum(math.exp(S[l][b][i][k]) / den * float(batch["depth_b"][b, k]) for k in valid)
-                    dep[l] += abs(math.log(z_hat) - math.log(z))
+                    dep[l] += (abs(z - z_hat) / (z + z_hat) if form == "relative"
+                               else abs(math.log(z_hat) - math.log(z)))
             for j, P in targets.items():
                 den = sum(math.exp(S[l][b][k][j]) for k in real_a)
                 ba[l] -= math.log(sum(math.exp(S[l][b][i][j]) / den for i in P))
@@ -82,11 +85,12 @@ def tiny_case(seed: int = 0):
     return s, batch
 
 
-def test_terms_equal_hand_computed_values():
+@pytest.mark.parametrize("form", ["relative", "log"])
+def test_terms_equal_hand_computed_values(form):
     s, batch = tiny_case()
     s.requires_grad_()
-    terms = gasp_loss_terms(s, batch)
-    ab, ba, dep, n_ab, n_ba, n_dep = hand_terms(s.detach(), batch)
+    terms = gasp_loss_terms(s, batch, form)
+    ab, ba, dep, n_ab, n_ba, n_dep = hand_terms(s.detach(), batch, form)
     assert (terms.n_ab.item(), terms.n_ba.item(), terms.n_depth.item()) == (3, 2, 3)
     assert (n_ab, n_ba, n_dep) == (3, 2, 3)
     for got, want in ((terms.nce_ab_sum, ab), (terms.nce_ba_sum, ba), (terms.depth_sum, dep)):
@@ -103,24 +107,36 @@ def test_terms_equal_hand_computed_values():
     assert s.grad[:, 0, :3, :4].abs().min() > 0  # every real entry of pair 0 is in some softmax
 
 
-def test_depth_needs_a_valid_cell_and_ignores_invalid_cells():
+@pytest.mark.parametrize("form", ["relative", "log"])
+def test_depth_needs_a_valid_cell_and_ignores_invalid_cells(form):
     g = torch.Generator().manual_seed(3)
     batch = make_batch(mask_a=[[1, 1, 1]] * 2, mask_b=[[1, 1, 1]] * 2,
                        anchors=[[(0, 0, 2.0), (1, 2, 4.0)], [(2, 1, 3.0)]],
                        depth_b=[[2.0, 5.0, 4.0], [3.0, 3.0, 3.0]], depth_valid=[[1, 0, 1], [0, 0, 0]])
     s = torch.randn(1, 2, 3, 3, generator=g)
-    terms = gasp_loss_terms(s, batch)
-    _, _, dep, n_ab, _, n_dep = hand_terms(s, batch)
+    terms = gasp_loss_terms(s, batch, form)
+    _, _, dep, n_ab, _, n_dep = hand_terms(s, batch, form)
     assert (terms.n_ab.item(), terms.n_depth.item()) == (n_ab, n_dep) == (3, 2)
     assert math.isclose(terms.depth_sum.item(), dep[0], rel_tol=1e-5)
     # A perfectly peaked match on a valid cell of the right depth costs ~0.
     s_peak = torch.full((1, 2, 3, 3), -30.0)
     s_peak[0, 0, 0, 0] = s_peak[0, 0, 1, 2] = 30.0
-    assert gasp_loss_terms(s_peak, batch).depth_sum.item() < 1e-5
+    assert gasp_loss_terms(s_peak, batch, form).depth_sum.item() < 1e-5
     # Mass on the invalid cell (depth 5) is excluded, not counted.
     s_inv = s_peak.clone()
     s_inv[0, 0, 0, 1] = 60.0
-    assert gasp_loss_terms(s_inv, batch).depth_sum.item() < 1e-5
+    assert gasp_loss_terms(s_inv, batch, form).depth_sum.item() < 1e-5
+
+
+def test_relative_depth_loss_by_hand():
+    """One anchor, two valid cells of depths 1 and 3 with probabilities 3/4 and 1/4: z_hat = 1.5; with
+    z_b = 2 the relative loss is |2 - 1.5| / (2 + 1.5) = 1/7 and the log loss |log 1.5 - log 2|."""
+    batch = make_batch(mask_a=[[1]], mask_b=[[1, 1]], anchors=[[(0, 0, 2.0)]], depth_b=[[1.0, 3.0]])
+    s = torch.tensor([[[[math.log(3.0), 0.0]]]])  # (L=1, B=1, Na=1, Nb=2): softmax = (3/4, 1/4)
+    assert math.isclose(gasp_loss_terms(s, batch, "relative").depth_sum.item(), 1 / 7, rel_tol=1e-6)
+    assert math.isclose(gasp_loss_terms(s, batch, "log").depth_sum.item(), abs(math.log(1.5 / 2.0)), rel_tol=1e-6)
+    with pytest.raises(ValueError, match="depth_loss must be one of relative, log"):
+        gasp_loss_terms(s, batch, "l1")
 
 
 def test_padding_values_do_not_change_loss():
@@ -265,7 +281,7 @@ def test_learning_sanity_head_learns_rotation_invariant_subspace():
              "anchor_a": torch.arange(N).repeat(B, 1), "target_b": perm,
              "anchor_mask": torch.ones(B, N, dtype=torch.bool),
              "z_b": depth_b.gather(1, perm), "depth_b": depth_b, "depth_b_valid": torch.ones(B, N, dtype=torch.bool),
-             "grid_b": torch.tensor([[R, C]] * B), "gap": torch.tensor([1, 3])}
+             "grid_a": torch.tensor([[R, C]] * B), "grid_b": torch.tensor([[R, C]] * B), "dt": torch.tensor([1, 3])}
     head = FusedCorrespondenceHead(L, D, head_dim=8)
     crit = GaspLoss(head)
 

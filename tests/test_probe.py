@@ -1,8 +1,9 @@
 """launch/probe.py: known features give known PCK, the tiny model end to end, one-line failures, MLflow.
 
 The probe's numbers come from `losses.metrics` (tested there); what is tested here is the
-probe's own work: every pair of the split scored once, raw and head scored from one
-capture, the null rules reported with their reasons, the outputs, and the failures.
+probe's own work: every clip of the split scored once, raw and head scored from one
+capture, the null rules reported with their reasons, the layer choice on another split, the
+three panels and --compare, the outputs, and the failures.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _load(out) -> dict:
         return json.load(f)
 
 
-def _split_pairs(shards: str, split: str) -> int:
+def _split_clips(shards: str, split: str) -> int:
     from data.stream import resolve_source
 
     return resolve_source(shards, split).n_samples
@@ -49,83 +50,90 @@ def _identity_heads(path) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def pair_shards(tiny_corpus, tmp_path_factory) -> str:
+    """Clips of two frames (one supervised pair each), dt 1..15: what the aligned-feature test needs."""
+    from conftest import build_shards
+
+    out = str(tmp_path_factory.mktemp("pair_shards"))
+    build_shards(tiny_corpus, out, clip_frames=2, clip_window=16, clips_per_scene=6, samples_per_shard=4,
+                 max_side=160, val_fraction=0.34)
+    return out
+
+
 # ------------------------------------------------------------------ features that are known
 
 def _aligned_capture(self, batch, model_inputs):
-    """feat_b: one-hot per cell of B; each anchor of A = its target's vector; a random rotation per layer.
-
-    Cosine of an anchor with its target is 1 and with every other cell of B 0, in every
-    layer (the rotation is orthogonal), so the argmax cell IS the target: PCK@0 = 1.
-    """
+    """Per-frame features for clips of two frames: frame B one-hot per cell; each anchor of frame A = its
+    target's vector; a random rotation per layer. Cosine of an anchor with its target is 1 and with every
+    other cell of B 0, in every layer, so the argmax cell IS the target: PCK = 1 at every dt."""
     L, D = self.num_layers, self.hidden_size
-    B, Na = batch["cell_pos_a"].shape
-    Nb = batch["cell_pos_b"].shape[1]
-    assert Nb <= D, "one-hot cells need D >= cells of B"
-    g = torch.Generator().manual_seed(Na * 1000 + Nb)
-    fb = torch.eye(D)[:Nb].expand(B, Nb, D).clone()  # (B, Nb, D)
-    fa = torch.randn(B, Na, D, generator=g)  # (B, Na, D): non-anchor cells are anything
-    anchors = batch["anchor_mask"].nonzero().tolist()
-    for b, m in anchors:
-        fa[b, batch["anchor_a"][b, m]] = fb[b, batch["target_b"][b, m]]
+    F, N = batch["cell_pos"].shape
+    assert N <= D, "one-hot cells need D >= cells of B"
+    g = torch.Generator().manual_seed(F * 1000 + N)
+    f = torch.randn(F, N, D, generator=g)  # (F, N, D): cells of A that are no anchor are anything
+    for p, (a, b) in enumerate(batch["pair_frames"].tolist()):
+        assert b == a + 1, "clips of two frames: one pair (0, 1) each"
+        f[b] = torch.eye(D)[:N]
+        for m in batch["anchor_mask"][p].nonzero().squeeze(1).tolist():
+            f[a, batch["anchor_a"][p, m]] = f[b, batch["target_b"][p, m]]
     Q = torch.linalg.qr(torch.randn(L, D, D, generator=g))[0]  # (L, D, D) orthogonal
-    return fa[None] @ Q[:, None], fb[None] @ Q[:, None]  # (L, B, Na, D), (L, B, Nb, D)
+    return f[None] @ Q[:, None]  # (L, F, N, D)
 
 
 def _positional_capture(self, batch, model_inputs):
-    """Features that know only the grid position: cell k of A and cell k of B get the same one-hot e_k."""
+    """Features that know only the grid position: cell k of every frame gets the same one-hot e_k."""
     L, D = self.num_layers, self.hidden_size
-    B, Na = batch["cell_pos_a"].shape
-    Nb = batch["cell_pos_b"].shape[1]
-    assert torch.equal(batch["grid_a"], batch["grid_b"]), "the tiny shards' views share one grid"
-    eye = torch.eye(D)
-    return eye[:Na].expand(L, B, Na, D), eye[:Nb].expand(L, B, Nb, D)
+    F, N = batch["cell_pos"].shape
+    assert (batch["grid"] == batch["grid"][0]).all(), "the tiny shards' views share one grid"
+    return torch.eye(D)[:N].expand(L, F, N, D)
 
 
 def _random_capture_factory(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
 
     def capture(self, batch, model_inputs):
-        L, D = self.num_layers, self.hidden_size
-        B, Na = batch["cell_pos_a"].shape
-        Nb = batch["cell_pos_b"].shape[1]
-        return torch.randn(L, B, Na, D, generator=g), torch.randn(L, B, Nb, D, generator=g)
+        F, N = batch["cell_pos"].shape
+        return torch.randn(self.num_layers, F, N, self.hidden_size, generator=g)
 
     return capture
 
 
-def test_aligned_features_give_pck_one_in_every_layer(tiny_shards, tmp_path, monkeypatch):
-    """Through identity heads (W_l = I keeps the alignment; the SVD init would also map equal inputs to
-    equal outputs, but identity heads make the expected value exact by construction)."""
+def test_aligned_features_give_pck_one_in_every_layer_and_a_flat_curve(pair_shards, tmp_path, monkeypatch):
+    """Through identity heads (W_l = I keeps the alignment exactly): PCK@0 = PCK@1 = PCK@2patch = 1 in every
+    layer, and the normalised temporal curve is 1 at every frame distance present."""
     monkeypatch.setattr(GaspVLM, "capture", _aligned_capture)
     heads = _identity_heads(tmp_path / "eye.safetensors")
-    assert main(_flags(tiny_shards, tmp_path / "out", "--heads", heads)) == 0
+    assert main(_flags(pair_shards, tmp_path / "out", "--heads", heads, "--split", "train")) == 0
     res = _load(tmp_path / "out")
-    assert res["heads"]["kind"] == "trained"
+    assert res["heads"]["kind"] == "trained" and res["heads"]["head"] == "linear"
     assert res["data"]["anchors"] > 50
     for name in ("raw", "head"):
         layers = res[name]["layers"]
         assert len(layers) == L_TINY
         for d in layers:
-            assert d["pck0"] == 1.0 and d["pck1"] == 1.0, (name, d)
+            assert d["pck0"] == d["pck1"] == d["pck2patch"] == 1.0, (name, d)
             # every anchor right: the correlation is null by DESIGN §6, and the reason says why
-            assert d["conf_acc_corr"] is None
-            assert "constant" in d["conf_acc_corr_null_reason"]
-        assert res[name]["chance1"] < 0.5  # PCK 1 is far from chance here
-    assert res["best"]["head"]["pck1"] == 1.0
+            assert d["conf_acc_corr"] is None and "constant" in d["conf_acc_corr_null_reason"]
+            curve = d["temporal"]["synthetic"]
+            assert len(curve["dt"]) >= 4 and curve["normalised"] == [1.0] * len(curve["dt"])
+        assert res[name]["chance2"] < 0.6  # PCK 1 is far from chance here
+    assert res["best"]["head"]["pck2patch"] == 1.0
 
 
 def test_positional_features_score_the_same_cell_baseline(tiny_shards, tmp_path, monkeypatch):
     """A feature that encodes only position scores exactly the reported "no motion" baseline."""
     monkeypatch.setattr(GaspVLM, "capture", _positional_capture)
-    assert main(_flags(tiny_shards, tmp_path / "out", "--no-head")) == 0
+    assert main(_flags(tiny_shards, tmp_path / "out", "--no-head", "--split", "train")) == 0
     res = _load(tmp_path / "out")
     base = res["baselines"]["same_cell"]
     for d in res["raw"]["layers"]:
-        assert d["pck0"] == pytest.approx(base["pck0"]) and d["pck1"] == pytest.approx(base["pck1"])
-    assert base["pck1"] > res["chance"]["pck1"]
+        for k in ("pck0", "pck1", "pck2patch"):
+            assert d[k] == pytest.approx(base[k]), k
+    assert base["pck2patch"] > res["chance"]["pck2patch"]
 
 
-def test_random_features_give_chance(tiny_shards, tmp_path, monkeypatch):
+def test_shuffled_features_give_chance(tiny_shards, tmp_path, monkeypatch):
     monkeypatch.setattr(GaspVLM, "capture", _random_capture_factory(seed=0))
     assert main(_flags(tiny_shards, tmp_path / "out", "--split", "train")) == 0
     res = _load(tmp_path / "out")
@@ -133,15 +141,15 @@ def test_random_features_give_chance(tiny_shards, tmp_path, monkeypatch):
     assert K > 150
     for name in ("raw", "head"):
         r = res[name]
-        for k in ("0", "1"):
-            c = r[f"chance{k}"]
+        for k, c_key in (("pck0", "chance0"), ("pck1", "chance1"), ("pck2patch", "chance2")):
+            c = r[c_key]
             sigma = math.sqrt(c * (1 - c) / K)
-            vals = [d[f"pck{k}"] for d in r["layers"]]
+            vals = [d[k] for d in r["layers"]]
             for v in vals:  # each layer: its own random draw
                 assert abs(v - c) <= 4.5 * sigma + 1e-9, (name, k, vals, c, sigma)
             mean = sum(vals) / len(vals)  # the layers are independent draws: the mean is tighter
             assert abs(mean - c) <= 4.0 * sigma / math.sqrt(len(vals)) + 1e-9, (name, k, mean, c)
-        assert res["chance"]["pck1"] == r["chance1"]
+        assert res["chance"]["pck2patch"] == r["chance2"]
 
 
 # ------------------------------------------------------------------ the tiny model, end to end
@@ -164,27 +172,25 @@ def test_end_to_end_without_heads(svd_run, tiny_shards):
     out, result, lines = svd_run
     # the library's return value is what probe.json holds
     assert json.loads(json.dumps(result)) == _load(out)
-    for name in ("probe.json", "probe_table.txt", "pck_by_layer.png", "pck_by_gap.png", "conf_vs_acc.png",
-                 "conf_vs_acc_raw.png"):
+    for name in ("probe.json", "probe_table.txt", "three_panels.png", "pck_by_layer.png", "conf_vs_acc.png"):
         path = os.path.join(out, name)
         assert os.path.isfile(path) and os.path.getsize(path) > 0, name
         if name.endswith(".png"):
             with open(path, "rb") as f:
                 assert f.read(8) == PNG_MAGIC
-    assert set(result["plots"]) == {"pck_by_layer", "pck_by_gap", "conf_vs_acc", "conf_vs_acc_raw"}
-    # every val pair exactly once (6 pairs with batch 4: the stream alone would give 4 or 8)
-    n_val = _split_pairs(tiny_shards, "val")
-    assert result["data"]["pairs"] == n_val == result["shards"]["sources"][0]["pairs_scored"]
-    assert result["data"]["coverage"] == 1.0
-    assert all(_in_unit(result["baselines"]["same_cell"][k]) for k in ("pck0", "pck1"))
+    assert set(result["plots"]) == {"three_panels", "pck_by_layer", "conf_vs_acc"}
+    # every val clip exactly once (with batch 4 the stream alone would give a multiple of 4)
+    n_val = _split_clips(tiny_shards, "val")
+    assert result["data"]["clips"] == n_val == result["shards"]["sources"][0]["clips_scored"]
+    assert result["data"]["coverage"] == 1.0 and result["data"]["pairs"] >= n_val
+    assert all(_in_unit(result["baselines"]["same_cell"][k]) for k in ("pck0", "pck1", "pck2patch"))
     # provenance
-    assert result["schema"] == "gasp-probe/1"
+    assert result["schema"] == "gasp-probe/2"
     assert result["config"]["shards"] == [tiny_shards] and result["config"]["split"] == "val"
     assert result["model"] == {**result["model"], "source": "tiny", "kind": "preset", "family": "qwen2_vl",
                                "num_layers": L_TINY, "hidden_size": D_TINY, "device": "cpu", "dtype": "fp32"}
     assert result["heads"]["kind"] == "svd_init" and result["heads"]["file"] is None
-    assert "untrained" in result["heads"]["note"].lower()
-    assert result["shards"]["gap_buckets"] == [1, 5, 15] and result["shards"]["gap_buckets_from"] == "plan.json"
+    assert result["heads"]["head"] == "mlp" and "untrained" in result["heads"]["note"].lower()
     # shapes and ranges
     K = result["data"]["anchors"]
     for name in ("raw", "head"):
@@ -192,81 +198,118 @@ def test_end_to_end_without_heads(svd_run, tiny_shards):
         assert len(r["layers"]) == L_TINY and r["n_anchors"] == K
         assert [d["layer"] for d in r["layers"]] == list(range(L_TINY))
         for d in r["layers"]:
-            for key in ("pck0", "pck1", "chance0", "chance1"):
+            for key in ("pck0", "pck1", "pck2patch"):
                 assert _in_unit(d[key]), (name, key, d[key])
-            assert d["pck0"] <= d["pck1"]
+            assert d["pck0"] <= d["pck1"] <= d["pck2patch"]  # Chebyshev 1 lies within Euclidean 2
             assert d["conf_acc_corr"] is None or -1.0 <= d["conf_acc_corr"] <= 1.0
-            assert len(d["pck1_by_gap"]) == 3 and all(_in_unit(v) for v in d["pck1_by_gap"])
-            # a few dozen anchors per bucket: the 200-anchor rule makes it null, with the reason
-            assert d["temporal_robustness"] is None
-            assert "< 200" in d["temporal_robustness_null_reason"]
-        assert sum(r["gap_buckets"]["counts"]) + r["gap_buckets"]["unbucketed"] == K
+            curve = d["temporal"]["synthetic"]
+            assert curve["dt"] == sorted(curve["dt"]) and sum(curve["n"]) == K
+            # a few dozen anchors per frame distance: the 200-anchor rule makes it null, with the reason
+            assert curve["robustness"] is None and "fewer than 200 anchors" in curve["robustness_null_reason"]
         assert r["best_layer"] in range(L_TINY)
-        assert r["best_pck1"] == max(d["pck1"] for d in r["layers"])
-    # the table: one row per layer, chance, best layer, temporal robustness, anchors per bucket
+        assert r["best_pck2patch"] == max(d["pck2patch"] for d in r["layers"])
+    sel = result["selected"]["head"]
+    assert sel["chosen_on"] == "this split" and sel["layer"] == result["head"]["best_layer"]
+    # the table: one row per layer, chance, the same-cell baseline, reported layers, temporal robustness
     table = open(os.path.join(out, "probe_table.txt")).read()
     assert "UNTRAINED" in table and "SVD" in table
     rows = [ln for ln in table.splitlines() if ln.strip()[:1].isdigit() and "PCK" not in ln]
     assert len(rows) == L_TINY
-    for key in ("chance:", "best layer (head)", "best layer (raw)", "temporal robustness (head", "null (",
-                "anchors per gap bucket: 1-4:", "15+:"):
+    for key in ("chance:", "PCK@2patch", "same-cell baseline", "reported layer (head)", "chosen on this split",
+                "temporal robustness (head, synthetic", "null (", "normalised PCK@2patch by dt"):
         assert key in table, key
-    # progress: pairs done / total, rate, ETA
-    prog = [ln for ln in lines if "pairs/s" in ln]
-    assert prog and f"{n_val}/{n_val} pairs" in prog[-1] and "done" in prog[-1]
-    assert any("ETA" in ln for ln in prog) or len(prog) == 1
+    # progress: clips done / total, rate, ETA
+    prog = [ln for ln in lines if "clips/s" in ln]
+    assert prog and f"{n_val}/{n_val} clips" in prog[-1] and "done" in prog[-1]
 
 
 def test_end_to_end_with_heads_file(svd_run, tiny_shards, tmp_path, capsys):
     _, svd, _ = svd_run
     torch.manual_seed(3)
     heads = tmp_path / "export" / "heads.safetensors"
-    save_heads(heads, FusedCorrespondenceHead(L_TINY, D_TINY), meta={"model": "tiny", "step": 7, "tau": 0.1})
+    save_heads(heads, FusedCorrespondenceHead(L_TINY, D_TINY, kind="mlp"),
+               meta={"model": "tiny", "step": 7, "tau": 0.1})
     out = tmp_path / "out"
     # the export folder is accepted for the file it holds
     assert main(_flags(tiny_shards, out, "--heads", str(heads.parent))) == 0
     res = _load(out)
     h = res["heads"]
-    assert h["kind"] == "trained" and h["file"] == str(heads) and len(h["sha256"]) == 64
+    assert h["kind"] == "trained" and h["head"] == "mlp" and h["file"] == str(heads) and len(h["sha256"]) == 64
     assert h["meta"]["step"] == 7 and (h["meta"]["L"], h["meta"]["d"], h["meta"]["D"]) == (L_TINY, 64, D_TINY)
     assert res["tau"] == {"raw": 0.07, "head": 0.1}  # the heads' own temperature for their confidences
     assert len(res["head"]["layers"]) == L_TINY
-    # same pairs, same raw features: the raw columns do not depend on the heads
-    assert [d["pck1"] for d in res["raw"]["layers"]] == [d["pck1"] for d in svd["raw"]["layers"]]
+    # same clips, same raw features: the raw columns do not depend on the heads
+    assert [d["pck2patch"] for d in res["raw"]["layers"]] == [d["pck2patch"] for d in svd["raw"]["layers"]]
     assert res["data"]["anchors"] == svd["data"]["anchors"]
     # random heads are not the SVD ones
-    assert [d["pck1"] for d in res["head"]["layers"]] != [d["pck1"] for d in svd["head"]["layers"]]
+    assert [d["pck2patch"] for d in res["head"]["layers"]] != [d["pck2patch"] for d in svd["head"]["layers"]]
     stdout = capsys.readouterr().out
     assert str(heads) in stdout and "UNTRAINED" not in stdout
-    assert os.path.isfile(out / "conf_vs_acc.png")
 
 
-def test_raw_only_and_max_pairs(tiny_shards, tmp_path, capsys):
+def test_raw_only_max_clips_and_pairs_per_clip(tiny_shards, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(_flags(tiny_shards, out, "--no-head", "--max-pairs", "3", "--batch-size", "2")) == 0
+    assert main(_flags(tiny_shards, out, "--no-head", "--max-clips", "3", "--batch-size", "2",
+                       "--pairs-per-clip", "1", "--split", "train")) == 0
     res = _load(out)
     assert res["head"] is None and res["heads"]["kind"] == "none" and res["best"]["head"] is None
-    assert res["data"]["pairs"] == 3 and res["data"]["max_pairs"] == 3
+    assert res["data"]["clips"] == 3 and res["data"]["max_clips"] == 3 and res["data"]["pairs"] == 3
     assert len(res["raw"]["layers"]) == L_TINY
     table = capsys.readouterr().out
-    assert "head PCK" not in table and "raw PCK@1" in table and "--no-head" in table
-    assert set(res["plots"]) == {"pck_by_layer", "pck_by_gap", "conf_vs_acc"}
+    assert "head PCK" not in table and "raw PCK@2p" in table and "--no-head" in table
+    assert set(res["plots"]) == {"three_panels", "pck_by_layer", "conf_vs_acc"}
+
+
+def test_layer_from_another_split_and_compare_overlay(svd_run, tiny_shards, tmp_path, monkeypatch):
+    """--layer-from: the val probe's best layers are the ones a test-split (here: train) probe reports;
+    --compare: the other run's curves are overlaid in the three panels (one more bar per layer)."""
+    import matplotlib
+
+    val_out, val, _ = svd_run
+    out = tmp_path / "train"
+    drawn = {}
+    from launch import plots
+
+    real = plots.three_panels
+
+    def spy(runs, path, **kw):
+        drawn.update(runs)
+        return real(runs, path, **kw)
+
+    monkeypatch.setattr(plots, "three_panels", spy)
+    assert main(_flags(tiny_shards, out, "--split", "train", "--layer-from", str(val_out), "--compare",
+                       str(val_out / "probe.json"), "--run-name", "train-probe")) == 0
+    res = _load(out)
+    for kind in ("raw", "head"):
+        sel = res["selected"][kind]
+        assert sel["layer"] == val[kind]["best_layer"] and "(val split)" in sel["chosen_on"]
+        assert res["best"][kind]["layer"] == val[kind]["best_layer"]
+        assert res["best"][kind]["pck2patch"] == res[kind]["layers"][sel["layer"]]["pck2patch"]
+    assert set(drawn) == {"train-probe", val["name"]} and res["compare"] == [val["name"]]
+    img = matplotlib.image.imread(os.path.join(out, "three_panels.png"))
+    assert img.shape[1] > 2.5 * img.shape[0]  # three panels side by side
+    # a probe.json of another schema is refused in one line before the model is built
+    bad = tmp_path / "old.json"
+    bad.write_text(json.dumps({"schema": "gasp-probe/1"}))
+    with pytest.raises(ProbeError, match="gasp-probe/2"):
+        run_probe(ProbeArgs(shards=[tiny_shards], compare=[str(bad)], mlflow=False))
 
 
 def test_table_format_handles_no_anchors():
     """A run with no anchors prints n/a everywhere instead of failing."""
-    empty = {"n_anchors": 0, "chance0": None, "chance1": None, "best_layer": None, "best_pck1": None,
-             "gap_buckets": {"edges": [1, 5], "labels": ["1-4", "5+"], "counts": [0, 0], "chance1": [None, None],
-                             "unbucketed": 0}, "layers": []}
+    from losses.metrics import MatchMetrics
+
+    empty = MatchMetrics().compute()
     result = {"name": "x", "raw": empty, "head": None,
               "model": {"kind": "preset", "source": "tiny", "family": "qwen2_vl", "num_layers": 4,
                         "hidden_size": 64, "dtype": "fp32", "device": "cpu"},
-              "heads": {"kind": "none"}, "shards": {"split": "val", "sources": [{"spec": "s"}],
-                                                    "gap_buckets_from": "default"},
-              "data": {"pairs": 0, "anchors": 0, "max_pairs": None}, "chance": {"pck0": None, "pck1": None},
-              "best": {"raw": {"layer": None, "pck0": None, "pck1": None, "conf_acc_corr": None,
-                               "temporal_robustness": None,
-                               "temporal_robustness_null_reason": "no anchors scored"}, "head": None}}
+              "heads": {"kind": "none"}, "shards": {"split": "val", "sources": [{"spec": "s"}]},
+              "data": {"clips": 0, "pairs": 0, "anchors": 0, "max_clips": None},
+              "chance": {"pck0": None, "pck1": None, "pck2patch": None},
+              "baselines": {"same_cell": {"pck0": None, "pck1": None, "pck2patch": None}},
+              "selected": {"raw": {"layer": None, "chosen_on": "this split"}, "head": None},
+              "best": {"raw": {"layer": None, "pck0": None, "pck1": None, "pck2patch": None, "conf_acc_corr": None,
+                               "conf_acc_corr_null_reason": "no anchors scored", "temporal": {}}, "head": None}}
     table = format_table(result)
     assert "(no anchors scored)" in table and "n/a" in table
 
@@ -350,7 +393,7 @@ def test_mlflow_run_holds_metrics_and_plots(tiny_shards, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # the sqlite store's default artifact root is ./mlruns
     out = tmp_path / "out"
-    rc = main(["--shards", tiny_shards, "--output", str(out), "--num-workers", "0", "--max-pairs", "4",
+    rc = main(["--shards", tiny_shards, "--output", str(out), "--num-workers", "0", "--max-clips", "4",
                "--experiment", "probe-test", "--run-name", "tiny-probe"])
     assert rc == 0
     res = _load(out)
@@ -362,19 +405,20 @@ def test_mlflow_run_holds_metrics_and_plots(tiny_shards, tmp_path, monkeypatch):
     metrics = run.data.metrics
     for name in ("raw", "head"):
         for l in range(L_TINY):
-            for k in ("pck0", "pck1"):
+            for k in ("pck0", "pck1", "pck2patch"):
                 key = f"probe/{name}/{k}/layer_{l:02d}"
                 assert metrics[key] == pytest.approx(res[name]["layers"][l][k]), key
-        assert metrics[f"probe/{name}/chance1"] == pytest.approx(res[name]["chance1"])
-        # PCK@1 per gap bucket per layer; MLflow refuses '+', so the open bucket '15+' is '15plus'
-        assert metrics[f"probe/{name}/pck1_gap_15plus/layer_00"] == pytest.approx(
-            res[name]["layers"][0]["pck1_by_gap"][2])
-        # the per-layer series (step = layer index) for MLflow's charts
-        hist = client.get_metric_history(run_id, f"probe/{name}/pck1_by_layer")
+        assert metrics[f"probe/{name}/chance2"] == pytest.approx(res[name]["chance2"])
+        assert metrics[f"probe/{name}/same_cell/pck2patch"] == pytest.approx(res[name]["same_cell"]["pck2patch"])
+        # the per-layer series (step = layer index) and the temporal curve (step = dt) for MLflow's charts
+        hist = client.get_metric_history(run_id, f"probe/{name}/pck2patch_by_layer")
         assert sorted(m.step for m in hist) == list(range(L_TINY))
+        curve = res[name]["layers"][res["selected"][name]["layer"]]["temporal"]["synthetic"]
+        hist = client.get_metric_history(run_id, f"probe/{name}/norm_pck2_by_dt/synthetic")
+        assert sorted(m.step for m in hist) == [d for d, v in zip(curve["dt"], curve["normalised"]) if v is not None]
     assert run.data.params["heads.kind"] == "svd_init" and run.data.params["preset"] == "tiny"
     assert run.data.tags["kind"] == "probe"
     plots = {os.path.basename(a.path) for a in client.list_artifacts(run_id, "plots")}
-    assert {"pck_by_layer.png", "pck_by_gap.png", "conf_vs_acc.png"} <= plots
+    assert {"three_panels.png", "pck_by_layer.png", "conf_vs_acc.png"} <= plots
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"probe.json", "probe_table.txt"} <= top

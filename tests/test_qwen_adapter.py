@@ -217,6 +217,48 @@ def test_cell_order_matches_the_models_vision_tokens(tiny, stored):
             np.testing.assert_array_equal(tokens[j], colours[index], err_msg=f"cell {index}")
 
 
+def _palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 colours, pairwise distinct by at least 30 grey levels in some channel (7 levels cubed)."""
+    i = np.arange(n)
+    assert n <= 343
+    return np.stack([20 + 30 * (i % 7), 20 + 30 * ((i // 7) % 7), 20 + 30 * (i // 49)], axis=1).astype(np.uint8)
+
+
+def _painted_ids(grid, stored: tuple[int, int], first: int) -> np.ndarray:
+    """A stored (W, H) view whose cell k carries palette colour first + k (an exact multiple per cell)."""
+    W, H = stored
+    sx, sy = W / grid.size[0], H / grid.size[1]
+    cell_w, cell_h = grid.cell_px * sx, grid.cell_px * sy
+    assert cell_w.is_integer() and cell_h.is_integer()
+    colours = _palette(first + grid.n_cells)[first:].reshape(grid.rows, grid.cols, 3)
+    return np.repeat(np.repeat(colours, int(cell_h), axis=0), int(cell_w), axis=1)
+
+
+def test_clip_frame_and_cell_order_match_the_models_vision_tokens(tiny):
+    """A K = 4 clip (frames of three sizes): the token at cell_pos[k][i] carries the colour of cell i of
+    frame k, so frames reach the sequence in clip order and cells in row-major order (DESIGN §5)."""
+    _, _, processor, adapter = tiny
+    sizes = [(320, 240), (240, 320), (336, 252), (320, 240)]
+    grids = [adapter.grid(sz) for sz in sizes]
+    firsts = np.cumsum([0] + [g.n_cells for g in grids])[:-1]
+    frames = [_painted_ids(g, sz, int(f)) for g, sz, f in zip(grids, sizes, firsts)]
+    item = adapter.encode_clip(frames)
+    thw = item["image_grid_thw"]
+    assert thw.tolist() == [[1, 2 * g.rows, 2 * g.cols] for g in grids]
+    counts = [int(t.prod()) for t in thw]
+    tokens = np.concatenate([_token_colours(pv, t, processor)
+                             for pv, t in zip(torch.split(item["pixel_values"], counts), thw)])  # (sum N, 3)
+    image_pos = torch.nonzero(item["input_ids"] == adapter.image_token_id).squeeze(1)
+    colours = _palette(int(firsts[-1]) + grids[-1].n_cells)
+    assert [len(p) for p in item["cell_pos"]] == [g.n_cells for g in grids]
+    for k, cell_pos in enumerate(item["cell_pos"]):
+        j = torch.searchsorted(image_pos, cell_pos)  # which vision token sits at each cell's position
+        assert torch.equal(image_pos[j], cell_pos)
+        np.testing.assert_array_equal(tokens[j.numpy()], colours[firsts[k]:firsts[k] + grids[k].n_cells],
+                                      err_msg=f"frame {k}")
+    assert adapter.clip_text(4).count("<|image_pad|>") == 4 and "4 views of the same scene." in adapter.clip_text(4)
+
+
 def test_vision_tower_and_mrope_keep_row_major_order(tiny):
     """The tower returns tokens in pixel_values' block order (Qwen2.5's window permutation is
     undone), and the LM's M-RoPE puts the token at cell_pos[k] at (row, col) = divmod(k, cols)."""

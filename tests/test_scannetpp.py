@@ -19,7 +19,7 @@ import pytest
 
 import corpus_writers as cw
 from data import geometry, synthetic
-from data.pairs import PairConfig
+from data.pairs import ClipConfig
 from data.scenes import SceneError, list_scenes, open_scene
 from data.scenes import scannetpp as spp
 from data.scenes.video_frames import VideoFrames, VideoIndex
@@ -28,6 +28,9 @@ from pipeline import stages
 RGB_SIZE = (640, 480)  # the reader takes any 4:3 size; 1920x1440 in the release, smaller renders here
 ENCODINGS = ("lz4", "deflate", "stream")
 N_FRAMES = 12
+# Clips of up to 4 frames in windows of 11 (dt <= 10, as the pair version's --max-gap 10): in a 12-frame scene
+# a window fits at 2 starts, so every scene gives 2 clips (6 pairs each when full).
+CLIPS = dict(clip_frames=4, clip_window=11, clips_per_scene=2)
 
 
 def one_line(e: BaseException) -> str:
@@ -135,8 +138,7 @@ def shard_job(root: str, out: str, **kw) -> tuple[dict, list[dict], dict]:
     """scan -> plan -> write in this process, shells pickled as through Ray's store.
     Returns (plan, raw samples, {scene: verdict of the self-check})."""
     cfg = stages.JobConfig(input=root, format="scannetpp", output=out, max_side=640, samples_per_shard=4,
-                           val_fraction=0.0, pairs=PairConfig(pairs_per_scene=8, max_gap=10, gap_buckets=(1, 4)),
-                           **kw)
+                           val_fraction=0.0, clips=ClipConfig(**CLIPS), **kw)
     scans = [stages.scan_scene(u, cfg) for u in list_scenes(root, "scannetpp")]
     shells = {s["scene"]: pickle.loads(pickle.dumps(s.pop("shell"))) for s in scans if s.get("shell")}
     plan = stages.make_plan(scans, cfg)
@@ -166,22 +168,31 @@ def gt_uv_b(room, uv_a, K_a, T_a, K_b, T_b):
 
 
 def test_scannetpp_shards_give_correct_correspondences(corpus, tmp_path, shard_checks):
+    """Every pair i < j of every clip: correspondences against ray-cast truth, the self-check passed."""
     root, truths = corpus
     plan, samples, verdicts = shard_job(root, str(tmp_path / "out"))
     assert verdicts == {k: None for k in truths}, verdicts  # no scene flagged
-    assert len(samples) >= 18
-    errs = []
+    assert len(samples) == len(truths) * CLIPS["clips_per_scene"]  # 2 clips a scene, none skipped
+    errs, n_pairs = [], 0
     for raw in samples:
-        s = shard_checks.sample(raw)  # DESIGN §4 members; every row passes visibility in the STORED data
+        s = shard_checks.sample(raw)  # DESIGN §4.1 members; every row passes visibility in the STORED data
         truth = truths[s.meta["scene"]]
-        assert s.meta["dataset"] == "scannetpp" and s.meta["size_a"] == [512, 384]
-        ia, ib = truth.names.index(s.meta["frame_a"]), truth.names.index(s.meta["frame_b"])
-        np.testing.assert_allclose(s.K_a, truth.K, atol=1e-9)
-        np.testing.assert_array_equal(s.T_wa, truth.cam2world[ia])
-        uv_gt = gt_uv_b(truth.room, s.corr[:, :2].astype(float), truth.K, truth.cam2world[ia], truth.K,
-                        truth.cam2world[ib])
-        errs.append(np.linalg.norm(s.corr[:, 2:] - uv_gt, axis=1))
-        assert s.meta["photo_err"] < 0.35 * s.meta["photo_err_shuffled"], s.meta
+        assert s.meta["dataset"] == "scannetpp" and s.n_frames >= 3
+        assert s.meta["sizes"] == [[512, 384]] * s.n_frames
+        ix = [truth.names.index(name) for name in s.meta["frames"]]
+        assert s.meta["indices"] == ix and ix[-1] - ix[0] < CLIPS["clip_window"]  # frame_%06d is the video frame
+        for k, i in enumerate(ix):
+            np.testing.assert_allclose(s.K(k), truth.K, atol=1e-9)
+            np.testing.assert_array_equal(s.T_w(k), truth.cam2world[i])
+        for p, (i, j) in enumerate(s.meta["pairs"]):
+            corr = s.pair_corr(i, j)
+            assert len(corr) == s.meta["n_corr"][p] > 0, (s.key, i, j)
+            uv_gt = gt_uv_b(truth.room, corr[:, :2].astype(float), truth.K, truth.cam2world[ix[i]], truth.K,
+                            truth.cam2world[ix[j]])
+            errs.append(np.linalg.norm(corr[:, 2:] - uv_gt, axis=1))
+            assert s.meta["photo_err"][p] < 0.35 * s.meta["photo_err_shuffled"][p], (s.key, i, j, s.meta)
+            n_pairs += 1
+    assert n_pairs >= 24  # at least as many pairs checked as the pair version's 24 planned
     err = np.concatenate(errs)
     # depth is one ARKit sample per 2x2 view pixels: a point's depth is that of a ray <= 0.7 px away
     assert np.median(err) < 0.3 and np.percentile(err, 95) < 1.5, (np.median(err), np.percentile(err, 95))
@@ -190,7 +201,7 @@ def test_scannetpp_shards_give_correct_correspondences(corpus, tmp_path, shard_c
 @pytest.mark.parametrize("mistake", ["depth-grid K", "OpenGL axes", "world-to-camera"])
 def test_wrong_conventions_are_flagged_by_the_self_check(corpus, tmp_path, monkeypatch, mistake):
     """What a reader that got a convention wrong would produce is flagged by the shard job's self-check
-    (pair yield collapse or photo_err not well below shuffled: pipeline/stages.py scene_verdict)."""
+    (clip yield collapse or photo_err not well below shuffled: pipeline/stages.py scene_verdict)."""
     root, truths = corpus
     one = str(tmp_path / "one")
     os.makedirs(one)
@@ -203,8 +214,7 @@ def test_wrong_conventions_are_flagged_by_the_self_check(corpus, tmp_path, monke
         convert = geometry.gl_to_cv if mistake == "OpenGL axes" else geometry.invert_pose
         monkeypatch.setattr(spp, "pose_from_json", lambda entry: convert(orig(entry)))
     cfg = stages.JobConfig(input=one, format="scannetpp", output=str(tmp_path / "o"), max_side=640,
-                           samples_per_shard=4, val_fraction=0.0,
-                           pairs=PairConfig(pairs_per_scene=8, max_gap=10, gap_buckets=(1, 4)))
+                           samples_per_shard=4, val_fraction=0.0, clips=ClipConfig(**CLIPS))
     scan = stages.scan_scene(os.path.join(one, "lz4_scene"), cfg)
     shell = scan.pop("shell")
     plan = stages.make_plan([scan], cfg)
@@ -231,13 +241,13 @@ def test_shell_carries_depth_and_index_so_write_tasks_do_not_rescan(corpus, tmp_
         for f in ("rgb.mkv", "depth.bin", "pose_intrinsic_imu.json"):
             os.link(os.path.join(root, name, "iphone", f), os.path.join(work, name, "iphone", f))
     cfg = stages.JobConfig(input=work, format="scannetpp", output=str(tmp_path / "a"), max_side=640,
-                           samples_per_shard=4, val_fraction=0.0,
-                           pairs=PairConfig(pairs_per_scene=6, max_gap=10, gap_buckets=(1, 4)))
+                           samples_per_shard=4, val_fraction=0.0, clips=ClipConfig(**CLIPS))
     scans = [stages.scan_scene(u, cfg) for u in list_scenes(work, "scannetpp")]
     blobs = {s["scene"]: pickle.dumps(s.pop("shell")) for s in scans}
     shells = {k: pickle.loads(b) for k, b in blobs.items()}
     assert sorted(shells["stream_scene"]._carried) == sorted(f.index for f in shells["stream_scene"].frames)
     assert not shells["lz4_scene"]._carried  # random access: nothing to carry
+    assert len(shells["lz4_scene"].frames) < N_FRAMES  # some depth.bin records below belong to no clip
     plan = stages.make_plan(scans, cfg)
 
     def write(out: str) -> dict[str, bytes]:
@@ -246,7 +256,7 @@ def test_shell_carries_depth_and_index_so_write_tasks_do_not_rescan(corpus, tmp_
         res = {}
         for entry in plan["shards"]:
             st = stages.write_shard(entry, c, {k: pickle.loads(b) for k, b in blobs.items()})
-            assert st["ok"] and st["scenes_opened"] == 0 and st["samples"] == len(entry["pairs"]), st
+            assert st["ok"] and st["scenes_opened"] == 0 and st["samples"] == len(entry["clips"]), st
             res[entry["name"]] = open(os.path.join(out, entry["name"]), "rb").read()
         return res
 
@@ -364,10 +374,17 @@ def test_shard_job_through_ray_reads_scannetpp(ray_local, corpus, tmp_path, shar
 
     root, truths = corpus
     out = str(tmp_path / "out")
-    rc, _, _ = run_main(["--input", root, "--format", "scannetpp", "--output", out, "--pairs-per-scene", "4",
-                         "--samples-per-shard", "4", "--max-side", "640", "--max-gap", "10", "--gap-buckets", "1,4",
-                         "--val-fraction", "0.34", "--quiet"])
+    rc, _, _ = run_main(["--input", root, "--format", "scannetpp", "--output", out, "--clip-frames", "4",
+                         "--clip-window", "11", "--clips-per-scene", "2", "--samples-per-shard", "4", "--max-side",
+                         "640", "--val-fraction", "0.34", "--quiet"])
     assert rc == 0
     manifest, metas = verify_output(out, shard_checks)
-    assert manifest["flagged_scenes"] == {} and manifest["counts"]["pairs"] == 12
+    c = manifest["counts"]
+    # 3 scenes x 2 clips (2 window starts in 12 frames); each clip's pairs i < j supervised
+    assert manifest["flagged_scenes"] == {} and c["clips"] == c["clips_planned"] == 6
+    assert c["pairs"] == sum(len(m["pairs"]) for m in metas) >= 24
+    assert c["frames_stored"] == sum(len(m["frames"]) for m in metas)
+    hist = manifest["dt_histogram"]["scannetpp"]  # every supervised pair's frame distance, inside the window
+    assert sum(hist.values()) == c["pairs"] and all(1 <= int(dt) <= 10 for dt in hist)
+    assert manifest["frame_seconds"] == {"scannetpp": round(1 / 60, 6)}  # rgb.mkv at 60 fps, every frame read
     assert {m["scene"] for m in metas} == set(truths) and {m["dataset"] for m in metas} == {"scannetpp"}

@@ -16,7 +16,7 @@ import pytest
 
 import corpus_writers as cw
 from data import geometry
-from data.pairs import PairConfig
+from data.pairs import ClipConfig
 from data.scenes import SceneError, list_scenes, open_scene
 from data.scenes.scannet import SENS_FRAME_HEADER, TRUNCATED, ScanNetScene, list_scannet_scenes
 from pipeline import stages
@@ -39,9 +39,14 @@ def write_corpus(root, layout: str, n_frames: int = 16, **kw) -> dict[str, cw.Tr
             for name, opts in SCENES.items()}
 
 
+CLIPS_PER_SCENE = 3
+
+
 def job(root: str, out: str) -> stages.JobConfig:
-    return stages.JobConfig(input=root, format="scannet", output=out, max_side=160, samples_per_shard=4,
-                            val_fraction=0.5, pairs=PairConfig(pairs_per_scene=6, max_gap=12, gap_buckets=(1, 4)))
+    """Clips of up to 4 frames in windows of 13 (dt <= 12, as the pair version's --max-gap 12)."""
+    return stages.JobConfig(input=root, format="scannet", output=out, max_side=160, samples_per_shard=2,
+                            val_fraction=0.5, clips=ClipConfig(clip_frames=4, clip_window=13,
+                                                               clips_per_scene=CLIPS_PER_SCENE))
 
 
 def scan_all(cfg: stages.JobConfig) -> tuple[list[dict], dict]:
@@ -96,27 +101,45 @@ def tar_samples(data: bytes) -> list[dict]:
     return list(samples.values())
 
 
+def strip_frame_seconds(plan: dict) -> dict:
+    """The plan without the scan summaries' frame step (what only the .sens's timestamps give)."""
+    return {**plan, "scan": {k: {f: v for f, v in s.items() if f != "frame_seconds"} for k, s in plan["scan"].items()}}
+
+
 def test_sens_and_export_give_identical_shards(both, shard_checks):
     import io
 
     sens, export = both["sens"], both["export"]
-    assert sens["plan"] == export["plan"]  # same frames, skips, pairs, split
+    # the .sens stores timestamps (30 fps), the export none: the frame step is all that may differ
+    for key in SCENES:
+        assert abs(sens["plan"]["scan"][key]["frame_seconds"] - 0.033333) < 1e-9
+        assert export["plan"]["scan"][key]["frame_seconds"] is None
+    assert strip_frame_seconds(sens["plan"]) == strip_frame_seconds(export["plan"])  # same frames, skips, clips, split
     assert sens["shards"].keys() == export["shards"].keys() and len(sens["shards"]) >= 3
     for name, data in sens["shards"].items():
         assert data == export["shards"][name], f"{name} differs"
     scan = {s["scene"]: s for s in sens["scans"]}
     assert scan["scene0000_00"]["skipped"] == {"pose is not finite": 2}  # the -inf poses, counted
     assert scan["scene0000_00"]["usable"] == 14 and scan["scene0001_00"]["usable"] == 16
-    n = 0
+    planned = [it for e in sens["plan"]["shards"] for it in e["clips"]]
+    assert len(planned) == len(SCENES) * CLIPS_PER_SCENE  # every stratum of every scene gave a clip
+    n = n_pairs = 0
     for data in sens["shards"].values():
         shard_checks.tar(io.BytesIO(data))
         for raw in tar_samples(data):
-            s = shard_checks.sample(raw)
+            s = shard_checks.sample(raw)  # every pair i < j: members, dtypes, visibility in the STORED data
             truth = sens["truths"][s.meta["scene"]]
-            ia = truth.names.index(s.meta["frame_a"])
-            np.testing.assert_array_equal(s.T_wa, truth.cam2world[ia])  # float32 poses, exactly
+            assert 3 <= s.n_frames <= 4  # a clip, not a pair
+            for k in range(s.n_frames):
+                i = truth.names.index(s.meta["frames"][k])
+                assert s.index(k) == i  # a .sens frame's index is its position in the file
+                np.testing.assert_array_equal(s.T_w(k), truth.cam2world[i])  # float32 poses, exactly
+            if s.meta["scene"] == "scene0000_00":
+                assert not {3, 9} & set(s.meta["indices"])  # no clip uses a frame with a -inf pose
             n += 1
-    assert n >= 9
+            n_pairs += len(s.meta["pairs"])
+    assert n == len(planned)  # every planned clip written, with every pair i < j of its frames
+    assert n_pairs == sum(len(it["indices"]) * (len(it["indices"]) - 1) // 2 for it in planned) >= 3 * n
 
 
 def test_sens_reads_back_generator_truth(tmp_path):

@@ -12,8 +12,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARD = os.path.join(ROOT, "pipeline", "shard.py")
-TINY = ["--format", "synthetic", "--pairs-per-scene", "6", "--samples-per-shard", "3", "--max-side", "160",
-        "--val-fraction", "0.34", "--max-gap", "20", "--gap-buckets", "1,5,15"]
+TINY = ["--format", "synthetic", "--clips-per-scene", "3", "--clip-frames", "4", "--clip-window", "16",
+        "--samples-per-shard", "3", "--max-side", "160", "--val-fraction", "0.34"]
 BUCKET = "gasp-shard-test"
 
 
@@ -69,9 +69,9 @@ def test_s3_input_and_output_without_leaking_credentials(s3_server, tiny_corpus,
     manifest_text = fs.cat(f"{BUCKET}/shards/manifest.json").decode()
     plan_text = fs.cat(f"{BUCKET}/shards/plan.json").decode()
     manifest = json.loads(manifest_text)
-    assert manifest["complete"] and manifest["counts"]["pairs"] == 18
+    assert manifest["complete"] and manifest["counts"]["clips"] == 9
     tars = sorted(n for n in names if n.endswith(".tar"))
-    assert tars == sorted(s["name"] for s in manifest["shards"]) and len(tars) == 6
+    assert tars == sorted(s["name"] for s in manifest["shards"]) and len(tars) == 3
     assert all(n.endswith((".tar", ".stats.json")) or n in ("plan.json", "manifest.json") for n in names), names
     stats_texts = [fs.cat(f"{BUCKET}/shards/{n}").decode() for n in names if n.endswith(".stats.json")]
 
@@ -85,7 +85,7 @@ def test_s3_input_and_output_without_leaking_credentials(s3_server, tiny_corpus,
         shard_checks.tar(io.BytesIO(data))
     streams = [{"url": f"s3://{BUCKET}/shards/{t}", "stream": fs.open(f"{BUCKET}/shards/{t}", "rb")} for t in tars]
     samples = list(wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(streams)))
-    assert len(samples) == 18
+    assert len(samples) == 9
     for raw in samples:
         s = shard_checks.sample(raw)
         assert s.meta["source"] == f"s3://{BUCKET}/corpus/{s.meta['scene']}"
@@ -93,7 +93,7 @@ def test_s3_input_and_output_without_leaking_credentials(s3_server, tiny_corpus,
     # no credential in what the job writes or prints, nor in MLflow
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("s3-test").experiment_id])
-    assert run.data.params["input"] == f"s3://{BUCKET}/corpus" and run.data.metrics["pairs"] == 18
+    assert run.data.params["input"] == f"s3://{BUCKET}/corpus" and run.data.metrics["clips"] == 9
     mlflow_text = json.dumps([run.data.params, run.data.tags])
     for secret in (s3_server.KEY_ID, s3_server.SECRET):
         for where, text in (("manifest.json", manifest_text), ("plan.json", plan_text),
@@ -105,6 +105,6 @@ def test_s3_input_and_output_without_leaking_credentials(s3_server, tiny_corpus,
     before = {t: fs.info(f"{BUCKET}/shards/{t}")["LastModified"] for t in tars}
     p2 = _run(argv + ["--quiet"], env)
     assert p2.returncode == 0, p2.stderr[-3000:]
-    assert "6 of 6 shards already done; writing 0" in p2.stdout
+    assert "3 of 3 shards already done; writing 0" in p2.stdout
     fs.invalidate_cache()
     assert {t: fs.info(f"{BUCKET}/shards/{t}")["LastModified"] for t in tars} == before

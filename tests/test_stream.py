@@ -17,9 +17,9 @@ import webdataset as wds
 
 from conftest import GOLDEN_SHARD, ROOT, free_port
 from data import shardformat
-from data.labels import pair_labels
+from data.labels import clip_labels
 from data.shardformat import FormatError
-from data.stream import REASONS, PairStream, decode_checked, parse_spec, tar_samples
+from data.stream import REASONS, SampleStream, decode_checked, parse_spec, tar_samples
 
 BIN = os.path.dirname(sys.executable)
 
@@ -40,12 +40,13 @@ def adapter(tiny_model):
 
 @pytest.fixture(scope="module")
 def raw_pool(tiny_shards) -> list[dict]:
-    """Every raw sample (bytes) of the tiny shards, train then val."""
+    """18 raw clip samples (bytes): the tiny shards' clips, train then val, repeated in order to 18 (write_set
+    re-keys every sample, so a repeated clip is a distinct sample of the sets the tests write)."""
     out = []
     for url in sorted(glob.glob(os.path.join(tiny_shards, "*.tar"))):
         out.extend(tar_samples(url, lambda reason, msg: pytest.fail(msg)))
-    assert len(out) == 18
-    return out
+    assert len(out) >= 6
+    return list(itertools.islice(itertools.cycle(out), 18))
 
 
 def _fail(reason, msg):
@@ -53,7 +54,7 @@ def _fail(reason, msg):
 
 
 def write_set(out: str, samples: list[dict], per_shard: int, *, split: str = "train", prefix: str = "",
-              manifest: bool = True, format_version: int = 1, stats: bool = True) -> list[str]:
+              manifest: bool = True, format_version: int = 2, stats: bool = True) -> list[str]:
     """Write samples as shards OUT/{split}-NNNNNN.tar (+ stats.json, manifest.json); returns the keys.
 
     Samples are re-keyed `{prefix}{shard:06d}_{index:05d}`; a sample may be a (sample, mutate) pair
@@ -120,7 +121,7 @@ def truncate_tar(path: str, sample_index: int) -> None:
         f.truncate(cut)
 
 
-def epoch_batches(stream: PairStream, n: int | None = None) -> list[dict]:
+def epoch_batches(stream: SampleStream, n: int | None = None) -> list[dict]:
     return list(itertools.islice(stream.forever(), n if n is not None else len(stream)))
 
 
@@ -135,60 +136,67 @@ def assert_same_batches(got: list[dict], want: list[dict]) -> None:
 
 # ------------------------------------------------------------------ batch format
 
-def test_batch_format_labels_and_tiny_model_forward(tiny_shards, tiny_model, raw_pool):
+def test_batch_format_labels_and_tiny_model_forward(tiny_shards, tiny_model):
+    """The clip batch (data/stream.py docstring): per-frame and per-pair tensors, labels equal to the
+    per-clip computation, cell positions in frame order, and it feeds the model and the loss."""
     model, _, adapter = tiny_model
-    stream = PairStream([tiny_shards], adapter, batch_size=3, seed=1)
-    assert len(stream) == 12 // 3
+    stream = SampleStream([tiny_shards], adapter, batch_size=3, seed=1)
+    n_train = stream.sets[0].n_samples
+    assert len(stream) == n_train // 3 >= 1
     batches = epoch_batches(stream)
-    by_key = {s["__key__"]: s for s in raw_pool[:12]}
+    by_key = {s["__key__"]: s for url in stream.sets[0].urls for s in tar_samples(url, _fail)}
     B = 3
     for batch in batches:
-        assert len(batch["keys"]) == B
-        Na, Nb, M = batch["cell_pos_a"].shape[1], batch["cell_pos_b"].shape[1], batch["anchor_a"].shape[1]
-        spec = {"cell_pos_a": (torch.long, (B, Na)), "cell_mask_a": (torch.bool, (B, Na)),
-                "cell_pos_b": (torch.long, (B, Nb)), "cell_mask_b": (torch.bool, (B, Nb)),
-                "grid_a": (torch.long, (B, 2)), "grid_b": (torch.long, (B, 2)),
-                "anchor_a": (torch.long, (B, M)), "target_b": (torch.long, (B, M)), "z_b": (torch.float32, (B, M)),
-                "anchor_mask": (torch.bool, (B, M)), "depth_b": (torch.float32, (B, Nb)),
-                "depth_b_valid": (torch.bool, (B, Nb)), "gap": (torch.long, (B,)), "n_anchors": (torch.long, (B,))}
+        assert len(batch["keys"]) == B and len(batch["datasets"]) == B
+        F, N = batch["cell_pos"].shape
+        P, M = batch["anchor_a"].shape
+        spec = {"frame_clip": (torch.long, (F,)), "cell_pos": (torch.long, (F, N)), "cell_mask": (torch.bool, (F, N)),
+                "grid": (torch.long, (F, 2)), "depth": (torch.float32, (F, N)), "depth_valid": (torch.bool, (F, N)),
+                "pair_frames": (torch.long, (P, 2)), "pair_clip": (torch.long, (P,)), "dt": (torch.long, (P,)),
+                "anchor_a": (torch.long, (P, M)), "target_b": (torch.long, (P, M)), "z_b": (torch.float32, (P, M)),
+                "anchor_mask": (torch.bool, (P, M)), "n_anchors": (torch.long, (P,)), "n_frames": (torch.long, (B,))}
         for k, (dtype, shape) in spec.items():
             assert batch[k].dtype == dtype and tuple(batch[k].shape) == shape, k
         for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
             assert isinstance(batch[k], torch.Tensor), k
-        assert (batch["anchor_mask"].sum(1) == batch["n_anchors"]).all()
-        assert batch["n_anchors"].sum() > 0
+        assert (batch["anchor_mask"].sum(1) == batch["n_anchors"]).all() and batch["n_anchors"].sum() > 0
+        assert batch["n_frames"].sum() == F and batch["image_grid_thw"].shape[0] == F
+        first = 0
         for b, key in enumerate(batch["keys"]):
-            # labels equal the per-sample computation
-            pair, _, _ = decode_checked(by_key[key])
-            ga = adapter.grid((pair.rgb_a.shape[1], pair.rgb_a.shape[0]))
-            gb = adapter.grid((pair.rgb_b.shape[1], pair.rgb_b.shape[0]))
-            lab = pair_labels(pair, ga, gb)
-            n, na, nb = lab.n_anchors, ga.n_cells, gb.n_cells
-            assert batch["grid_a"][b].tolist() == [ga.rows, ga.cols]
-            assert batch["grid_b"][b].tolist() == [gb.rows, gb.cols]
-            assert batch["cell_mask_a"][b].sum() == na and batch["cell_mask_b"][b].sum() == nb
-            assert batch["anchor_a"][b, :n].tolist() == lab.anchor_a.tolist()
-            assert batch["target_b"][b, :n].tolist() == lab.target_b.tolist()
-            assert torch.equal(batch["z_b"][b, :n], torch.from_numpy(lab.z_b))
-            assert torch.equal(batch["depth_b"][b, :nb], torch.from_numpy(lab.depth_b))
-            assert batch["depth_b_valid"][b, :nb].tolist() == lab.depth_b_valid.tolist()
-            assert not batch["anchor_mask"][b, n:].any() and not batch["depth_b_valid"][b, nb:].any()
-            assert batch["gap"][b] == json.loads(by_key[key]["json"])["gap"]
-            # cell positions are the image tokens of the sequence, A's before B's
+            clip, _, _ = decode_checked(by_key[key])
+            K = clip.n_frames
+            assert batch["n_frames"][b] == K and batch["frame_clip"][first:first + K].tolist() == [b] * K
+            grids = [adapter.grid(clip.size(k)) for k in range(K)]
+            lab = clip_labels(clip, grids)  # labels equal the per-clip computation
             ids = batch["input_ids"][b]
-            pos = torch.cat([batch["cell_pos_a"][b, :na], batch["cell_pos_b"][b, :nb]])
-            assert torch.equal(pos, torch.nonzero(ids == adapter.image_token_id).squeeze(1))
+            image_pos = torch.nonzero(ids == adapter.image_token_id).squeeze(1)
+            pos = torch.cat([batch["cell_pos"][first + k, :grids[k].n_cells] for k in range(K)])
+            assert torch.equal(pos, image_pos)  # every image token, frame 0's first
+            for k, g in enumerate(grids):
+                f = first + k
+                assert batch["grid"][f].tolist() == [g.rows, g.cols] and batch["cell_mask"][f].sum() == g.n_cells
+                if any(p.j == k for p in lab.pairs):
+                    assert torch.equal(batch["depth"][f, :g.n_cells], torch.from_numpy(lab.depth[k]))
+                    assert batch["depth_valid"][f, :g.n_cells].tolist() == lab.depth_valid[k].tolist()
+            rows = torch.nonzero(batch["pair_clip"] == b).squeeze(1).tolist()
+            assert len(rows) == len(lab.pairs) == K * (K - 1) // 2
+            for r, p in zip(rows, lab.pairs):
+                n = p.n_anchors
+                assert batch["pair_frames"][r].tolist() == [first + p.i, first + p.j]
+                assert batch["dt"][r] == p.dt == clip.index(p.j) - clip.index(p.i)
+                assert batch["anchor_a"][r, :n].tolist() == p.anchor_a.tolist()
+                assert batch["target_b"][r, :n].tolist() == p.target_b.tolist()
+                assert torch.equal(batch["z_b"][r, :n], torch.from_numpy(p.z_b))
+                assert not batch["anchor_mask"][r, n:].any()
+            first += K
 
     batch = batches[0]
     with torch.no_grad():
         out = model(**adapter.model_inputs(batch), output_hidden_states=True)
     assert len(out.hidden_states) == model.config.text_config.num_hidden_layers + 1
     for h in out.hidden_states:
-        idx = batch["cell_pos_a"][..., None].expand(-1, -1, h.shape[-1])
-        feats_a = torch.gather(h, 1, idx)  # (B, Na, D)
-        feats_b = torch.gather(h, 1, batch["cell_pos_b"][..., None].expand(-1, -1, h.shape[-1]))
-        assert feats_a.shape == (3, batch["cell_pos_a"].shape[1], h.shape[-1])
-        assert torch.isfinite(feats_a).all() and torch.isfinite(feats_b).all()
+        feats = h[batch["frame_clip"][:, None], batch["cell_pos"]]  # (F, N, D): per-frame cell features
+        assert feats.shape == (*batch["cell_pos"].shape, h.shape[-1]) and torch.isfinite(feats).all()
     # the batch feeds the loss (names as losses/gasp.py reads them)
     from losses.gasp import count_items
 
@@ -197,13 +205,14 @@ def test_batch_format_labels_and_tiny_model_forward(tiny_shards, tiny_model, raw
 
 
 def test_batch_with_no_anchors_at_all(tiny_shards, adapter, tmp_path, raw_pool):
-    empty = np.zeros((0, 4), np.float32)
+    empty = np.zeros((0, 6), np.float32)
     samples = [(s, replace("corr.npy", shardformat.encode_npy(empty))) for s in raw_pool[:4]]
     write_set(str(tmp_path / "s"), samples, per_shard=4)
-    batch = epoch_batches(PairStream([str(tmp_path / "s")], adapter, batch_size=2))[0]
-    assert batch["anchor_a"].shape == (2, 0) and batch["z_b"].shape == (2, 0)
-    assert batch["n_anchors"].tolist() == [0, 0]
-    assert batch["depth_b_valid"].any()
+    batch = epoch_batches(SampleStream([str(tmp_path / "s")], adapter, batch_size=2))[0]
+    P = int(batch["pair_clip"].shape[0])
+    assert P >= 2 and batch["anchor_a"].shape == (P, 0) and batch["z_b"].shape == (P, 0)
+    assert batch["n_anchors"].tolist() == [0] * P
+    assert batch["depth_valid"].any()
 
 
 # ---------------------------------------------------------------------- sources
@@ -216,7 +225,7 @@ def test_every_source_form_gives_the_same_epoch(adapter, tmp_path, raw_pool):
              [os.path.join(folder, f"train-{i:06d}.tar") for i in range(4)]]
     epochs = []
     for form in forms:
-        stream = PairStream([form], adapter, batch_size=2, seed=3)
+        stream = SampleStream([form], adapter, batch_size=2, seed=3)
         assert len(stream) == 6 and stream.sets[0].n_samples == 12
         epochs.append([k for b in epoch_batches(stream) for k in b["keys"]])
     assert sorted(epochs[0]) == sorted(keys)  # one epoch reads every sample once
@@ -224,19 +233,25 @@ def test_every_source_form_gives_the_same_epoch(adapter, tmp_path, raw_pool):
     # without manifest and stats the tars are counted
     bare = str(tmp_path / "bare")
     write_set(bare, raw_pool[:5], per_shard=2, manifest=False, stats=False)
-    assert PairStream([bare], adapter, batch_size=1).sets[0].samples == [2, 2, 1]
+    assert SampleStream([bare], adapter, batch_size=1).sets[0].samples == [2, 2, 1]
 
 
 def test_split_selects_train_or_val(tiny_shards, adapter):
-    val = PairStream([tiny_shards], adapter, batch_size=2, split="val")
+    val = SampleStream([tiny_shards], adapter, batch_size=1, split="val")
     keys = [k for b in epoch_batches(val) for k in b["keys"]]
-    assert all(k.startswith("00000") for k in keys) and len(keys) == 6
-    assert all("val-" in u for u in val.sets[0].urls)
+    assert len(keys) == val.sets[0].n_samples >= 2 and all("val-" in u for u in val.sets[0].urls)
+    train = SampleStream([tiny_shards], adapter, batch_size=1, split="train")
+    assert all("train-" in u for u in train.sets[0].urls)
+    with open(os.path.join(tiny_shards, "plan.json")) as f:
+        scenes = json.load(f)["scenes"]
+    for stream, split in ((val, "val"), (train, "train")):  # each stream reads its split's scenes only
+        seen = {json.loads(s["json"])["scene"] for u in stream.sets[0].urls for s in tar_samples(u, _fail)}
+        assert seen and all(scenes[sc] == split for sc in seen)
 
 
 def test_pixel_dtype_casts_in_the_workers_only(tiny_shards, adapter):
-    ref = epoch_batches(PairStream([tiny_shards], adapter, batch_size=2, seed=3))
-    half = epoch_batches(PairStream([tiny_shards], adapter, batch_size=2, seed=3, num_workers=1,
+    ref = epoch_batches(SampleStream([tiny_shards], adapter, batch_size=2, seed=3))
+    half = epoch_batches(SampleStream([tiny_shards], adapter, batch_size=2, seed=3, num_workers=1,
                                     pixel_dtype=torch.bfloat16))
     assert [b["keys"] for b in half] == [b["keys"] for b in ref]
     for h, r in zip(half, ref):
@@ -249,32 +264,33 @@ def test_pixel_dtype_casts_in_the_workers_only(tiny_shards, adapter):
 
 def test_seeded_shuffle_changes_per_epoch_and_seed(tiny_shards, adapter):
     def keys(seed, epochs=2):
-        s = PairStream([tiny_shards], adapter, batch_size=2, seed=seed)
+        s = SampleStream([tiny_shards], adapter, batch_size=2, seed=seed)
         return [tuple(b["keys"]) for b in epoch_batches(s, epochs * len(s))]
     a, b = keys(0), keys(1)
     assert a == keys(0)
     assert a != b
-    assert a[:6] != a[6:]  # a new shard order and buffer per epoch
+    n = len(a) // 2
+    assert a[:n] != a[n:]  # a new shard order and buffer per epoch
 
 
 def test_unknown_format_version_is_refused_in_one_line(adapter, tmp_path, raw_pool):
-    write_set(str(tmp_path / "m"), raw_pool[:4], per_shard=2, format_version=2)
+    write_set(str(tmp_path / "m"), raw_pool[:4], per_shard=2, format_version=3)
     with pytest.raises(FormatError) as e:
-        PairStream([str(tmp_path / "m")], adapter, batch_size=1)
-    assert "version 2 is not supported" in str(e.value) and "\n" not in str(e.value)
+        SampleStream([str(tmp_path / "m")], adapter, batch_size=1)
+    assert "version 3 is not supported" in str(e.value) and "\n" not in str(e.value)
     # a set without a manifest whose samples carry an unknown version
     write_set(str(tmp_path / "s"), [(s, versioned(3)) for s in raw_pool[:4]], per_shard=2, manifest=False)
     with pytest.raises(FormatError) as e:
-        PairStream([os.path.join(str(tmp_path / "s"), "train-{000000..000001}.tar")], adapter, batch_size=1)
+        SampleStream([os.path.join(str(tmp_path / "s"), "train-{000000..000001}.tar")], adapter, batch_size=1)
     assert "version 3 is not supported" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_source_is_one_clear_error(adapter, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        PairStream([str(tmp_path / "nope")], adapter, batch_size=1)
+        SampleStream([str(tmp_path / "nope")], adapter, batch_size=1)
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no train"):
-        PairStream([str(tmp_path / "empty")], adapter, batch_size=1)
+        SampleStream([str(tmp_path / "empty")], adapter, batch_size=1)
 
 
 def test_mixing_spec_and_weights(adapter, tmp_path, raw_pool):
@@ -287,10 +303,10 @@ def test_mixing_spec_and_weights(adapter, tmp_path, raw_pool):
     write_set(a, raw_pool[:8], per_shard=4, prefix="a")
     write_set(b, raw_pool[8:12], per_shard=2, prefix="b")
     with pytest.raises(ValueError, match="every shard set"):
-        PairStream([a + ":0.5", b], adapter, batch_size=2)
-    plain = PairStream([a, b], adapter, batch_size=2)
+        SampleStream([a + ":0.5", b], adapter, batch_size=2)
+    plain = SampleStream([a, b], adapter, batch_size=2)
     assert plain.probs.tolist() == pytest.approx([8 / 12, 4 / 12]) and len(plain) == 6
-    mixed = PairStream([a + ":0.9", b + ":0.1"], adapter, batch_size=4, batches_per_epoch=20, seed=5)
+    mixed = SampleStream([a + ":0.9", b + ":0.1"], adapter, batch_size=4, batches_per_epoch=20, seed=5)
     keys = [k for batch in epoch_batches(mixed) for k in batch["keys"]]
     share_a = sum(k.startswith("a") for k in keys) / len(keys)
     assert 0.8 <= share_a <= 0.98, share_a  # 80 draws at p = 0.9
@@ -303,7 +319,7 @@ def test_ranks_read_disjoint_shares_with_equal_batch_counts(adapter, tmp_path, r
     keys = write_set(folder, raw_pool[:16], per_shard=2)
     seen, counts = [], []
     for rank in range(2):
-        s = PairStream([folder], adapter, batch_size=2, rank=rank, world_size=2, num_workers=0, seed=9)
+        s = SampleStream([folder], adapter, batch_size=2, rank=rank, world_size=2, num_workers=0, seed=9)
         got = [k for b in epoch_batches(s) for k in b["keys"]]
         seen.append(got)
         counts.append(len(got) // 2)
@@ -317,7 +333,7 @@ def test_fewer_shards_than_ranks_resamples(adapter, tmp_path, raw_pool, caplog):
     caplog.set_level(logging.WARNING, logger="data.stream")
     counts = []
     for rank in range(2):
-        s = PairStream([folder], adapter, batch_size=2, rank=rank, world_size=2)
+        s = SampleStream([folder], adapter, batch_size=2, rank=rank, world_size=2)
         counts.append(len(epoch_batches(s)))
     assert counts == [1, 1]
     assert any("resamples" in r.getMessage() for r in caplog.records)
@@ -328,7 +344,7 @@ def test_uneven_shards_give_every_rank_the_same_count(adapter, tmp_path, raw_poo
     write_set(folder, raw_pool[:17], per_shard=5)  # shards of 5, 5, 5, 2
     counts = []
     for rank in range(3):
-        s = PairStream([folder], adapter, batch_size=2, rank=rank, world_size=3, num_workers=0)
+        s = SampleStream([folder], adapter, batch_size=2, rank=rank, world_size=3, num_workers=0)
         assert len(s) == 17 // 6
         counts.append(len(epoch_batches(s)))
     assert counts == [2, 2, 2]
@@ -364,8 +380,8 @@ def bad_set(tmp_path, raw_pool) -> str:
     p = raw_pool
     half = lambda b: b[: len(b) // 3]  # noqa: E731
     samples = [p[0], (p[1], drop("corr.npy")), p[2], p[3],
-               p[4], (p[5], replace("corr.npy", b"\x93NUMPY garbage")), p[6], (p[7], replace("a.jpg", half)),
-               p[8], (p[9], versioned(2)), p[10], p[11],
+               p[4], (p[5], replace("corr.npy", b"\x93NUMPY garbage")), p[6], (p[7], replace("f00.jpg", half)),
+               p[8], (p[9], versioned(3)), p[10], p[11],
                p[12], p[13], p[14], p[15]]
     folder = str(tmp_path / "bad")
     write_set(folder, samples, per_shard=4)
@@ -376,21 +392,21 @@ def bad_set(tmp_path, raw_pool) -> str:
 def test_bad_samples_and_shards_are_skipped_counted_and_reported(adapter, bad_set, caplog):
     caplog.set_level(logging.WARNING, logger="data.stream")
     good = 3 + 2 + 3 + 2
-    stream = PairStream([bad_set], adapter, batch_size=2, batches_per_epoch=good // 2, warn_every=0)
+    stream = SampleStream([bad_set], adapter, batch_size=2, batches_per_epoch=good // 2, warn_every=0)
     keys = [k for b in epoch_batches(stream) for k in b["keys"]]
     assert len(keys) == good and len(set(keys)) == good
     stats = stream.stats()
     assert stats == {"samples": good, "shard_unreadable": 0, "tar_truncated": 1, "missing_member": 1,
-                     "unknown_version": 1, "corrupt_member": 2, "bad_meta": 0, "bad_labels": 0,
+                     "unknown_version": 1, "unknown_kind": 0, "corrupt_member": 2, "bad_meta": 0, "bad_labels": 0,
                      "encode_error": 0, "skipped": 5}
     warnings = [r.getMessage() for r in caplog.records if "skipped bad data" in r.getMessage()]
     assert len(warnings) == 5
     assert any("missing member(s) corr.npy" in w for w in warnings)
     assert any("tar breaks off" in w for w in warnings)
-    assert any("version 2 is not supported" in w for w in warnings)
+    assert any("version 3 is not supported" in w for w in warnings)
     # rate limit: one warning in a long window, with the count so far
     caplog.clear()
-    stream = PairStream([bad_set], adapter, batch_size=2, warn_every=3600)
+    stream = SampleStream([bad_set], adapter, batch_size=2, warn_every=3600)
     batches = epoch_batches(stream)  # default length: 16 // 2 = 8 batches, a second pass fills the epoch
     assert len(batches) == 8
     warnings = [r.getMessage() for r in caplog.records if "skipped bad data" in r.getMessage()]
@@ -401,7 +417,7 @@ def test_bad_samples_and_shards_are_skipped_counted_and_reported(adapter, bad_se
 def test_all_bad_stops_with_an_error_instead_of_spinning(adapter, tmp_path, raw_pool):
     folder = str(tmp_path / "allbad")
     write_set(folder, [(s, drop("json")) for s in raw_pool[:4]], per_shard=4)
-    stream = PairStream([folder], adapter, batch_size=2, batches_per_epoch=3, max_consecutive_bad=20)
+    stream = SampleStream([folder], adapter, batch_size=2, batches_per_epoch=3, max_consecutive_bad=20)
     with pytest.raises(RuntimeError, match="bad samples in a row"):
         epoch_batches(stream)
     # shards that yield no sample at all (cut inside their first sample)
@@ -409,7 +425,7 @@ def test_all_bad_stops_with_an_error_instead_of_spinning(adapter, tmp_path, raw_
     write_set(empty, raw_pool[:4], per_shard=2)
     for name in ("train-000000.tar", "train-000001.tar"):
         truncate_tar(os.path.join(empty, name), 0)
-    stream = PairStream([empty], adapter, batch_size=2)
+    stream = SampleStream([empty], adapter, batch_size=2)
     with pytest.raises(RuntimeError, match="read no sample"):
         epoch_batches(stream)
 
@@ -427,7 +443,7 @@ def resume_set(tmp_path, raw_pool) -> str:
 
 
 def _resume_check(adapter, folder, num_workers, cuts, **kw):
-    make = lambda: PairStream([folder], adapter, batch_size=2, num_workers=num_workers, seed=11,  # noqa: E731
+    make = lambda: SampleStream([folder], adapter, batch_size=2, num_workers=num_workers, seed=11,  # noqa: E731
                               shuffle_buffer=4, shuffle_initial=2, **kw)
     ref = make()
     nb = len(ref)
@@ -457,7 +473,7 @@ def test_resume_equals_uninterrupted_with_two_workers(adapter, resume_set):
 
 
 def test_resume_from_another_ranks_state_replays(adapter, resume_set):
-    make = lambda rank: PairStream([resume_set], adapter, batch_size=2, rank=rank, world_size=2,  # noqa: E731
+    make = lambda rank: SampleStream([resume_set], adapter, batch_size=2, rank=rank, world_size=2,  # noqa: E731
                                    seed=4, shuffle_buffer=4, shuffle_initial=2)
     full = epoch_batches(make(1), 2 * len(make(1)))
     r0 = make(0)
@@ -469,9 +485,9 @@ def test_resume_from_another_ranks_state_replays(adapter, resume_set):
 
 
 def test_state_of_other_settings_is_refused(adapter, resume_set):
-    s = PairStream([resume_set], adapter, batch_size=2)
+    s = SampleStream([resume_set], adapter, batch_size=2)
     epoch_batches(s, 2)
-    other = PairStream([resume_set], adapter, batch_size=3)
+    other = SampleStream([resume_set], adapter, batch_size=3)
     with pytest.raises(ValueError, match="batch_size=2"):
         other.load_state_dict(s.state_dict())
 
@@ -495,53 +511,49 @@ def test_s3_shards_stream_like_local_ones(adapter, tmp_path, raw_pool, s3):
     write_set(folder, raw_pool[:12], per_shard=3)
     s3.mkdir("gasp-test")
     s3.put(folder + "/", "gasp-test/set/", recursive=True)
-    local = {w: [b["keys"] for b in epoch_batches(PairStream([folder], adapter, batch_size=2, seed=2,
+    local = {w: [b["keys"] for b in epoch_batches(SampleStream([folder], adapter, batch_size=2, seed=2,
                                                              num_workers=w))] for w in (0, 2)}
     for src, workers in (("s3://gasp-test/set/", 0), ("s3://gasp-test/set/manifest.json", 2),
                          ("s3://gasp-test/set/train-{000000..000003}.tar", 0)):
-        stream = PairStream([src], adapter, batch_size=2, seed=2, num_workers=workers)
+        stream = SampleStream([src], adapter, batch_size=2, seed=2, num_workers=workers)
         assert stream.sets[0].urls[0].startswith("s3://gasp-test/set/")
         assert [b["keys"] for b in epoch_batches(stream)] == local[workers], src
     # a truncated object on s3 is skipped and counted like a local one
     truncate_tar(os.path.join(folder, "train-000001.tar"), 1)
     s3.put(os.path.join(folder, "train-000001.tar"), "gasp-test/set/train-000001.tar")
-    stream = PairStream(["s3://gasp-test/set/"], adapter, batch_size=2, seed=2, batches_per_epoch=5)
+    stream = SampleStream(["s3://gasp-test/set/"], adapter, batch_size=2, seed=2, batches_per_epoch=5)
     assert len(epoch_batches(stream)) == 5 and stream.stats()["tar_truncated"] >= 1
 
 
 # ----------------------------------------------------------------------- golden
 
-def test_golden_shard_reads_back_through_the_stream(adapter, shard_checks):
-    if not os.path.exists(GOLDEN_SHARD):
-        pytest.skip(f"{GOLDEN_SHARD} is not committed yet (format version 1 golden shard)")
-    raw = list(tar_samples(GOLDEN_SHARD, _fail))
-    assert raw
-    for smp in raw:
-        assert set(shardformat.MEMBERS) <= set(smp)
-        shard_checks.sample(smp)  # the shard job's own member / dtype / visibility checks
-        pair, reason, msg = decode_checked(smp)
-        assert pair is not None, msg
-        meta = pair.meta
-        assert set(shardformat.META_KEYS) <= set(meta) and meta["version"] == shardformat.FORMAT_VERSION
-        (Wa, Ha), (Wb, Hb) = meta["size_a"], meta["size_b"]
-        assert pair.rgb_a.dtype == np.uint8 and pair.rgb_a.shape == (Ha, Wa, 3)
-        assert pair.rgb_b.dtype == np.uint8 and pair.rgb_b.shape == (Hb, Wb, 3)
-        assert pair.depth_a.dtype == np.float32 and pair.depth_a.shape == (Ha, Wa)
-        assert pair.depth_b.dtype == np.float32 and pair.depth_b.shape == (Hb, Wb)
-        assert pair.corr.dtype == np.float32 and pair.corr.shape == (meta["n_corr"], 4)
-        assert pair.K_a.shape == (3, 3) and pair.T_wa.shape == (4, 4)
-        assert (pair.depth_a > 0).any() and pair.depth_a.max() > 1.0  # 16-bit depth, not 8-bit
-        assert meta["gap"] == meta["index_b"] - meta["index_a"]
-    stream = PairStream([GOLDEN_SHARD], adapter, batch_size=1)
-    assert len(stream) == len(raw)
-    batches = epoch_batches(stream)
-    assert sorted(k for b in batches for k in b["keys"]) == sorted(s["__key__"] for s in raw)
-    assert stream.stats()["skipped"] == 0
-    for b in batches:
-        assert b["z_b"].dtype == torch.float32 and b["anchor_a"].dtype == torch.long
-        assert b["depth_b"].shape == b["cell_pos_b"].shape and b["cell_mask_a"].dtype == torch.bool
+def test_golden_shards_read_back_through_the_stream(adapter, shard_checks):
+    """Both committed golden shards stream: the version-1 pairs as clips of two frames, the version-2 clips."""
+    v2 = os.path.join(ROOT, "tests", "golden", "v2", "train-000000.tar")
+    for path, version in ((GOLDEN_SHARD, 1), (v2, 2)):
+        raw = list(tar_samples(path, _fail))
+        assert raw
+        for smp in raw:
+            (shard_checks.pair if version == 1 else shard_checks.sample)(smp)  # the job's member / visibility checks
+            clip, reason, msg = decode_checked(smp)
+            assert clip is not None, msg
+            assert clip.version == version and clip.n_frames == (2 if version == 1 else len(clip.meta["frames"]))
+            for k in range(clip.n_frames):
+                W, H = clip.meta["sizes"][k]
+                assert clip.rgb[k].dtype == np.uint8 and clip.rgb[k].shape == (H, W, 3)
+                assert clip.depth[k].dtype == np.float32 and clip.depth[k].shape == (H, W)
+                assert (clip.depth[k] > 0).any() and clip.depth[k].max() > 1.0  # 16-bit depth, not 8-bit
+            assert clip.corr.dtype == np.float32 and clip.corr.shape == (sum(clip.meta["n_corr"]), 6)
+        stream = SampleStream([path], adapter, batch_size=1)
+        assert len(stream) == len(raw)
+        batches = epoch_batches(stream)
+        assert sorted(k for b in batches for k in b["keys"]) == sorted(s["__key__"] for s in raw)
+        assert stream.stats()["skipped"] == 0
+        for b in batches:
+            assert b["z_b"].dtype == torch.float32 and b["anchor_a"].dtype == torch.long
+            assert b["depth"].shape == b["cell_pos"].shape and b["cell_mask"].dtype == torch.bool
 
 
 def test_reasons_are_the_stats_keys(tiny_shards, adapter):
-    s = PairStream([tiny_shards], adapter, batch_size=4)
+    s = SampleStream([tiny_shards], adapter, batch_size=4)
     assert set(s.stats()) == {"samples", "skipped", *REASONS}

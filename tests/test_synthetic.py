@@ -291,7 +291,7 @@ def test_write_scene_posed_layout(tmp_path):
     assert path == tmp_path / "scene"
     meta = json.loads((path / "cameras.json").read_text())
     assert meta["depth_scale"] == 1000.0 and meta["metric_depth"] is True
-    assert meta["synthetic"]["seed"] == 5 and meta["synthetic"]["generator"] == "gasp-synthetic-v1"
+    assert meta["synthetic"]["seed"] == 5 and meta["synthetic"]["generator"] == "gasp-synthetic-v2"
     assert [f["name"] for f in meta["frames"]] == ["000000", "000001", "000002"]
     room = syn.room_for_scene(meta)
     for f in meta["frames"]:

@@ -172,6 +172,7 @@ def test_failed_default_shard_build_is_one_line(tmp_path, capsys, monkeypatch):
     assert rc == 3 and len(err) == 1 and "building the default shards" in err[0], err
 
 
+@pytest.mark.slow
 def test_export_of_a_checkpoint_whose_model_moved_is_one_line(reference_run, tmp_path, capsys):
     from launch.export import main
 
@@ -244,20 +245,23 @@ def _tiny_gasp(tau: float):
 
 
 def test_raw_scores_use_tau_007_whatever_the_training_tau(tiny_shards):
-    from data.stream import PairStream
+    from data.stream import SampleStream
+    from losses.gasp import pair_view
     from losses.metrics import match_stats, raw_similarities
 
     g1, adapter = _tiny_gasp(0.07)
     g2, _ = _tiny_gasp(0.5)
-    batch = next(iter(PairStream([tiny_shards], adapter, batch_size=2, rank=0, world_size=1, split="val",
+    batch = next(iter(SampleStream([tiny_shards], adapter, batch_size=2, rank=0, world_size=1, split="val",
                                  batches_per_epoch=1)))
     b, inputs = g1.batch_to_device(batch, adapter, torch.device("cpu"), torch.float32)
     h1, r1 = g1.match(b, inputs)
     h2, r2 = g2.match(b, inputs)
     assert torch.equal(r1.max_prob, r2.max_prob) and torch.equal(r1.dist, r2.dist)
     assert not torch.equal(h1.max_prob, h2.max_prob)  # the heads' confidences follow the training tau
-    fa, fb = g1.capture(b, inputs)
-    assert torch.allclose(r2.max_prob, match_stats(raw_similarities(fa, fb, 0.07), b).max_prob)
+    feats = g1.capture(b, inputs)
+    pf = b["pair_frames"]
+    fa, fb = feats[:, pf[:, 0]], feats[:, pf[:, 1]]
+    assert torch.allclose(r2.max_prob, match_stats(raw_similarities(fa, fb, 0.07), pair_view(b)).max_prob)
 
 
 def test_non_metric_depth_is_stored_finely_enough(tmp_path):
@@ -266,7 +270,7 @@ def test_non_metric_depth_is_stored_finely_enough(tmp_path):
     from conftest import build_shards
     from data import synthetic
     from data.adapter import CellGrid
-    from data.labels import cell_depth, pair_labels
+    from data.labels import cell_depth, clip_labels
     from data.shardformat import decode_sample
     from data.stream import tar_samples
 
@@ -290,21 +294,23 @@ def test_non_metric_depth_is_stored_finely_enough(tmp_path):
     cams["metric_depth"] = False
     (root / "scene_0000" / "cameras.json").write_text(json.dumps(cams))
     out = tmp_path / "shards"
-    build_shards(str(root), str(out), fmt="posed", pairs_per_scene=4, samples_per_shard=8, max_side=160,
-                 val_fraction=0.0, max_gap=6, gap_buckets=(1, 3))
+    build_shards(str(root), str(out), fmt="posed", clip_frames=3, clip_window=8, clips_per_scene=3,
+                 samples_per_shard=8, max_side=160, val_fraction=0.0)
     grid = CellGrid(size=(160, 120), cell_px=20, rows=6, cols=8)
     n = 0
     for raw in tar_samples(str(out / "train-000000.tar"), lambda r, m: None):
         s = decode_sample(raw)
-        d_true = truth[s.meta["frame_b"]]
-        ok = d_true > 0
-        rel = np.abs(s.depth_b[ok] - d_true[ok]) / d_true[ok]
-        assert rel.max() < 1e-3, rel.max()
-        lab = pair_labels(s, grid, grid)
-        want, _ = cell_depth(d_true, grid)
-        v = lab.depth_b_valid
-        assert np.all(np.abs(lab.depth_b[v] - want[v]) / want[v] < 1e-3)
-        n += 1
+        lab = clip_labels(s, [grid] * s.n_frames)
+        for k in range(s.n_frames):
+            d_true = truth[s.meta["frames"][k]]
+            ok = d_true > 0
+            rel = np.abs(s.depth[k][ok] - d_true[ok]) / d_true[ok]
+            assert rel.max() < 1e-3, rel.max()
+        for p in lab.pairs:
+            want, _ = cell_depth(truth[s.meta["frames"][p.j]], grid)
+            v = lab.depth_valid[p.j]
+            assert np.all(np.abs(lab.depth[p.j][v] - want[v]) / want[v] < 1e-3)
+            n += 1
     assert n >= 3
 
 

@@ -7,31 +7,11 @@ from model.loading import build_model_and_processor
 from model.wrapper import GaspConfig, GaspVLM
 
 
-def _pair_batch(adapter, seed=0, n_pairs=2):
-    """A collated batch of random-image pairs with hand-made labels (two anchors share a target)."""
-    rng = np.random.default_rng(seed)
-    items = []
-    for _ in range(n_pairs):
-        a = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
-        b = np.roll(a, 28 * 10 // 7, axis=1)  # B: A shifted sideways
-        items.append(adapter.encode_pair(a, b))
-    batch = adapter.collate(items)
-    B = n_pairs
-    batch["cell_pos_a"] = torch.stack(batch["cell_pos_a"])
-    batch["cell_pos_b"] = torch.stack(batch["cell_pos_b"])
-    Na, Nb = batch["cell_pos_a"].shape[1], batch["cell_pos_b"].shape[1]
-    batch["cell_mask_a"] = torch.ones(B, Na, dtype=torch.bool)
-    batch["cell_mask_b"] = torch.ones(B, Nb, dtype=torch.bool)
-    batch["anchor_a"] = torch.tensor([[0, 9, 17, 30]] * B)
-    batch["target_b"] = torch.tensor([[1, 10, 10, 31]] * B)
-    batch["anchor_mask"] = torch.tensor([[True, True, True, True], [True, True, False, False]][:B])
-    batch["z_b"] = torch.full((B, 4), 2.0)
-    batch["depth_b"] = torch.linspace(1.0, 4.0, Nb).repeat(B, 1)
-    batch["depth_b_valid"] = torch.ones(B, Nb, dtype=torch.bool)
-    batch["grid_a"] = torch.tensor([[6, 8]] * B)
-    batch["grid_b"] = torch.tensor([[6, 8]] * B)
-    batch["gap"] = torch.tensor([1, 20][:B])
-    return batch
+def _pair_batch(adapter, seed=0):
+    """Two clips (3 and 2 frames: 4 supervised pairs) with hand-made labels (conftest.clip_batch)."""
+    from conftest import clip_batch
+
+    return clip_batch(adapter, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +21,13 @@ def tiny():
 
 def _wrap(mode="heads", **kw):
     vlm, _, adapter = build_model_and_processor("tiny")
-    g = GaspVLM(vlm, GaspConfig(trainable=mode, **kw))
+    g = GaspVLM(vlm, GaspConfig(trainable=mode, **{"head": "mlp", **kw}))
     g.init_heads()
     return g, adapter
 
 
 def test_captured_tensors_equal_the_query_projection_input(tiny):
+    """Per-frame capture: feats[l, f] is layer l's q_proj input at frame f's cell positions in its row."""
     vlm, _, adapter = tiny
     g = GaspVLM(vlm, GaspConfig())
     batch = _pair_batch(adapter)
@@ -59,18 +40,44 @@ def test_captured_tensors_equal_the_query_projection_input(tiny):
 
     hooks = [layer.self_attn.q_proj.register_forward_pre_hook(make(l)) for l, layer in enumerate(g.layers)]
     try:
-        fa, fb = g.capture(batch, adapter.model_inputs(batch))
+        feats = g.capture(batch, adapter.model_inputs(batch))
     finally:
         for h in hooks:
             h.remove()
-    L, B, Na, D = fa.shape
-    assert (L, B, Na, D) == (4, 2, 48, 64) and fb.shape == (4, 2, 48, 64)
+    L, F, N, D = feats.shape
+    assert (L, F, N, D) == (4, 5, 48, 64) and batch["frame_clip"].tolist() == [0, 0, 0, 1, 1]
     for l in range(L):
-        for b in range(B):
-            assert torch.equal(fa[l, b], seen[l][b, batch["cell_pos_a"][b]])
-            assert torch.equal(fb[l, b], seen[l][b, batch["cell_pos_b"][b]])
+        for f in range(F):
+            row, pos = int(batch["frame_clip"][f]), batch["cell_pos"][f]
+            assert torch.equal(feats[l, f], seen[l][row, pos])
     # and it is what the layer's attention reads: the input norm of the layer's input
-    assert not torch.equal(fa[0], fa[1])
+    assert not torch.equal(feats[0], feats[1])
+
+
+def test_loss_of_a_clip_batch_equals_the_sum_of_its_pairs_alone(tiny):
+    """All pairs in one batched product == each pair's own loss terms, summed, with the global counts."""
+    from losses.gasp import LossTerms, combine, gasp_loss_terms, pair_similarities, pair_view, similarities
+
+    vlm, _, adapter = tiny
+    g = GaspVLM(vlm, GaspConfig(head="mlp"))
+    g.init_heads()
+    batch = _pair_batch(adapter)
+    inputs = adapter.model_inputs(batch)
+    loss, parts, s, feats = g(batch, inputs, return_features=True)
+    f = g.head(feats)  # (L, F, N, d)
+    view = pair_view(batch)
+    sums = []
+    for p, (a, b) in enumerate(batch["pair_frames"].tolist()):
+        one = {k: v[p:p + 1] for k, v in view.items()}
+        s_p = similarities(f[:, a:a + 1], f[:, b:b + 1], g.cfg.tau)  # (L, 1, N, N): this pair alone
+        torch.testing.assert_close(s_p[:, 0], s[:, p])
+        sums.append(gasp_loss_terms(s_p, one))
+    total = LossTerms(*(sum(getattr(t, k) for t in sums) for k in ("nce_ab_sum", "nce_ba_sum", "depth_sum", "n_ab",
+                                                                   "n_ba", "n_depth")))
+    want, _ = combine(total, None, g.cfg.lambda_depth)
+    torch.testing.assert_close(loss, want)
+    assert batch["pair_frames"].tolist() == [[0, 1], [0, 2], [1, 2], [3, 4]]
+    assert torch.equal(s, pair_similarities(f, batch["pair_frames"], g.cfg.tau))
 
 
 def test_svd_initialisation_on_the_tiny_model(tiny):
@@ -92,17 +99,18 @@ def test_what_trains(mode):
     g.train()
     batch = _pair_batch(adapter)
     loss, parts = g(batch, adapter.model_inputs(batch))
-    assert torch.isfinite(loss) and parts["n_ab"] == 6 and parts["n_ba"] == 5
+    assert torch.isfinite(loss) and parts["n_ab"] == 14 and parts["n_ba"] == 11
     loss.backward()
     got = {n for n, p in g.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert "head.weight" in got
+    heads = {"head.w1", "head.w2"}
+    assert heads <= got
     assert not any("visual" in n for n in got), "the frozen vision tower got gradients"
     lm = {n for n in got if "language_model.layers" in n}
     if mode == "heads":
-        assert got == {"head.weight"}
+        assert got == heads
     elif mode == "lora":
         assert lm and all("lora_" in n for n in lm)
-        assert {n for n, p in g.named_parameters() if p.requires_grad} - {"head.weight"} == \
+        assert {n for n, p in g.named_parameters() if p.requires_grad} - heads == \
             {n for n, p in g.named_parameters() if "lora_" in n}
     else:
         assert any("layers.0.self_attn.q_proj.weight" in n for n in lm)
@@ -158,14 +166,14 @@ def test_layer_weights_must_match_the_layers(tiny):
 
 
 def test_fifty_steps_on_one_fixed_batch_learn(tiny_shards):
-    """The tiny model on synthetic pairs: InfoNCE falls and head PCK@1 rises (DESIGN §6 learning test)."""
-    from data.stream import PairStream
+    """The tiny model on synthetic clips: InfoNCE falls and head PCK@1 rises (DESIGN §6 learning test)."""
+    from data.stream import SampleStream
 
     torch.manual_seed(0)
     vlm, _, adapter = build_model_and_processor("tiny")
-    g = GaspVLM(vlm, GaspConfig(trainable="full"))
+    g = GaspVLM(vlm, GaspConfig(trainable="full", head="mlp"))
     g.init_heads()
-    batch = next(iter(PairStream([tiny_shards], adapter, batch_size=4, rank=0, world_size=1, split="train")))
+    batch = next(iter(SampleStream([tiny_shards], adapter, batch_size=4, rank=0, world_size=1, split="train")))
     inputs = adapter.model_inputs(batch)
     assert int(batch["anchor_mask"].sum()) > 50
 

@@ -33,10 +33,10 @@ KEEP_RANK1_STEP1 = (3, 5)  # anchors rank 1 keeps in its two micro-batches of st
 
 
 def fixed_batches(shards: str, adapter, n: int) -> list[dict]:
-    """The first n batches of one pair each, the same on every rank."""
-    from data.stream import PairStream
+    """The first n batches of one clip each, the same on every rank."""
+    from data.stream import SampleStream
 
-    stream = PairStream([shards], adapter, batch_size=1, rank=0, world_size=1, num_workers=0, seed=0)
+    stream = SampleStream([shards], adapter, batch_size=1, rank=0, world_size=1, num_workers=0, seed=0)
     it = stream.forever()
     return [next(it) for _ in range(n)]
 

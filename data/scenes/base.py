@@ -120,6 +120,16 @@ class Scene(abc.ABC):
         """float32 (H, W) z-depth in metres (scene units if not metric), 0 = invalid."""
 
     # -- shared ---------------------------------------------------------------------
+    def frame_seconds(self) -> float | None:
+        """Seconds between consecutive frame indices (the capture rate over the corpus's sampling), when
+        the frames carry timestamps: the median over consecutive usable frames; None otherwise."""
+        stamped = [(f.index, f.timestamp) for f in self.frames if f.timestamp is not None]
+        if len(stamped) < 2:
+            return None
+        steps = [(t1 - t0) / (i1 - i0) for (i0, t0), (i1, t1) in zip(stamped, stamped[1:]) if i1 > i0]
+        steps = [s for s in steps if np.isfinite(s) and s > 0]
+        return float(np.median(steps)) if steps else None
+
     def skip(self, frame: str, reason: str) -> None:
         self.skipped.append((frame, reason))
 

@@ -1,9 +1,10 @@
-"""Cost of the GASP head and losses on top of the VLM (issue [5 of 10] speed; run by hand).
+"""Cost of the GASP head and losses on top of the VLM, for clips of K = 2, 4, 8 frames (run by hand).
 
-    python tests/benchmarks/bench_head.py                      # CPU: 8 layers x 512, two 224x224 frames
+    python tests/benchmarks/bench_head.py                      # CPU: 8 layers x 512, clips of 224x224 frames
     python tests/benchmarks/bench_head.py --device cuda --shape 7b   # GPU: 7B layer shape, bf16, LoRA + heads
 
-Forward + backward time and peak memory of
+Every pair i < j of a clip is supervised (K(K-1)/2 pairs from K frames' features, all in one
+batched product). Forward + backward time, peak memory and supervised pairs per second of
   (a) the VLM alone (its LM forward; backward of a plain loss on the vision-token states),
   (b) the VLM with the fused all-layer head and both GASP losses (what trains),
   (c) the same with the per-layer `nn.Linear` loop (the reference).
@@ -54,33 +55,33 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, trainable: str):
     vlm = build_preset_model(preset, dtype=dtype, attn_implementation=attn, device=device)
     proc = build_preset_processor(preset)
     adapter = QwenAdapter(proc, family=preset.family, max_pixels=preset.max_pixels, min_pixels=preset.min_pixels)
-    gasp = GaspVLM(vlm, GaspConfig(trainable=trainable)).to(device)
+    gasp = GaspVLM(vlm, GaspConfig(trainable=trainable, head="mlp")).to(device)
     gasp.init_heads()
     loop = PerLayerHeads.from_fused(gasp.head).to(device)
     return gasp, adapter, loop, size
 
 
-def make_batch(adapter, size, n_pairs: int, device, dtype, seed=0):
-    from model.wrapper import GaspVLM  # noqa: F401
+def make_batch(adapter, size, n_clips: int, device, dtype, clip_frames: int = 2, seed=0, anchors: int = 150):
+    """A clip batch (data/stream.py layout) of n_clips random-image clips of `clip_frames` frames with random
+    labels: every pair i < j supervised, `anchors` anchors a pair (at most the cells of a frame)."""
+    from data.labels import ClipLabels, ClipPairLabels
+    from data.shardformat import clip_pairs
+    from data.stream import PreparedClip, collate_clips
 
     rng = np.random.default_rng(seed)
     W, H = size
-    items = [adapter.encode_pair(rng.integers(0, 255, (H, W, 3), dtype=np.uint8),
-                                 rng.integers(0, 255, (H, W, 3), dtype=np.uint8)) for _ in range(n_pairs)]
-    b = adapter.collate(items)
-    B = n_pairs
-    pa, pb = torch.stack(b["cell_pos_a"]), torch.stack(b["cell_pos_b"])
-    Na, Nb = pa.shape[1], pb.shape[1]
-    M = min(Na, 150)
     g = adapter.grid(size)
-    batch = {**b, "cell_pos_a": pa, "cell_pos_b": pb,
-             "cell_mask_a": torch.ones(B, Na, dtype=torch.bool), "cell_mask_b": torch.ones(B, Nb, dtype=torch.bool),
-             "anchor_a": torch.stack([torch.randperm(Na)[:M] for _ in range(B)]),
-             "target_b": torch.randint(0, Nb, (B, M)), "anchor_mask": torch.ones(B, M, dtype=torch.bool),
-             "z_b": torch.rand(B, M) * 3 + 1, "depth_b": torch.rand(B, Nb) * 3 + 1,
-             "depth_b_valid": torch.ones(B, Nb, dtype=torch.bool),
-             "grid_a": torch.tensor([[g.rows, g.cols]] * B), "grid_b": torch.tensor([[g.rows, g.cols]] * B),
-             "gap": torch.arange(B)}
+    N = g.n_cells
+    M = min(N, anchors)
+    items = []
+    for c in range(n_clips):
+        frames = [rng.integers(0, 255, (H, W, 3), dtype=np.uint8) for _ in range(clip_frames)]
+        pairs = [ClipPairLabels(i, j, np.sort(rng.permutation(N)[:M]).astype(np.int64), rng.integers(0, N, M),
+                                (rng.random(M) * 3 + 1).astype(np.float32), j - i) for i, j in clip_pairs(clip_frames)]
+        labels = ClipLabels([(g.rows, g.cols)] * clip_frames, [(rng.random(N) * 3 + 1).astype(np.float32)] * clip_frames,
+                            [np.ones(N, bool)] * clip_frames, pairs)
+        items.append(PreparedClip(f"clip{c}", "bench", adapter.encode_clip(frames), labels))
+    batch = collate_clips(items, adapter)
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     inputs = adapter.model_inputs(batch)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -95,9 +96,7 @@ def variant_fn(name: str, gasp, loop, batch, inputs):
         body = getattr(base, "model", base)
         gasp.release()
         out = body(**inputs, use_cache=False).last_hidden_state  # (B, S, D)
-        pos = torch.cat([batch["cell_pos_a"], batch["cell_pos_b"]], 1)
-        rows = torch.arange(out.shape[0], device=out.device)[:, None]
-        return out[rows, pos].float().square().mean()
+        return out[batch["frame_clip"][:, None], batch["cell_pos"]].float().square().mean()  # (F, N, D)
 
     def with_head(head):
         def f():
@@ -159,7 +158,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shape", default=None, choices=["small", "7b"], help="default: small on CPU, 7b on CUDA")
-    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--clips", type=int, default=1, help="clips per step (one micro-batch)")
+    ap.add_argument("--clip-frames", default="2,4,8", help="K of the clips, one table row group each")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the three variants")
@@ -173,37 +173,44 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     gasp, adapter, loop, size = build(shape, device, dtype, trainable)
     gasp.train()
-    batch, inputs = make_batch(adapter, size, args.pairs, device, dtype)
-    params = [p for p in list(gasp.parameters()) + list(loop.parameters()) if p.requires_grad]
-    names = ("a_vlm", "b_fused", "c_loop")
-    fns = {n: variant_fn(n, gasp, loop, batch, inputs) for n in names}
-    # interleaved rounds (a, b, c, a, b, c, ...) so drift in machine load hits every variant alike
-    rounds = {n: [] for n in names}
-    peaks = {}
-    for r in range(args.rounds):
-        for n in names:
-            t, m = time_variant(fns[n], device, args.warmup if r == 0 else 0, args.iters, params)
-            rounds[n].append(t)
-            peaks[n] = max(peaks.get(n, 0.0), m)
-    rows = {n: (float(np.median(rounds[n])), peaks[n]) for n in names}
-    a_t, a_m = rows["a_vlm"]
-    seq = int(inputs["input_ids"].shape[1])
     L = gasp.num_layers
-    print(f"\nGASP head cost: {shape} shape ({L} layers, D={gasp.hidden_size}, d={gasp.head.head_dim}), "
-          f"{args.pairs} pairs of {size[0]}x{size[1]}, seq {seq}, {dtype}, trainable={trainable}, {device}")
-    print(f"{'variant':<34}{'fwd+bwd ms':>12}{'x (a)':>8}{'peak GiB':>10}{'x (a)':>8}")
     labels = {"a_vlm": "(a) VLM alone", "b_fused": "(b) + fused head + losses", "c_loop": "(c) + per-layer loop"}
-    for k, (t, m) in rows.items():
-        print(f"{labels[k]:<34}{1e3 * t:>12.1f}{t / a_t:>8.3f}{m:>10.3f}{(m / a_m if a_m > 0 else float('nan')):>8.3f}")
-    b_t, c_t = rows["b_fused"][0], rows["c_loop"][0]
-    print(f"goal: (b) <= 1.10 x (a) time [{'met' if b_t <= 1.10 * a_t else 'NOT met'}] and memory "
-          f"[{'met' if rows['b_fused'][1] <= 1.10 * a_m else 'NOT met'}]; (b) no slower than (c) "
-          f"[{'met' if b_t <= c_t * 1.02 else 'NOT met'}]")
+    print(f"\nGASP head cost: {shape} shape ({L} layers, D={gasp.hidden_size}, d={gasp.head.head_dim}, "
+          f"{gasp.head.kind} head), {args.clips} clip(s) of K frames of {size[0]}x{size[1]}, {dtype}, "
+          f"trainable={trainable}, {device}")
+    print(f"{'K':>3}{'pairs':>6}{'seq':>6}  {'variant':<30}{'fwd+bwd ms':>11}{'x (a)':>7}{'peak GiB':>9}{'x (a)':>7}"
+          f"{'pairs/s':>9}")
+    out = {}
+    for K in [int(k) for k in args.clip_frames.split(",") if k]:
+        batch, inputs = make_batch(adapter, size, args.clips, device, dtype, clip_frames=K)
+        params = [p for p in list(gasp.parameters()) + list(loop.parameters()) if p.requires_grad]
+        names = ("a_vlm", "b_fused", "c_loop")
+        fns = {n: variant_fn(n, gasp, loop, batch, inputs) for n in names}
+        # interleaved rounds (a, b, c, a, b, c, ...) so drift in machine load hits every variant alike
+        rounds = {n: [] for n in names}
+        peaks = {}
+        for r in range(args.rounds):
+            for n in names:
+                t, m = time_variant(fns[n], device, args.warmup if r == 0 else 0, args.iters, params)
+                rounds[n].append(t)
+                peaks[n] = max(peaks.get(n, 0.0), m)
+        rows = {n: (float(np.median(rounds[n])), peaks[n]) for n in names}
+        a_t, a_m = rows["a_vlm"]
+        P = int(batch["pair_frames"].shape[0])
+        seq = int(inputs["input_ids"].shape[1])
+        for k, (t, m) in rows.items():
+            print(f"{K:>3}{P:>6}{seq:>6}  {labels[k]:<30}{1e3 * t:>11.1f}{t / a_t:>7.3f}{m:>9.3f}"
+                  f"{(m / a_m if a_m > 0 else float('nan')):>7.3f}{(P / t if k != 'a_vlm' else float('nan')):>9.1f}")
+        b_t, c_t = rows["b_fused"][0], rows["c_loop"][0]
+        print(f"     goal: (b) <= 1.10 x (a) time [{'met' if b_t <= 1.10 * a_t else 'NOT met'}] and memory "
+              f"[{'met' if rows['b_fused'][1] <= 1.10 * a_m else 'NOT met'}]; (b) no slower than (c) "
+              f"[{'met' if b_t <= c_t * 1.02 else 'NOT met'}]")
+        out[K] = {"pairs": P, "seq": seq, "rows": {k: {"ms": 1e3 * t, "peak_gib": m} for k, (t, m) in rows.items()},
+                  "pairs_per_s": P / b_t}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": shape, "device": str(device), "dtype": str(dtype), "pairs": args.pairs, "seq": seq,
-                       "layers": L, "rows": {k: {"ms": 1e3 * t, "peak_gib": m} for k, (t, m) in rows.items()}},
-                      f, indent=1)
+            json.dump({"shape": shape, "device": str(device), "dtype": str(dtype), "clips": args.clips, "layers": L,
+                       "by_clip_frames": out}, f, indent=1)
     return 0
 
 

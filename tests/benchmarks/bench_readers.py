@@ -17,10 +17,11 @@ pinned to 1 thread as in Ray's workers) on the same rendered frames stored five 
 
 Columns (CPU seconds of this process, best of --repeat; wall clock beside the write):
   open ms       opening the scene: the index pass (.sens frame headers; video demux; depth.bin sizes)
-  scan ms/frame scan_scene (open + every frame's depth and checks + candidate pairs) and pickling its
+  scan ms/frame scan_scene (open + every frame's depth and checks + candidate clips) and pickling its
                 shell, as the scan task returns it, per frame of the scene
   write ms/frame write_shard of the whole plan with the pickled shells, per distinct frame read
-  write ms/pair  the same per pair written
+  write ms/clip  the same per clip written (--clip-frames frames, every pair i < j matched)
+  write ms/pair  the same per supervised pair (i < j) written
   decode cost   video frames decoded per RGB frame the write tasks used (1 = no wasted decode; scattered
                 frames cost about half a group of pictures each)
 """
@@ -120,14 +121,14 @@ def ensure_corpora(root: str, frames: int, gop: int) -> dict[str, tuple[str, str
 
 
 def measure(root: str, fmt: str, out: str, args, repeat: int) -> dict[str, float]:
-    from data.pairs import PairConfig
+    from data.pairs import ClipConfig
     from data.scenes import list_scenes, open_scene
     from pipeline import stages
 
     url = list_scenes(root, fmt)[0]
+    clips = ClipConfig(clip_frames=args.clip_frames, clip_window=args.clip_window, clips_per_scene=args.clips_per_scene)
     cfg = stages.JobConfig(input=root, format=fmt, output=out, max_side=args.max_side, samples_per_shard=8,
-                           val_fraction=0.0, pairs=PairConfig(pairs_per_scene=args.pairs_per_scene,
-                                                              max_gap=min(40, args.frames - 1)))
+                           val_fraction=0.0, clips=clips)
     best: dict[str, float] = {}
 
     def keep(k: str, v: float) -> None:
@@ -146,14 +147,16 @@ def measure(root: str, fmt: str, out: str, args, repeat: int) -> dict[str, float
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
         shells = {scan["scene"]: pickle.loads(blob)}
-        frames = {(it["scene"], it[k]) for e in plan["shards"] for it in e["pairs"] for k in ("index_a", "index_b")}
-        pairs = sum(len(e["pairs"]) for e in plan["shards"])
+        frames = {(it["scene"], i) for e in plan["shards"] for it in e["clips"] for i in it["indices"]}
+        clips = sum(len(e["clips"]) for e in plan["shards"])
+        pairs = 0
         c0, w0 = time.process_time(), time.perf_counter()
         decoded = returned = 0
         for e in plan["shards"]:  # one write task per shard, each with its own copy of the shell (Ray's store)
             task_shells = {k: pickle.loads(blob) for k in shells}
             st = stages.write_shard(e, cfg, task_shells)
-            assert st["ok"] and st["scenes_opened"] == 0, st
+            assert st["ok"] and st["scenes_opened"] == 0 and st["samples"] == len(e["clips"]), st
+            pairs += st["pairs"]
             for sh in task_shells.values():
                 reader = getattr(sh, "_frames_reader", None)
                 if reader is not None:
@@ -162,10 +165,11 @@ def measure(root: str, fmt: str, out: str, args, repeat: int) -> dict[str, float
         cpu, wall = time.process_time() - c0, time.perf_counter() - w0
         cost = decoded / returned if returned else None
         keep("write_frame", cpu / len(frames))
+        keep("write_clip", cpu / clips)
         keep("write_pair", cpu / pairs)
         keep("write_wall_frame", wall / len(frames))
         best["decode_cost"] = cost if cost is not None else float("nan")
-        best["frames"], best["pairs"], best["used"] = n_frames, pairs, len(frames)
+        best["frames"], best["clips"], best["pairs"], best["used"] = n_frames, clips, pairs, len(frames)
     return best
 
 
@@ -174,21 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", default=os.path.join(ROOT, "runs", "bench", "readers"))
     ap.add_argument("--frames", type=int, default=24)
     ap.add_argument("--gop", type=int, default=8, help="keyframe interval of the ScanNet++ video written")
-    ap.add_argument("--pairs-per-scene", type=int, default=16)
+    ap.add_argument("--clip-frames", type=int, default=8)
+    ap.add_argument("--clip-window", type=int, default=48)
+    ap.add_argument("--clips-per-scene", type=int, default=3)
     ap.add_argument("--max-side", type=int, default=640)
     ap.add_argument("--repeat", type=int, default=2)
     a = ap.parse_args(argv)
     corpora = ensure_corpora(a.corpus, a.frames, a.gop)
     out = os.path.join(a.corpus, "out")
     rows = {label: measure(root, fmt, out, a, a.repeat) for label, (root, fmt) in corpora.items()}
-    print(f"\n== readers: one scene, {a.frames} frames, --max-side {a.max_side}, {a.pairs_per_scene} pairs "
-          f"planned, CPU ms (best of {a.repeat}); scannet++ video H.264 1920x1440 gop {a.gop}")
+    print(f"\n== readers: one scene, {a.frames} frames, --max-side {a.max_side}, {a.clips_per_scene} clips of "
+          f"{a.clip_frames} frames (window {a.clip_window}) planned, CPU ms (best of {a.repeat}); scannet++ video "
+          f"H.264 1920x1440 gop {a.gop}")
     print(f"{'input':<34}{'open ms':>9}{'scan ms/frame':>15}{'write ms/frame':>16}{'(wall)':>9}"
-          f"{'write ms/pair':>15}{'decode cost':>13}{'pairs':>7}")
+          f"{'write ms/clip':>15}{'write ms/pair':>15}{'decode cost':>13}{'frames':>8}{'clips':>7}{'pairs':>7}")
     for label, r in rows.items():
         dc = "-" if np.isnan(r["decode_cost"]) else f"{r['decode_cost']:.2f}"
         print(f"{label:<34}{r['open'] * 1e3:>9.1f}{r['scan'] * 1e3:>15.1f}{r['write_frame'] * 1e3:>16.1f}"
-              f"{r['write_wall_frame'] * 1e3:>9.1f}{r['write_pair'] * 1e3:>15.1f}{dc:>13}{r['pairs']:>7}")
+              f"{r['write_wall_frame'] * 1e3:>9.1f}{r['write_clip'] * 1e3:>15.1f}{r['write_pair'] * 1e3:>15.1f}"
+              f"{dc:>13}{r['used']:>8}{r['clips']:>7}{r['pairs']:>7}")
     return 0
 
 

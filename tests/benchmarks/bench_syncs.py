@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     from model.presets import get_preset
     from model.qwen import QwenAdapter, rope_position_ids
     from model.vision_attention import install_packed_vision_attention
-    from model.wrapper import GaspConfig, GaspVLM, batch_counts
+    from losses.gasp import count_items
+    from model.wrapper import GaspConfig, GaspVLM
     from tests.benchmarks.bench_head import make_batch
 
     preset = dataclasses.replace(get_preset(args.preset), max_pixels=112 * 112, min_pixels=112 * 112)
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     gasp = GaspVLM(vlm, GaspConfig(trainable="full"))
     gasp.init_heads()
     batch, inputs = make_batch(adapter, (112, 112), args.pairs, torch.device("cpu"), torch.float32)
-    counts = batch_counts(batch)
+    counts = count_items(batch)
 
     def step(model_inputs):
         def run():
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     step(inputs)()  # warm-up (first-call caches)
     before = count_reads(step(inputs))
     after = count_reads(step({**inputs, "position_ids": rope_position_ids(vlm, inputs)}))
-    print(f"{args.preset}, {args.pairs} pairs of 112x112 views, forward + backward")
+    print(f"{args.preset}, {args.pairs} clips of 2 views of 112x112 (one pair each), forward + backward")
     print(f"{'M-RoPE positions':<34}{'host reads per step':>20}")
     print(f"{'computed by the model':<34}{sum(before.values()):>20}")
     print(f"{'computed on the CPU batch':<34}{sum(after.values()):>20}")

@@ -32,8 +32,8 @@ def build_data(root: str, scenes: int) -> str:
 
     corpus = write_tiny_corpus(os.path.join(root, "corpus"), n_scenes=scenes, n_frames=24)
     out = os.path.join(root, "shards")
-    build_shards(corpus, out, pairs_per_scene=12, samples_per_shard=8, max_side=160, val_fraction=0.25,
-                 max_gap=20, gap_buckets=(1, 5, 15))
+    build_shards(corpus, out, clip_frames=4, clip_window=16, clips_per_scene=4, samples_per_shard=8, max_side=160,
+                 val_fraction=0.25)
     return out
 
 

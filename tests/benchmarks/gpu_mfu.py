@@ -89,7 +89,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="3b", choices=["3b", "7b"])
     ap.add_argument("--trainable", default="full", choices=["full", "lora", "heads"])
-    ap.add_argument("--pairs", type=int, default=8, help="pairs per step (one micro-batch)")
+    ap.add_argument("--clips", type=int, default=8, help="clips per step (one micro-batch)")
+    ap.add_argument("--clip-frames", type=int, default=2, help="frames per clip (2: pairs; every pair i < j supervised)")
     ap.add_argument("--side", type=int, default=448, help="square view side in pixels (multiple of 28)")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--iters", type=int, default=8)
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
     from launch.distributed import release_shm_buffer_at_exit
 
     release_shm_buffer_at_exit()  # DeepSpeed's CPU shm workspace (the --smoke run makes one)
-    ds = {"train_micro_batch_size_per_gpu": args.pairs, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+    ds = {"train_micro_batch_size_per_gpu": args.clips, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
           "steps_per_print": 10 ** 9, "bf16": {"enabled": not smoke},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "weight_decay": 0.0, "torch_adam": True,
                                                     **({"fused": True} if args.fused_adam and not smoke else {})}},
@@ -154,16 +155,17 @@ def main(argv=None) -> int:
         return 2
     adapter = QwenAdapter(build_preset_processor(preset), family=preset.family, max_pixels=preset.max_pixels,
                           min_pixels=preset.min_pixels)
-    gasp = GaspVLM(vlm, GaspConfig(trainable=args.trainable, gradient_checkpointing=args.checkpointing))
+    gasp = GaspVLM(vlm, GaspConfig(trainable=args.trainable, gradient_checkpointing=args.checkpointing, head="mlp"))
     gasp.init_heads()
     gasp.head.to(dtype)  # ZeRO-3 partitions all trainable params in one dtype; the head computes in fp32 anyway
     params = [p for p in gasp.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=gasp, model_parameters=params, config=ds)
     print(f"model built and partitioned in {time.time() - t0:.0f}s", flush=True)
-    batch, inputs = make_batch(adapter, (args.side, args.side), args.pairs, dev, dtype)
-    from model.wrapper import batch_counts
+    batch, inputs = make_batch(adapter, (args.side, args.side), args.clips, dev, dtype, clip_frames=args.clip_frames)
+    from losses.gasp import count_items
 
-    counts = batch_counts(batch).to(dev)
+    counts = count_items(batch).to(dev)
+    n_pairs = int(batch["pair_frames"].shape[0])
     from model.qwen import rope_position_ids
 
     # as the trainer does: M-RoPE positions from the CPU copy of the batch (no per-image host syncs)
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
     lm_factor = 6 if args.trainable == "full" else 4
     lm_flops = lm_factor * n_lm * T + (lm_factor / 2) * 2 * L * dm * S * T  # causal: half of 4*L*d*S*T per pass
     win = getattr(vc, "window_size", 112) // 14  # patches per window side
-    vis_flops = 2 * n_vis * P + 4 * vc.depth * vc.hidden_size * P * min(P // (2 * args.pairs), win * win)
+    vis_flops = 2 * n_vis * P + 4 * vc.depth * vc.hidden_size * P * min(P // (args.clip_frames * args.clips), win * win)
     head_flops = 0  # the heads and losses: < 1% here, not counted
     flops = lm_flops + vis_flops + head_flops
     mfu = flops / dt / peak
@@ -265,10 +267,10 @@ def main(argv=None) -> int:
           % (lm_factor, 2 * lm_factor))
     print(f"  N_lm={n_lm / 1e9:.3f}e9 T={T} L={L} d={dm} S={S} | N_vis={n_vis / 1e9:.3f}e9 P={P}")
     print(f"  = {lm_flops:.3e} (LM) + {vis_flops:.3e} (vision) = {flops:.3e}")
-    print(f"\n{'shape':<8}{'trainable':<10}{'pairs':>6}{'tokens':>8}{'step s':>9}{'tokens/s':>10}{'pairs/s':>9}"
-          f"{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}")
-    print(f"{args.shape:<8}{args.trainable:<10}{args.pairs:>6}{T:>8}{dt:>9.3f}{T / dt:>10.0f}{args.pairs / dt:>9.2f}"
-          f"{flops / dt / 1e12:>9.0f}{100 * mfu:>6.1f}%{mem:>10.1f}")
+    print(f"\n{'shape':<8}{'trainable':<10}{'clips':>6}{'K':>3}{'pairs':>6}{'tokens':>8}{'step s':>9}{'tokens/s':>10}"
+          f"{'pairs/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}")
+    print(f"{args.shape:<8}{args.trainable:<10}{args.clips:>6}{args.clip_frames:>3}{n_pairs:>6}{T:>8}{dt:>9.3f}"
+          f"{T / dt:>10.0f}{n_pairs / dt:>9.2f}{flops / dt / 1e12:>9.0f}{100 * mfu:>6.1f}%{mem:>10.1f}")
     print(f"SDPA flash kernels seen: {flash or 'NONE'}")
     med = {k: float(np.median(v)) for k, v in split.items()}
     print("step breakdown (synchronised): " + ", ".join(f"{k} {v:.3f}s" for k, v in med.items())
@@ -282,8 +284,9 @@ def main(argv=None) -> int:
         if top.get("busy") is not None:
             print(f"  GPU busy {100 * top['busy']:.0f}% of the profiled step's wall time")
     res = {"card": "cpu (smoke)" if smoke else torch.cuda.get_device_name(0), "peak_tflops": peak / 1e12, "shape": args.shape,
-           "trainable": args.trainable, "pairs": args.pairs, "side": args.side, "tokens": T, "seq": S,
-           "patches": P, "step_s": dt, "tokens_per_s": T / dt, "pairs_per_s": args.pairs / dt,
+           "trainable": args.trainable, "clips": args.clips, "clip_frames": args.clip_frames, "pairs": n_pairs,
+           "side": args.side, "tokens": T, "seq": S,
+           "patches": P, "step_s": dt, "tokens_per_s": T / dt, "pairs_per_s": n_pairs / dt,
            "tflops": flops / dt / 1e12, "mfu": mfu, "peak_mem_gib": mem, "flash_kernels": flash,
            "n_lm": n_lm, "n_vis": n_vis, "breakdown_s": med, "vision_forward_s": t_vis,
            "persistence_threshold": args.persistence, "torch": torch.__version__, "checkpointing": args.checkpointing,

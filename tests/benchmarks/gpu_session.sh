@@ -22,10 +22,10 @@ transformers.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/ca
 # 1. the frozen tower alone, Hugging Face's per-window loop vs packed (real 3B tower, 32 frames)
 timeout 120 python3 tests/benchmarks/bench_vision.py --device cuda --shape 3b --frames 32 \
   --json "$OUT/vision_3b.json" 2>&1 | grep -v -i warn | tee "$OUT/vision_3b.txt"
-# 2. the full training step: 3B shape, full fine-tuning, 16 pairs, packed vision attention, fused AdamW
-timeout 240 python3 tests/benchmarks/gpu_mfu.py --shape 3b --trainable full --pairs 16 --persistence 1e10 \
+# 2. the full training step: 3B shape, full fine-tuning, 16 clips of 2 frames, packed vision attention, fused AdamW
+timeout 240 python3 tests/benchmarks/gpu_mfu.py --shape 3b --trainable full --clips 16 --clip-frames 2 --persistence 1e10 \
   --json "$OUT/mfu_3b_p16_packed.json" 2>&1 | grep -v -i warn | tee "$OUT/mfu_3b_p16_packed.txt"
 # 3. the same with the trainer's default persistence threshold (what multi-GPU runs use)
-timeout 200 python3 tests/benchmarks/gpu_mfu.py --shape 3b --trainable full --pairs 16 --top 0 \
+timeout 200 python3 tests/benchmarks/gpu_mfu.py --shape 3b --trainable full --clips 16 --clip-frames 2 --top 0 \
   --json "$OUT/mfu_3b_p16_packed_default.json" 2>&1 | grep -v -i warn | tail -12 \
   | tee "$OUT/mfu_3b_p16_packed_default.txt"

@@ -1,15 +1,18 @@
-"""Regenerate the golden shard `tests/golden/train-000000.tar` (shard format version 1).
+"""Regenerate the golden clip shard `tests/golden/v2/train-000000.tar` (shard format version 2).
 
     python tests/golden/make_golden.py              # rewrite the committed file
     python tests/golden/make_golden.py --out DIR    # write DIR/train-000000.tar instead
 
-Input: one synthetic room (data.synthetic, seed 7, 8 frames at 160x120), written to a
-temporary folder and named by the relative path `corpus/golden_scene`, so that the
-json `source` does not depend on where this runs. Pipeline: pipeline.stages scan ->
-plan -> write in this process (no Ray), 2 pairs in one train shard.
-tests/test_shard_job.py reads the committed file back and checks that this script,
-run with the current code, gives the same bytes: a change of the writer (or of the
-format) cannot slip in unnoticed. Bytes also depend on Pillow's libjpeg and zlib.
+Input: one synthetic room (data.synthetic, seed 7, 12 frames at 160x120, 0.1 m a frame), written
+to a temporary folder and named by the relative path `corpus/golden_scene`, so that the json
+`source` does not depend on where this runs. Pipeline: pipeline.stages scan -> plan -> write in
+this process (no Ray), 2 clips of 3 frames in one train shard. tests/test_shard_job.py reads
+the committed file back and checks that this script, run with the current code, gives the
+same bytes: a change of the writer (or of the format) cannot slip in unnoticed. Bytes also
+depend on Pillow's libjpeg and zlib.
+
+`tests/golden/train-000000.tar` beside it is the last version-1 (pair) shard the pair
+pipeline wrote; no code writes version 1 any more, and the tests check that it still reads.
 """
 from __future__ import annotations
 
@@ -23,14 +26,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-GOLDEN_DIR = os.path.join(ROOT, "tests", "golden")
+GOLDEN_DIR = os.path.join(ROOT, "tests", "golden", "v2")
 NAME = "train-000000.tar"
 
 
 def build(out_dir: str) -> str:
-    """Write the golden shard to out_dir/train-000000.tar; returns its path."""
+    """Write the golden clip shard to out_dir/train-000000.tar; returns its path."""
     from data import synthetic
-    from data.pairs import PairConfig
+    from data.pairs import ClipConfig
     from pipeline import stages
 
     out_dir = os.path.abspath(out_dir)
@@ -39,14 +42,13 @@ def build(out_dir: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
         try:
-            synthetic.write_scene("corpus", "golden_scene", seed=7, n_frames=8, width=160, height=120)
+            synthetic.write_scene("corpus", "golden_scene", seed=7, n_frames=12, width=160, height=120, step=0.1)
             os.makedirs("shards")
             cfg = stages.JobConfig(input="corpus", format="synthetic", output=os.path.join(tmp, "shards"),
-                                   pairs=PairConfig(min_gap=1, max_gap=6, gap_buckets=(1, 3), pairs_per_scene=2,
-                                                    max_corr=200),
+                                   clips=ClipConfig(clip_frames=3, clip_window=8, clips_per_scene=2, max_corr=120),
                                    samples_per_shard=2, max_side=160, val_fraction=0.0, seed=0)
             scan = stages.scan_scene("corpus/golden_scene", cfg)
-            assert scan["ok"] and len(scan["pairs"]) == 2, scan
+            assert scan["ok"] and len(scan["clips"]) == 2, scan
             plan = stages.make_plan([scan], cfg)
             assert [e["name"] for e in plan["shards"]] == [NAME], plan["shards"]
             st = stages.write_shard(plan["shards"][0], cfg)
