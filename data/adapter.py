@@ -2,8 +2,9 @@
 
 `data/` declares it; `model/` implements it per VLM family (Qwen2-VL, Qwen2.5-VL,
 LLaVA-OneVision, LLaVA-NeXT-Video, ...). The loader knows only this interface: how a stored
-view is resized, which cell of the resized image each vision token covers, and where each
-frame's vision tokens sit in the sequence of its clip.
+view is resized, which cell of the resized image each vision token covers, where each
+frame's vision tokens sit in the sequence of its clip, and how a conversation becomes the
+family's chat text with LM labels (`encode_conversation`, through `data.chat`).
 
 Cell convention (DESIGN §5): a point at resized pixel (u', v') lies in cell
 `(row, col) = (floor((v' + 0.5) / cell_px), floor((u' + 0.5) / cell_px))`; cells are
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+
+from data import chat
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,61 @@ class FamilyAdapter(abc.ABC):
         item["cell_pos_a"], item["cell_pos_b"] = item["cell_pos"]
         return item
 
+    # ------------------------------------------------------------- conversations
+    end_of_turn: str = chat.END_OF_TURN
+    """The chat template's end-of-turn token (labelled with each assistant turn, DESIGN §5)."""
+
+    @property
+    @abc.abstractmethod
+    def media_token_ids(self) -> tuple[int, ...]:
+        """Ids of the placeholder tokens the processor expands into media tokens (image, video)."""
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The family's chat template applied to `messages` (text, not tokens)."""
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    @abc.abstractmethod
+    def encode_media_text(self, text: str, frames: Sequence[np.ndarray], media: str, timestamps: Sequence[float],
+                          video_frames: int) -> dict[str, Any]:
+        """The processor's encoding of a chat `text` with its media ('image': the frames are the
+        images in order; 'video': the frames of one video; 'none'): input_ids, attention_mask and
+        the family's media inputs, unbatched. `video_frames` caps (or, where the family needs one
+        count per batch, fixes) the frames a video is given with."""
+
+    def encode_conversation(self, frames: Sequence[np.ndarray], media: str, conversation: Sequence[dict],
+                            timestamps: Sequence[float] = (), *, max_len: int = 0,
+                            video_frames: int = 16) -> dict[str, Any]:
+        """Model inputs of one LLaVA conversation with its media, with `labels` (S,) (DESIGN §5), unbatched.
+
+        Raises `chat.ConversationError` (with a reason) for a conversation that cannot be encoded.
+        `cell_pos` is [] (no frame of a conversation is supervised by the geometry losses).
+        """
+        n_img = len(frames) if media == "image" else 0
+        messages = chat.to_messages(conversation, n_img, 1 if media == "video" else 0)
+        text, spans = chat.assistant_spans(self.render_chat, messages, self.end_of_turn)
+        item = self.encode_media_text(text, frames, media, timestamps, video_frames)
+        ids, labels = chat.token_labels(self.processor.tokenizer, text, spans)
+        item["labels"] = chat.expand_labels(item["input_ids"], ids, labels, self.media_token_ids)
+        item = chat.truncate(item, max_len, self.media_token_ids)
+        item["cell_pos"] = []
+        return item
+
+    # ------------------------------------------------------------- vision calls
+    def vision_calls(self, batch: dict[str, Any]) -> int:
+        """How many times the model's forward runs its vision tower on this batch (one per media kind
+        present). Under ZeRO-3 every rank must run it equally often (`dummy_vision_inputs`)."""
+        return sum(batch.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
+
+    @abc.abstractmethod
+    def dummy_vision_inputs(self) -> tuple[str, dict[str, Any]]:
+        """(name of the model body's feature method, its keyword arguments) for the smallest real input
+        of its vision tower: run on a micro-batch with fewer vision calls than another rank's, its
+        output enters the loss times zero (DESIGN §6)."""
+
     @abc.abstractmethod
     def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Batch the outputs of `encode_clip` (padding the sequences).
+        """Batch the outputs of `encode_clip` / `encode_conversation` (padding the sequences; `labels`
+        padded with -100, and all -100 for a clip).
 
         Sequence positions in `cell_pos` stay valid for the padded batch (the adapter shifts
         them if it pads on the left); keys the adapter does not batch are gathered into lists.

@@ -118,6 +118,8 @@ import torch
 
 from data import shardformat
 from data.adapter import FamilyAdapter
+from data.chat import ConversationError, lm_items
+from data.instruct import InstructionSample, decode_instruction, draw_conversation
 from data.labels import MIN_CORR, ClipLabels, clip_labels
 from data.seeds import derive_seed
 from data.shardformat import ClipSample, FormatError
@@ -128,7 +130,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 REASONS = ("shard_unreadable", "tar_truncated", "missing_member", "unknown_version", "unknown_kind", "corrupt_member",
-           "bad_meta", "bad_labels", "encode_error")
+           "bad_meta", "bad_labels", "encode_error", "bad_conversation", "too_long")
 """Why a shard or sample was skipped (keys of `stats()`)."""
 
 
@@ -339,11 +341,11 @@ class BadDataLog:
 
 # ============================================================ decode, labels, collate
 
-def decode_checked(sample: dict[str, Any]) -> tuple[ClipSample | None, str, str]:
-    """Raw members -> (ClipSample, "", "") or (None, reason, message) for a bad sample.
+def decode_checked(sample: dict[str, Any]) -> tuple[ClipSample | InstructionSample | None, str, str]:
+    """Raw members -> (ClipSample or InstructionSample, "", "") or (None, reason, message) for a bad sample.
 
-    Dispatch on the sample's `kind` (none: a clip), then on its `version` (1: a pair, read as a
-    clip of two frames; 2: a clip).
+    Dispatch on the sample's `kind` (none: a clip; "instruction": a conversation sample), then on
+    its `version` (clips: 1, a pair, read as a clip of two frames; 2, a clip).
     """
     key = sample.get("__key__", "?")
     where = f"sample {key} of {sample.get('__url__', '?')}"
@@ -353,8 +355,18 @@ def decode_checked(sample: dict[str, Any]) -> tuple[ClipSample | None, str, str]
         reason = "missing_member" if "json" not in sample else "corrupt_member"
         return None, reason, str(e)
     kind = shardformat.sample_kind(meta)
+    if kind == "instruction":
+        try:
+            shardformat.check_version(meta.get("version"), where, kind)
+        except FormatError as e:
+            return None, "unknown_version", str(e)
+        try:
+            return decode_instruction(sample), "", ""
+        except FormatError as e:
+            reason = "missing_member" if "missing member" in str(e) else "corrupt_member"
+            return None, reason, str(e)
     if kind != "clip":
-        return None, "unknown_kind", f"{where}: a {kind!r} sample where scene clips were expected"
+        return None, "unknown_kind", f"{where}: a {kind!r} sample, neither a scene clip nor an instruction sample"
     try:
         members = shardformat.members_of(meta, where)
     except FormatError as e:
@@ -387,6 +399,46 @@ class PreparedClip:
     dataset: str
     encoded: dict[str, Any]
     labels: ClipLabels
+    source: int = 0
+    """Index of the shard set it came from."""
+    kind = "clip"
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.encoded["input_ids"].shape[0])
+
+
+@dataclass
+class PreparedConversation:
+    """One conversation ready to batch: the adapter's encoding with its LM `labels` (DESIGN §5)."""
+
+    key: str
+    dataset: str
+    encoded: dict[str, Any]
+    source: int = 0
+    kind = "instruction"
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.encoded["input_ids"].shape[0])
+
+
+def prepare_conversation(sample: InstructionSample, adapter: FamilyAdapter, rng: np.random.Generator,
+                         max_seq_len: int = 0, video_frames: int = 16,
+                         ) -> tuple[PreparedConversation | None, str, str]:
+    """InstructionSample -> one of its conversations (drawn with `rng`) encoded with labels, or
+    (None, reason, message)."""
+    where = f"instruction sample {sample.key} (ids {', '.join(sample.ids[:3])})"
+    conversation = draw_conversation(sample, rng)
+    try:
+        encoded = adapter.encode_conversation(sample.frames, sample.media, conversation, sample.timestamps,
+                                              max_len=max_seq_len, video_frames=video_frames)
+    except ConversationError as e:
+        return None, ("too_long" if e.reason == "too_long" else "bad_conversation"), f"{where}: {e}"
+    except Exception as e:
+        return None, "encode_error", f"{where}: encode_conversation failed ({type(e).__name__}: {e})"
+    dataset = "instruction:" + (sample.source[0].rsplit("/", 1)[-1] if sample.source else "?")
+    return PreparedConversation(sample.key, dataset, encoded), "", ""
 
 
 def choose_pairs(n_frames: int, pairs_per_clip: int, rng: np.random.Generator | None) -> list[tuple[int, int]]:
@@ -434,13 +486,14 @@ def _pad(rows: list[np.ndarray | torch.Tensor], dtype: torch.dtype,
     return out, mask
 
 
-def collate_clips(items: Sequence[PreparedClip], adapter: FamilyAdapter,
+def collate_clips(items: Sequence[PreparedClip | PreparedConversation], adapter: FamilyAdapter,
                   pixel_dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """A padded batch of clips (see the module docstring) from prepared clips.
+    """A padded batch of clips and conversations (see the module docstring) from prepared items.
 
     Frames of all clips are numbered in batch order (clip 0's frames, then clip 1's, ...);
     each supervised pair names its two frames in that numbering, so the model gathers pairs
-    from per-frame features in one op. `pixel_dtype` casts the pixel values.
+    from per-frame features in one op; a conversation adds no frame, only its LM labels.
+    `pixel_dtype` casts the pixel values.
     """
     batch = adapter.collate([it.encoded for it in items])
     for key in ("pixel_values", "pixel_values_videos"):
@@ -451,6 +504,8 @@ def collate_clips(items: Sequence[PreparedClip], adapter: FamilyAdapter,
     pair_frames, pair_clip, dt, anchor_a, target_b, z_b = [], [], [], [], [], []
     first = 0
     for b, it in enumerate(items):
+        if it.kind != "clip":
+            continue
         lab = it.labels
         for k, pos in enumerate(cell_pos[b]):
             frame_clip.append(b)
@@ -480,8 +535,11 @@ def collate_clips(items: Sequence[PreparedClip], adapter: FamilyAdapter,
     batch["z_b"], _ = _pad(z_b, torch.float32)  # (P, M)
     batch["n_anchors"] = torch.tensor([len(a) for a in anchor_a], dtype=torch.long)  # (P,)
     batch["n_frames"] = torch.tensor([len(c) for c in cell_pos], dtype=torch.long)  # (B,)
+    batch["n_lm"] = torch.tensor(lm_items(batch["labels"]), dtype=torch.long)  # () labelled positions used
     batch["keys"] = [it.key for it in items]
     batch["datasets"] = [it.dataset for it in items]
+    batch["kinds"] = [it.kind for it in items]
+    batch["sources"] = [it.source for it in items]
     return batch
 
 
@@ -510,9 +568,10 @@ class _EpochReader(torch.utils.data.IterableDataset):
                  world_size: int, n_workers: int, batch_size: int, seed: int, shuffle_buffer: int,
                  shuffle_initial: int, warn_every: float, max_consecutive_bad: int, min_corr: int,
                  plans: list[_WorkerPlan], rotation: int, pixel_dtype: torch.dtype | None = None,
-                 pairs_per_clip: int = 0):
+                 pairs_per_clip: int = 0, max_tokens: int = 0, max_seq_len: int = 0, video_frames: int = 16):
         super().__init__()
         self.pixel_dtype, self.pairs_per_clip = pixel_dtype, pairs_per_clip
+        self.max_tokens, self.max_seq_len, self.video_frames = max_tokens, max_seq_len, video_frames
         self.sets, self.probs, self.adapter = sets, probs, adapter
         self.epoch, self.rank, self.world_size, self.n_workers = epoch, rank, world_size, n_workers
         self.batch_size, self.seed = batch_size, seed
@@ -555,18 +614,35 @@ class _EpochReader(torch.utils.data.IterableDataset):
             bad.counts = collections.Counter(plan.stats)
         # 9 decode -> labels -> encode; bad samples counted, warned about and dropped
         prepared = self._prepared(raw, bad)
-        # 10 batch, up to this worker's quota (a replay-restore rebuilds the delivered batches and drops them)
+        # 10 batch (up to batch_size items; with max_tokens, while the padded batch holds at most that many
+        #    tokens), up to this worker's quota (a replay-restore rebuilds the delivered batches and drops them)
         replay = plan.skip_raw is None
         done = 0 if replay else plan.done
+        carry: list[PreparedClip | PreparedConversation] = []
         while done < plan.n_batches:
-            items = list(itertools.islice(prepared, self.batch_size))
+            items, carry = self._take(prepared, carry)
             done += 1
             if done <= plan.done and replay:
                 continue
             batch = collate_clips(items, self.adapter, self.pixel_dtype)
-            batch["_pos"] = {"epoch": self.epoch, "worker": plan.lw, "raw": position["raw"], "batches": done,
-                             "stats": dict(bad.counts)}
+            stats = dict(bad.counts)
+            if carry:  # the item held back for the next batch is re-read after a restore: not consumed yet
+                stats["samples"] -= 1
+            batch["_pos"] = {"epoch": self.epoch, "worker": plan.lw, "raw": position["raw"] - len(carry),
+                             "batches": done, "stats": stats}
             yield batch
+
+    def _take(self, prepared: Iterator, carry: list) -> tuple[list, list]:
+        """The next batch's items and the item held back (token packing): (items, carry)."""
+        items, longest = [], 0
+        while len(items) < self.batch_size:
+            it = carry.pop() if carry else next(prepared)
+            longest_then = max(longest, it.n_tokens)
+            if self.max_tokens and items and (len(items) + 1) * longest_then > self.max_tokens:
+                return items, [it]
+            items.append(it)
+            longest = longest_then
+        return items, []
 
     def _set_samples(self, s: int, lw: int, bad: BadDataLog) -> Iterator[dict[str, Any]]:
         """Endless raw samples of shard set s for logical worker lw, pass after pass."""
@@ -600,14 +676,21 @@ class _EpochReader(torch.utils.data.IterableDataset):
                                    f"pass over its {len(shards)} shard(s) (bad data so far: {dict(bad.counts)})")
 
     def _mix(self, per_set: list[Iterator[dict[str, Any]]], lw: int) -> Iterator[dict[str, Any]]:
-        if len(per_set) == 1:
-            yield from per_set[0]
-            return
-        rng = np.random.default_rng(derive_seed(self.seed, "mix", self.epoch, self.rank, lw))
+        """Raw samples of all sets, each tagged with its set (`__set__`), mixed by weight.
+
+        A deterministic interleave: the n-th sample comes from the set furthest below its share of n
+        (smooth weighted round robin), so every worker of every rank draws each set within one sample
+        of its weight at any point, and a restore replays the same sequence.
+        """
+        n_sets = len(per_set)
+        credit = np.zeros(n_sets)
         while True:
-            picks = rng.choice(len(per_set), size=256, p=self.probs)  # drawn in blocks, same sequence
-            for s in picks:
-                yield next(per_set[s])
+            credit += self.probs
+            s = int(np.argmax(credit))
+            credit[s] -= 1.0
+            smp = next(per_set[s])
+            smp["__set__"] = s
+            yield smp
 
     @staticmethod
     def _counted(samples: Iterator[dict[str, Any]], position: dict[str, int]) -> Iterator[dict[str, Any]]:
@@ -615,15 +698,23 @@ class _EpochReader(torch.utils.data.IterableDataset):
             position["raw"] += 1
             yield smp
 
-    def _prepared(self, samples: Iterator[dict[str, Any]], bad: BadDataLog) -> Iterator[PreparedClip]:
+    def _prepared(self, samples: Iterator[dict[str, Any]], bad: BadDataLog,
+                  ) -> Iterator[PreparedClip | PreparedConversation]:
         consecutive = 0
         for smp in samples:
-            clip, reason, message = decode_checked(smp)
+            decoded, reason, message = decode_checked(smp)
             item = None
-            if clip is not None:
-                rng = (np.random.default_rng(derive_seed(self.seed, "pairs", self.epoch, clip.key))
+            if isinstance(decoded, InstructionSample):
+                # the conversation a visit trains on: seeded per epoch and sample
+                rng = np.random.default_rng(derive_seed(self.seed, "conversation", self.epoch, decoded.key))
+                item, reason, message = prepare_conversation(decoded, self.adapter, rng, self.max_seq_len,
+                                                             self.video_frames)
+            elif decoded is not None:
+                rng = (np.random.default_rng(derive_seed(self.seed, "pairs", self.epoch, decoded.key))
                        if self.pairs_per_clip else None)  # the pairs a visit supervises: seeded per epoch
-                item, reason, message = prepare_clip(clip, self.adapter, self.min_corr, self.pairs_per_clip, rng)
+                item, reason, message = prepare_clip(decoded, self.adapter, self.min_corr, self.pairs_per_clip, rng)
+            if item is not None:
+                item.source = int(smp.get("__set__", 0))
             if item is None:
                 bad(reason, message)
                 consecutive += 1
@@ -661,6 +752,13 @@ class SampleStream:
         half the bytes through the worker queue and to the GPU); None keeps float32.
     pairs_per_clip: supervise at most this many pairs i < j of a clip (a seeded subset per
         clip and epoch); 0: every pair.
+    max_tokens: pack a batch by tokens: it takes items while (items x its longest sequence) stays
+        at most this (a batch always holds at least one item, at most batch_size); 0: batch_size
+        items. The epoch stays `batches_per_epoch` batches, so a packed epoch reads fewer samples.
+    max_seq_len: cut a conversation longer than this many tokens (never inside its media; one
+        whose media do not fit is skipped as `too_long`); 0: no limit.
+    video_frames: the frames a conversation's video is given with (at most; LLaVA-OneVision:
+        exactly, spread over the stored frames).
     """
 
     def __init__(self, sources: Sequence[str | Sequence[str]] | str, adapter: FamilyAdapter, *, batch_size: int,
@@ -669,7 +767,7 @@ class SampleStream:
                  shuffle_initial: int = 32, warn_every: float = 30.0, max_consecutive_bad: int = 1000,
                  min_corr: int = MIN_CORR, prefetch_factor: int = 2, pin_memory: bool = False,
                  multiprocessing_context: str | None = None, pixel_dtype: torch.dtype | None = None,
-                 pairs_per_clip: int = 0):
+                 pairs_per_clip: int = 0, max_tokens: int = 0, max_seq_len: int = 0, video_frames: int = 16):
         if isinstance(sources, str):
             sources = [sources]
         if not sources:
@@ -692,6 +790,12 @@ class SampleStream:
         if pairs_per_clip < 0:
             raise ValueError(f"pairs_per_clip must be >= 0 (got {pairs_per_clip})")
         self.pairs_per_clip = int(pairs_per_clip)
+        for name, v in (("max_tokens", max_tokens), ("max_seq_len", max_seq_len)):
+            if v < 0:
+                raise ValueError(f"{name} must be >= 0 (got {v})")
+        if video_frames < 1:
+            raise ValueError(f"video_frames must be >= 1 (got {video_frames})")
+        self.max_tokens, self.max_seq_len, self.video_frames = int(max_tokens), int(max_seq_len), int(video_frames)
 
         self.sets = [resolve_source(s, split) for s in sources]
         weights = [s.weight for s in self.sets]
@@ -766,7 +870,9 @@ class SampleStream:
                               shuffle_initial=self.shuffle_initial, warn_every=self.warn_every,
                               max_consecutive_bad=self.max_consecutive_bad, min_corr=self.min_corr,
                               plans=self._plans(), rotation=self._batches % self._n_logical,
-                              pixel_dtype=self.pixel_dtype, pairs_per_clip=self.pairs_per_clip)
+                              pixel_dtype=self.pixel_dtype, pairs_per_clip=self.pairs_per_clip,
+                              max_tokens=self.max_tokens, max_seq_len=self.max_seq_len,
+                              video_frames=self.video_frames)
         if self._batches < self.batches_per_epoch:
             if self.num_workers == 0:
                 it: Iterator[dict[str, Any]] = reader.batches(reader.plans[0])
@@ -801,7 +907,8 @@ class SampleStream:
     def _config(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "batch_size": self.batch_size, "num_workers": self._n_logical,
                 "seed": self.seed, "batches_per_epoch": self.batches_per_epoch, "split": self.split,
-                "pairs_per_clip": self.pairs_per_clip,
+                "pairs_per_clip": self.pairs_per_clip, "max_tokens": self.max_tokens,
+                "max_seq_len": self.max_seq_len, "video_frames": self.video_frames,
                 "sources": [s.fingerprint() + f"|{p:.6f}" for s, p in zip(self.sets, self.probs)]}
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
     python launch/export.py --checkpoint runs/train/tiny/checkpoints [--tag step00000040] --output DIR
 
-DIR/model/ loads with `from_pretrained` of the model's own class (with its processor);
+DIR/model/ loads with `from_pretrained` of the model's own class (with its processor) and holds
+gasp_training.json (the training shard sets' manifests, for launch/evaluate.py's leakage check);
 LoRA adapters are merged into the weights. DIR/heads.safetensors holds the fused heads
 (L, d, D) for `launch/probe.py --heads`. Works from any DeepSpeed ZeRO stage: the
 full fp32 weights are rebuilt from the checkpoint's shards (all ranks' files must be
@@ -72,7 +73,8 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, tag: str | None = None) -> st
             from None
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     gcfg = GaspConfig(trainable=cfg.model.trainable, head_dim=cfg.loss.head_dim, head=cfg.loss.head,
-                      depth_loss=cfg.loss.depth_loss, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha)
+                      depth_loss=cfg.loss.depth_loss, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha,
+                      lambda_lm=cfg.loss.lambda_lm)
     gasp = GaspVLM(vlm, gcfg)
     missing, unexpected = gasp.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = [k for k in missing if not k.endswith("layer_weights")]
@@ -91,6 +93,16 @@ def export_checkpoint(ckpt_dir: str, out_dir: str, tag: str | None = None) -> st
     family = getattr(model.config, "model_type", "?")
     save_heads(os.path.join(out_dir, "heads.safetensors"), gasp.head,
                meta={"model": source, "family": family, "step": meta.get("step"), "tau": cfg.loss.tau})
+    # the training manifests, for the evaluator's leakage check (launch/benchmarks/leakage.py)
+    from launch.trainer import MANIFESTS_RECORD, training_manifests
+
+    recorded = os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), MANIFESTS_RECORD)
+    if os.path.isfile(recorded):
+        manifests = json.load(open(recorded))
+    else:  # a run from before the record existed: read the sets' manifests now
+        manifests = training_manifests(list(cfg.data.shards))
+    with open(os.path.join(model_dir, "gasp_training.json"), "w") as f:
+        json.dump(manifests, f, indent=1)
     with open(os.path.join(out_dir, "export.json"), "w") as f:
         json.dump({"checkpoint": os.path.abspath(os.path.join(ckpt_dir, tag)), "step": meta.get("step"),
                    "source": source, "family": family, "trainable": cfg.model.trainable}, f, indent=1)

@@ -52,6 +52,11 @@ def parse_config(argv: list[str] | None):
             parser.error(f"unknown --preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
         base = tiny()
         base = dataclasses.replace(base, model=dataclasses.replace(base.model, preset=preset))
+    recipe = values.get("run__recipe", "")
+    if recipe:
+        from launch.config import RECIPES
+
+        base = RECIPES[recipe](base)
     try:
         cfg = apply_overrides(base, values)
     except (ValueError, TypeError) as e:
@@ -71,6 +76,9 @@ def _drop_contradictions(cfg, given: dict, parser):
             parser.error("--gradient-checkpointing has nothing to recompute under --trainable heads (the VLM runs "
                          "without gradients); drop it or use --trainable lora / full")
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, gradient_checkpointing=False))
+    if m.trainable == "heads" and cfg.loss.lambda_lm > 0:
+        parser.error(f"--lambda-lm {cfg.loss.lambda_lm:g} trains the language model, but --trainable heads runs it "
+                     f"without gradients; pass --trainable lora or full, or --lambda-lm 0")
     lora_given = [f"--{k.split('__')[1].replace('_', '-')}" for k in ("model__lora_r", "model__lora_alpha")
                   if k in given]
     if lora_given and cfg.model.trainable != "lora":
@@ -189,17 +197,37 @@ def check_config(cfg, parser) -> dict:
     return ds
 
 
+def clip_frames_of(cfg) -> int:
+    """The most frames a clip of the training sets holds (their manifests / plans); 2 where none is recorded
+    (a version-1 pair set) and for instruction sets."""
+    from data.sources import parse_spec, recorded
+
+    most = 2
+    for src in cfg.data.shards:
+        try:
+            rec = recorded(parse_spec(src)[0])
+        except ValueError:
+            continue
+        if rec.kind != "instruction" and rec.clip_frames:
+            most = max(most, int(rec.clip_frames))
+    return most
+
+
 def check_similarity_memory(cfg, parser, num_layers: int, cells: int, on_cuda: bool) -> None:
     """Refuse at start (one line) a micro-batch whose similarity tensors cannot fit (DESIGN §6).
 
     (L x pairs x N_a x N_b) float32 and what backward keeps of the loss over it, at the largest view
-    the resize allows; the budget is --sim-memory-gib, else a quarter of the device's memory.
+    the resize allows and the most pairs a micro-batch can hold (--batch-size clips of the shards'
+    K frames, K(K-1)/2 pairs each or --pairs-per-clip); the budget is --sim-memory-gib, else a
+    quarter of the device's memory.
     """
     import torch
 
     from losses.gasp import similarity_bytes
 
-    pairs = cfg.data.batch_size
+    k = clip_frames_of(cfg)
+    per_clip = cfg.data.pairs_per_sample(k)
+    pairs = cfg.data.batch_size * per_clip
     need = similarity_bytes(num_layers, pairs, cells, cells) / 2 ** 30
     if cfg.run.sim_memory_gib:
         budget, why = cfg.run.sim_memory_gib, "--sim-memory-gib"
@@ -213,9 +241,10 @@ def check_similarity_memory(cfg, parser, num_layers: int, cells: int, on_cuda: b
         budget, why = psutil.virtual_memory().available / local / 4 / 2 ** 30, "a quarter of this rank's free RAM"
     if need > budget:
         parser.error(f"the similarity tensors of one micro-batch would take ~{need:.1f} GiB (L={num_layers} layers "
-                     f"x {pairs} pairs x {cells}x{cells} cells, float32, with what backward keeps) but the budget is "
-                     f"{budget:.1f} GiB ({why}); lower --max-pixels (now {cfg.data.max_pixels or 'the model default'}, "
-                     f"{cells} cells a view) or --batch-size, or raise --sim-memory-gib")
+                     f"x {pairs} pairs ({cfg.data.batch_size} clips of {k} frames, {per_clip} pairs each) x "
+                     f"{cells}x{cells} cells, float32, with what backward keeps) but the budget is {budget:.1f} GiB "
+                     f"({why}); lower --max-pixels (now {cfg.data.max_pixels or 'the model default'}, {cells} cells "
+                     f"a view), --pairs-per-clip, --batch-size or the shards' --clip-frames, or raise --sim-memory-gib")
 
 
 def check_sources(cfg, parser) -> None:
@@ -276,6 +305,21 @@ def check_sources(cfg, parser) -> None:
         if missing and int(os.environ.get("RANK", "0") or 0) == 0:
             print(f"[train] note: no val split in {', '.join(missing)}: validation skips those sets "
                   f"(pass --val-shards to validate elsewhere)", flush=True)
+    kinds = {s.kind for s in sets}
+    if cfg.loss.lambda_lm > 0 and "instruction" not in kinds and int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"[train] note: --lambda-lm {cfg.loss.lambda_lm:g} but no instruction shard set in --shards: L_LM has "
+              f"no labels (mix one in, e.g. --shards CLIPS/:1 SFT/:1)", flush=True)
+    if "clip" not in kinds and (cfg.loss.lambda_corr > 0 or cfg.loss.lambda_depth > 0) \
+            and int(os.environ.get("RANK", "0") or 0) == 0:
+        print("[train] note: no clip shard set in --shards: L_corr and L_depth have no anchors "
+              "(--lambda-corr 0 --lambda-depth 0 is the SFT baseline)", flush=True)
+    if cfg.run.recipe == "paper" and int(os.environ.get("RANK", "0") or 0) == 0:
+        from launch.config import PAPER_CLIP_FRAMES
+
+        k = clip_frames_of(cfg)
+        if "clip" in kinds and k < PAPER_CLIP_FRAMES:
+            print(f"[train] note: --recipe paper trains on clips of {PAPER_CLIP_FRAMES} frames; these shards hold "
+                  f"clips of up to {k} (shard with --clip-frames {PAPER_CLIP_FRAMES})", flush=True)
 
 
 def _hidden_size(cfg) -> int:

@@ -220,7 +220,8 @@ class Trainer:
                                      if self.zero_stage == 3 else None)
         gcfg = GaspConfig(trainable=cfg.model.trainable, freeze_vision=cfg.model.freeze_vision,
                           gradient_checkpointing=cfg.model.gradient_checkpointing, head_dim=cfg.loss.head_dim,
-                          tau=cfg.loss.tau, lambda_depth=cfg.loss.lambda_depth, head=cfg.loss.head,
+                          tau=cfg.loss.tau, lambda_depth=cfg.loss.lambda_depth, lambda_corr=cfg.loss.lambda_corr,
+                          lambda_lm=cfg.loss.lambda_lm, head=cfg.loss.head,
                           depth_loss=cfg.loss.depth_loss, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha)
         text_cfg = getattr(vlm.config, "text_config", vlm.config)
         try:
@@ -258,7 +259,10 @@ class Trainer:
                                          rank=self.rank, world_size=self.world, num_workers=cfg.data.num_workers,
                                          seed=cfg.data.data_seed, split="train",
                                          pixel_dtype=None if self.dtype == torch.float32 else self.dtype,
-                                         pairs_per_clip=cfg.data.pairs_per_clip)
+                                         pairs_per_clip=cfg.data.pairs_per_clip,
+                                         max_tokens=cfg.data.max_tokens_per_batch, max_seq_len=cfg.data.max_seq_len,
+                                         video_frames=cfg.data.video_frames)
+        self.source_names = [_set_label(s.name) for s in self.train_stream.sets]
         self.val_sources = cfg.data.val_shards or cfg.data.shards
         client = self._load_checkpoint() if self.resume_from else None
         if client is None and self.rank == 0:
@@ -301,6 +305,7 @@ class Trainer:
         defining = current_defining(self.cfg)
         _atomic_json(os.path.join(self.run_dir, RUN_RECORD),
                      {"run_name": self.cfg.run.run_name, "hash": defining_hash(defining), "defining": defining})
+        _atomic_json(os.path.join(self.run_dir, MANIFESTS_RECORD), training_manifests(self.cfg.data.shards))
         self._truncate_train_log(0)
 
     def _dump_partition(self) -> None:
@@ -428,30 +433,44 @@ class Trainer:
     def _to_device(self, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         return self.model.batch_to_device(batch, self.adapter, self.device, self.dtype)
 
-    def step_counts(self, micro: list[dict[str, Any]] | None) -> tuple[torch.Tensor, bool]:
-        """All-reduce the step's item counts (3,) and the stop flag in ONE collective (before any forward)."""
+    def step_counts(self, micro: list[dict[str, Any]] | None) -> tuple[torch.Tensor, bool, list[int]]:
+        """All-reduce the step's item counts (4,) [n_ab, n_ba, n_depth, n_lm] and the stop flag in ONE
+        collective, and (a second, max) the vision-tower calls of each micro-batch, before any forward.
+
+        Returns (counts, stop, vision calls each micro-batch index must make on every rank).
+        """
         from losses.gasp import count_items
 
-        local = torch.zeros(4, device=self.device)  # n_ab, n_ba, n_depth, stop
+        local = torch.zeros(5, device=self.device)  # n_ab, n_ba, n_depth, n_lm, stop
+        calls = torch.zeros(self.gas, device=self.device)
         if micro is not None:
-            local[:3] = torch.stack([count_items(mb) for mb in micro]).sum(0).to(self.device)
-        local[3] = 1.0 if (self._stop or micro is None) else 0.0
+            local[:4] = torch.stack([count_items(mb) for mb in micro]).sum(0).to(self.device)
+            calls[:len(micro)] = torch.tensor([float(self.adapter.vision_calls(mb)) for mb in micro])
+        local[4] = 1.0 if (self._stop or micro is None) else 0.0
         D.all_reduce(local)
-        return local[:3], bool(local[3].item() > 0)
+        D.all_reduce(calls, "max")
+        # at least one vision call per micro-batch: every rank runs the tower on every micro-batch
+        return local[:4], bool(local[4].item() > 0), [max(1, int(c)) for c in calls.tolist()]
 
-    def train_step(self, micro: list[dict[str, Any]], counts: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def train_step(self, micro: list[dict[str, Any]], counts: torch.Tensor,
+                   vision_calls: list[int] | None = None) -> tuple[torch.Tensor, bool]:
         """One optimizer step over this rank's `micro` batches with the step's global `counts`.
 
-        Returns (sums, skipped): sums (7,) all-reduced over ranks = [total, nce_ab, nce_ba,
-        depth, tokens, bad micro-batches, applied ranks]; skipped: the step left the weights
-        unchanged (the same on every rank).
+        Returns (sums, skipped): sums all-reduced over ranks = [total, nce_ab, nce_ba, depth,
+        tokens, bad micro-batches, applied ranks, lm, lm tokens, lm correct, samples of each source
+        ...]; skipped: the step left the weights unchanged (the same on every rank).
         """
-        sums = torch.zeros(7, device=self.device)  # total, nce_ab, nce_ba, depth, tokens, bad, applied
+        n_src = len(self.source_names)
+        sums = torch.zeros(SUM_FIELDS + n_src, device=self.device)
         bad_local = False
+        dummy = self.adapter.dummy_vision_inputs()
         for i, mb in enumerate(micro):
+            need = vision_calls[i] if vision_calls else 0
+            dummies = [dummy] * max(0, need - self.adapter.vision_calls(mb))
+            sources = mb.get("sources") or []
             mb, inputs = self._to_device(mb)
             loss, parts = self.engine(mb, inputs, global_counts=counts, grad_accum_steps=self.gas,
-                                      world_size=self.world)
+                                      world_size=self.world, vision_dummies=dummies)
             if (self.step + 1, self.rank) in self.faults:
                 loss = loss * float("nan")
             finite = bool(torch.isfinite(loss).item())
@@ -465,9 +484,13 @@ class Trainer:
                     loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
-            sums += torch.tensor([parts["total"], parts["nce_ab"], parts["nce_ba"], parts["depth"],
-                                  float(inputs["attention_mask"].sum()), float(not finite), 0.0],
-                                 device=self.device)
+            row = [parts["total"], parts["nce_ab"], parts["nce_ba"], parts["depth"],
+                   float(inputs["attention_mask"].sum()), float(not finite), 0.0,
+                   parts["lm"], parts["n_lm"], parts["lm_correct"]]
+            per_src = [0.0] * n_src
+            for s_ in sources:
+                per_src[int(s_)] += 1.0
+            sums += torch.tensor(row + per_src, device=self.device)
         sums[6] = 1.0 if self.engine.was_step_applied() else 0.0
         D.all_reduce(sums)
         applied = int(sums[6].item())
@@ -495,14 +518,14 @@ class Trainer:
                     raise
                 micro = None  # preempted while reading (e.g. a loader worker got the signal first)
             t_data = time.perf_counter() - t0
-            counts, stop = self.step_counts(micro)
+            counts, stop, vision_calls = self.step_counts(micro)
             if stop:
                 if self._saved_step != self.step:  # (a --save-every checkpoint of this step is already there)
                     self.save_checkpoint(loader_state)
                 D.print0(f"[train] stopped by SIGTERM after a checkpoint at step {self.step}; rerun the same "
                          f"command to resume")
                 return 0
-            sums, skipped = self.train_step(micro, counts)
+            sums, skipped = self.train_step(micro, counts, vision_calls)
             self.step += 1
             dt = time.perf_counter() - t0
             if skipped:
@@ -537,8 +560,10 @@ class Trainer:
 
     def _log_step(self, sums: torch.Tensor, counts: torch.Tensor, dt: float, t_data: float, skipped: bool) -> None:
         total, ab, ba, dep, tokens = (float(x) for x in sums[:5])
+        lm, n_lm, lm_correct = (float(x) for x in sums[7:10])
+        per_source = [float(x) for x in sums[SUM_FIELDS:]]
         checksums = self.param_checksums()  # every rank takes part
-        samples = self.cfg.data.batch_size * self.gas * self.world
+        samples = sum(per_source) or self.cfg.data.batch_size * self.gas * self.world
         lr = self.scheduler.get_last_lr()
         gn = self.engine.get_global_grad_norm()
         gn = float(gn) if gn is not None and math.isfinite(float(gn)) and not skipped else None
@@ -547,7 +572,12 @@ class Trainer:
              "train/samples_per_s": samples / max(dt, 1e-9), "train/tokens_per_s": tokens / max(dt, 1e-9),
              "train/data_wait_s": t_data, "train/data_wait_share": t_data / max(dt, 1e-9),
              "train/step_time_s": dt, "train/skipped_steps": self.bad_steps,
-             "train/anchors": float(counts[0])}
+             "train/anchors": float(counts[0]), "train/tokens": tokens}
+        if self.cfg.loss.lambda_lm > 0:
+            m.update({"train/lm": lm, "train/lm_tokens": n_lm,
+                      "train/lm_accuracy": lm_correct / n_lm if n_lm else float("nan")})
+        for name, n in zip(self.source_names, per_source):
+            m[f"train/samples/{name}"] = n
         if gn is not None:
             m["train/grad_norm"] = gn
         m["train/bad_samples"] = self.train_stream.stats()["skipped"]
@@ -559,22 +589,25 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, TRAIN_LOG), "a") as f:
                 f.write(json.dumps(row) + "\n")
+        lm_text = f", lm {lm:.4f} over {int(n_lm)} tokens" if self.cfg.loss.lambda_lm > 0 else ""
         D.print0(f"[train] step {self.step}/{self.cfg.optim.steps} loss {total:.4f} (nce {0.5 * (ab + ba):.4f}, "
-                 f"depth {dep:.4f}) lr {lr[-1]:.2e} grad {gn if gn is not None else float('nan'):.3f} "
-                 f"{samples / max(dt, 1e-9):.2f} pairs/s data-wait {100 * t_data / max(dt, 1e-9):.0f}%"
+                 f"depth {dep:.4f}{lm_text}) lr {lr[-1]:.2e} grad {gn if gn is not None else float('nan'):.3f} "
+                 f"{samples / max(dt, 1e-9):.2f} samples/s data-wait {100 * t_data / max(dt, 1e-9):.0f}%"
                  + (" SKIPPED" if skipped else ""))
 
     def _truncate_train_log(self, step: int) -> None:
-        """On resume: drop the log lines of steps after the checkpoint (they are redone)."""
-        path = os.path.join(self.run_dir, TRAIN_LOG)
-        if not os.path.isfile(path):
-            return
-        with open(path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        """On resume: drop the log lines (train log, LM retention log) of steps after the checkpoint (they
+        are redone); on a fresh start (step 0) all of them."""
+        for name in (TRAIN_LOG, VAL_LM_LOG):
+            path = os.path.join(self.run_dir, name)
+            if not os.path.isfile(path):
+                continue
+            with open(path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, path)
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
@@ -587,8 +620,22 @@ class Trainer:
         from losses.metrics import MatchMetrics, flatten_metrics, temporal_series
 
         cfg = self.cfg
+        clip_sources, lm_sources = self._val_sources()
+        # LM retention on the held-out instruction split, whatever trains (geometry-only training shows its drift)
+        retention = self.lm_retention(lm_sources) if lm_sources else None
+        if retention is not None and retention["tokens"] and self.rank == 0:
+            self.tracker.log_metrics({"val/lm/loss": retention["loss"], "val/lm/accuracy": retention["accuracy"],
+                                      "val/lm/tokens": float(retention["tokens"])}, step=self.step)
+            print(f"[val] step {self.step}: LM retention: loss {retention['loss']:.4f}, token accuracy "
+                  f"{retention['accuracy']:.3f} over {retention['tokens']} held-out tokens", flush=True)
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, VAL_LM_LOG), "a") as f:
+                f.write(json.dumps({"step": self.step, **retention}) + "\n")
+        if not clip_sources:
+            D.print0("[val] no clip val split: correspondence metrics skipped")
+            return None
         try:
-            stream = SampleStream(self.val_sources, self.adapter, batch_size=cfg.data.batch_size, rank=self.rank,
+            stream = SampleStream(clip_sources, self.adapter, batch_size=cfg.data.batch_size, rank=self.rank,
                                   world_size=self.world, num_workers=0, seed=0, split="val",
                                   batches_per_epoch=cfg.run.val_batches,
                                   pixel_dtype=None if self.dtype == torch.float32 else self.dtype,
@@ -615,9 +662,12 @@ class Trainer:
                 for st in per_rank[idx]:
                     acc.update(st)
             results[name] = acc.compute()
+        if retention is not None:
+            results["lm"] = retention
         metrics = {}
         for name, res in results.items():
-            metrics.update(flatten_metrics(res, f"val/{name}"))
+            if name != "lm":
+                metrics.update(flatten_metrics(res, f"val/{name}"))
         self.tracker.log_metrics(metrics, step=self.step)
         if self.step >= cfg.optim.steps:  # the final curve, as series over the frame distance
             for name, res in results.items():
@@ -639,12 +689,94 @@ class Trainer:
               f"({time.perf_counter() - t0:.1f}s)", flush=True)
         return results
 
+    def _val_sources(self) -> tuple[list[str], list[str]]:
+        """The validation sources with a val split, by kind: (clip sets, instruction sets)."""
+        from data.stream import resolve_source
+
+        clips, lm = [], []
+        for src in self.val_sources:
+            try:
+                kind = resolve_source(src, "val").kind
+            except Exception:
+                continue  # no val split there (said once at start)
+            (lm if kind == "instruction" else clips).append(src)
+        return clips, lm
+
+    @torch.no_grad()
+    def lm_retention(self, sources: list[str]) -> dict[str, Any] | None:
+        """Mean LM loss and next-token accuracy on the held-out instruction split (DESIGN §6), over all
+        ranks (a collective: every rank calls it)."""
+        from data.stream import SampleStream
+
+        cfg = self.cfg
+        try:
+            stream = SampleStream(sources, self.adapter, batch_size=cfg.data.batch_size, rank=self.rank,
+                                  world_size=self.world, num_workers=0, seed=0, split="val",
+                                  batches_per_epoch=cfg.run.val_batches,
+                                  pixel_dtype=None if self.dtype == torch.float32 else self.dtype,
+                                  max_seq_len=cfg.data.max_seq_len, video_frames=cfg.data.video_frames)
+        except (ValueError, FileNotFoundError) as e:
+            D.print0(f"[val] LM retention skipped: {e}")
+            return None
+        self.engine.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        dummy = self.adapter.dummy_vision_inputs()
+        for batch in stream:
+            batch, inputs = self._to_device(batch)
+            # every rank runs the tower equally often: one call per media kind, padded with dummies to 2
+            dummies = [dummy] * (2 - self.adapter.vision_calls(batch))
+            _, hidden, zero = self.engine.module.capture(batch, inputs, dummies, keep_hidden=True)
+            total, n, correct = self.engine.module.lm_terms(hidden, batch.get("labels"))
+            sums += torch.tensor([float(total), float(n), float(correct)], dtype=torch.float64, device=self.device)
+        self.engine.train()
+        D.all_reduce(sums)
+        total, n, correct = sums.tolist()
+        return {"loss": total / n if n else None, "accuracy": correct / n if n else None, "tokens": int(n)}
+
     # ------------------------------------------------------------------ end
     def finish(self, status: str = "FINISHED") -> None:
         if self._it is not None:
             self._it.close()  # stops the loader's worker processes now
             self._it = None
         self.tracker.end(status)
+
+
+VAL_LM_LOG = "val_lm.jsonl"
+"""One line per validation: the LM retention (mean loss, token accuracy, tokens) on the held-out instruction split."""
+SUM_FIELDS = 10
+"""Fixed fields of a step's sums (see `Trainer.train_step`); the per-source sample counts follow."""
+MANIFESTS_RECORD = "training_manifests.json"
+"""Written in the run folder at start: the manifests of the training sets (the export copies them into
+gasp_training.json, what the evaluator's leakage check reads)."""
+
+
+def training_manifests(shards: list[str]) -> dict[str, Any]:
+    """{"training_manifests": [{url, sha256, format, kind, splits}]} of the training shard sets."""
+    from data.sources import parse_spec, recorded
+
+    out = []
+    for src in shards:
+        loc = parse_spec(src)[0]
+        rec = recorded(loc)
+        splits = {k: list(v) for k, v in (rec.splits or {}).items() if isinstance(v, list)}
+        splits.setdefault("train", [])
+        splits.setdefault("val", [])
+        out.append({"url": rec.manifest or loc, "sha256": rec.manifest_sha256, "format": rec.format,
+                    "kind": rec.kind, "splits": splits})
+    return {"training_manifests": out}
+
+
+def _set_label(name: str) -> str:
+    """A shard set's spec as a short metric-safe label: its last path part, without the weight."""
+    from data.sources import parse_spec
+
+    try:
+        loc = parse_spec(name)[0]
+    except ValueError:
+        loc = name
+    last = [p for p in loc.replace("\\", "/").split("/") if p and p != "manifest.json"]
+    label = last[-1] if last else loc
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)[:60] or "set"
 
 
 def _fmt(x: float | None) -> str:

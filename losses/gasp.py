@@ -144,9 +144,26 @@ def item_masks(batch: Batch) -> ItemMasks:
 
 
 def count_items(batch: Batch) -> torch.Tensor:
-    """(3,) float32 [n_ab, n_ba, n_depth] of a batch, from its labels alone (sum these, then all-reduce)."""
+    """(4,) float32 [n_ab, n_ba, n_depth, n_lm] of a batch, from its labels alone (sum these, then all-reduce).
+
+    n_lm: the LM label positions the shifted loss uses (`labels[:, 1:] != -100`; 0 without labels).
+    """
     m = item_masks(pair_view(batch))
-    return torch.stack([m.anchor.sum(), m.first_of_target.sum(), m.depth.sum()]).float()
+    if batch.get("labels") is not None:
+        n_lm = (batch["labels"][:, 1:] != -100).sum()
+    else:
+        n_lm = torch.zeros((), dtype=torch.long)
+    return torch.stack([m.anchor.sum(), m.first_of_target.sum(), m.depth.sum(), n_lm.to(m.anchor.device)]).float()
+
+
+def lm_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy (float32) and the count of correct argmax predictions of (n, V) logits
+    against (n,) targets: L_LM's numerator over the labelled positions of a batch (DESIGN §6)."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits = logits.float()
+        total = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        correct = (logits.argmax(-1) == targets).sum() if logits.shape[0] else torch.zeros((), dtype=torch.long)
+    return total, correct
 
 
 @dataclass
@@ -228,32 +245,41 @@ def _per_count(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
 
 
 def combine(terms: LossTerms, layer_weights: torch.Tensor | Sequence[float] | None = None,
-            lambda_depth: float = 1.0, global_counts: torch.Tensor | None = None,
+            lambda_depth: float = 1.0, global_counts: torch.Tensor | None = None, *, lambda_corr: float = 1.0,
+            lm_sum: torch.Tensor | None = None, n_lm: torch.Tensor | float | None = None, lambda_lm: float = 0.0,
             ) -> tuple[torch.Tensor, dict[str, float]]:
-    """total = sum_l w_l (0.5 (ab_l/N_ab + ba_l/N_ba) + lambda_depth depth_l/N_depth) / sum_l w_l.
+    """total = lambda_lm L_LM + sum_l w_l (lambda_corr 0.5 (ab_l/N_ab + ba_l/N_ba) + lambda_depth depth_l/N_depth)
+    / sum_l w_l, with L_LM = lm_sum / N_lm (DESIGN §6).
 
-    `global_counts` (3,) [N_ab, N_ba, N_depth] over all ranks and micro-batches of
-    the step (else this batch's counts); a zero count makes its term 0. With global
-    counts, `total` is this micro-batch's share of the step loss (shares add up).
+    `global_counts` (3,) [N_ab, N_ba, N_depth] or (4,) [.., N_lm] over all ranks and micro-batches
+    of the step (else this batch's counts, N_lm = `n_lm`); a zero count makes its term 0. With
+    global counts, `total` is this micro-batch's share of the step loss (shares add up).
     Returns (total scalar tensor, parts: floats for logging, one device sync).
     """
     nce_ab = terms.nce_ab_sum
     L = nce_ab.shape[0]
     counts = (terms.counts() if global_counts is None else global_counts).to(nce_ab.device, torch.float32)
+    if global_counts is not None and counts.shape[0] > 3:
+        count_lm = counts[3]
+    else:
+        count_lm = torch.as_tensor(0.0 if n_lm is None else n_lm, dtype=torch.float32, device=nce_ab.device)
     w = (torch.ones(L) if layer_weights is None else torch.as_tensor(layer_weights)).to(nce_ab.device, torch.float32)
     if w.shape != (L,):
         raise ValueError(f"layer_weights must have shape ({L},); got {tuple(w.shape)}")
     ab = _per_count(nce_ab, counts[0])  # (L,)
     ba = _per_count(terms.nce_ba_sum, counts[1])  # (L,)
     dep = _per_count(terms.depth_sum, counts[2])  # (L,)
-    per_layer = 0.5 * (ab + ba) + lambda_depth * dep  # (L,)
+    per_layer = lambda_corr * 0.5 * (ab + ba) + lambda_depth * dep  # (L,)
     wn = w / w.sum()
     total = (wn * per_layer).sum()
+    lm = _per_count(lm_sum.float(), count_lm) if lm_sum is not None else torch.zeros((), device=nce_ab.device)
+    if lm_sum is not None:
+        total = total + lambda_lm * lm
     with torch.no_grad():
-        summary = torch.stack([total, (wn * ab).sum(), (wn * ba).sum(), (wn * dep).sum()]).tolist()
+        summary = torch.stack([total, (wn * ab).sum(), (wn * ba).sum(), (wn * dep).sum(), lm]).tolist()
         layers = per_layer.tolist()
     parts = {"total": summary[0], "nce_ab": summary[1], "nce_ba": summary[2],
-             "nce": 0.5 * (summary[1] + summary[2]), "depth": summary[3]}
+             "nce": 0.5 * (summary[1] + summary[2]), "depth": summary[3], "lm": summary[4]}
     parts.update({f"layer_{l:02d}": v for l, v in enumerate(layers)})
     return total, parts
 
@@ -272,9 +298,9 @@ def distributed_scale(grad_accum_steps: int, world_size: int) -> float:
 
 def loss_to_backward(terms: LossTerms, global_counts: torch.Tensor, grad_accum_steps: int, world_size: int,
                      layer_weights: torch.Tensor | Sequence[float] | None = None, lambda_depth: float = 1.0,
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
-    """(the micro-batch loss to hand DeepSpeed's backward, parts of its unscaled share)."""
-    total, parts = combine(terms, layer_weights, lambda_depth, global_counts)
+                     **kw) -> tuple[torch.Tensor, dict[str, float]]:
+    """(the micro-batch loss to hand DeepSpeed's backward, parts of its unscaled share); `kw` as `combine`'s."""
+    total, parts = combine(terms, layer_weights, lambda_depth, global_counts, **kw)
     return total * distributed_scale(grad_accum_steps, world_size), parts
 
 

@@ -58,8 +58,9 @@ _TOWER_HAS_CLS = {"siglip_vision_model": False, "clip_vision_model": True}
 """Whether a vision tower prepends a class token to its patch tokens."""
 
 MODEL_INPUT_NAMES = {
-    "llava_onevision": ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images"),
-    "llava_next_video": ("input_ids", "attention_mask", "pixel_values_videos"),
+    "llava_onevision": ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images",
+                        "pixel_values_videos"),
+    "llava_next_video": ("input_ids", "attention_mask", "pixel_values", "image_sizes", "pixel_values_videos"),
 }
 
 
@@ -232,6 +233,9 @@ class LlavaAdapter(FamilyAdapter):
                 raise ValueError(f"processor's num_image_tokens {processor.num_image_tokens} differs from the "
                                  f"tower's {self.side}x{self.side} patches")
             self.tokens_per_image = self.n_cells + 1  # base grid + one image_newline (multi-image path)
+            self.video_token_id = int(processor.video_token_id)
+            pooled = -(-self.side // 2)  # the video path's 2x bilinear pooling, ceil
+            self.tokens_per_video_frame = pooled * pooled
         else:
             if processor.patch_size is None or int(processor.patch_size) != self.patch_size:
                 raise ValueError(f"processor's patch_size {processor.patch_size} differs from the tower's "
@@ -240,6 +244,7 @@ class LlavaAdapter(FamilyAdapter):
                 raise ValueError(f"processor's num_additional_image_tokens {processor.num_additional_image_tokens} "
                                  f"does not fit the {vc.model_type} tower (CLS token: {has_cls})")
             self.tokens_per_image = self.n_cells  # one frame of the video: its pooled grid, no newline
+            self.tokens_per_video_frame = self.n_cells
             self.video_token_id = int(processor.video_token_id)
             if self.video_token_id != int(config.video_token_id):
                 raise ValueError(f"processor's video token id {self.video_token_id} differs from the model's "
@@ -345,37 +350,96 @@ class LlavaAdapter(FamilyAdapter):
         item["cell_pos"] = [run[:self.n_cells].clone() for run in runs]
         return item
 
-    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Right-pad the sequences to (B, L_max); concatenate the frames of all clips.
+    # ------------------------------------------------------------ conversations
+    @property
+    def media_token_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id)
 
-        input_ids is padded with the pad token, attention_mask with 0; LLaVA-OneVision:
-        pixel_values (sum K, 1, 3, S, S), image_sizes (sum K, 2), batch_num_images (B,);
-        LLaVA-NeXT-Video: pixel_values_videos (sum K, 1, 3, S, S). cell_pos becomes a list of B
-        lists of K LongTensors; right padding leaves them valid. Any other key is gathered into
-        a list.
+    def encode_media_text(self, text: str, frames: Sequence[np.ndarray], media: str, timestamps: Sequence[float],
+                          video_frames: int) -> dict[str, Any]:
+        """The processor's encoding of a chat text with its media.
+
+        Images: the family's own image path (the processor resizes; one image takes the
+        any-resolution crops, several the multi-image path). A video: LLaVA-OneVision's video input
+        (1, T, 3, S, S), its `<video>` expanded to T x ceil(side/2)^2 pooled tokens + one newline,
+        with exactly T = `video_frames` frames spread over the video (the model stacks the videos of a
+        batch, so they need one length); LLaVA-NeXT-Video's video input as T one-frame videos (its
+        tower and pooling run per frame, so this equals one T-frame video), at most `video_frames`.
+        """
+        from data.chat import resample
+
+        if media == "image":
+            pil = [Image.fromarray(f) for f in frames]
+            out = self.processor(images=[pil] if self.family == "llava_onevision" else pil, text=[text],
+                                 return_tensors="pt")
+            item = {"input_ids": out["input_ids"][0], "attention_mask": out["attention_mask"][0],
+                    "pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+            if self.family == "llava_onevision":
+                item["batch_num_images"] = out["batch_num_images"]
+            return item
+        ids = self.processor.tokenizer(text, return_tensors="pt")["input_ids"][0]
+        if media == "none":
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        at = torch.nonzero(ids == self.video_token_id).squeeze(1)
+        if len(at) != 1:
+            raise RuntimeError(f"the chat text holds {len(at)} video placeholders, expected 1")
+        count = video_frames if self.family == "llava_onevision" else min(len(frames), video_frames or len(frames))
+        images = [self.resize(frames[k]) for k in resample(len(frames), count)]
+        x = self.video_frames(images)  # (T, 1, 3, S, S)
+        n = len(images) * self.tokens_per_video_frame
+        if self.family == "llava_onevision":
+            x, n = x.transpose(0, 1), n + 1  # one video of T frames; one newline after its frames
+        i = int(at[0])
+        input_ids = torch.cat([ids[:i], torch.full((n,), self.video_token_id, dtype=ids.dtype), ids[i + 1:]])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values_videos": x}
+
+    def dummy_vision_inputs(self) -> tuple[str, dict[str, Any]]:
+        """One frame as a one-frame video: the tower (and projector) on one S x S input."""
+        S = self.image_size
+        return "get_video_features", {"pixel_values_videos": torch.zeros((1, 1, 3, S, S))}
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Right-pad the sequences to (B, L_max); concatenate the media of all items in order.
+
+        input_ids is padded with the pad token, attention_mask with 0, labels with -100 (a clip's
+        are all -100). pixel_values (sum of images, P, 3, S, S; patch slots padded with zeros to the
+        most any image has), image_sizes, batch_num_images (LLaVA-OneVision: one entry per item with
+        images) and pixel_values_videos are concatenated in item order, absent when no item has
+        them. cell_pos becomes a list of B lists of K LongTensors; right padding leaves them valid.
+        Any other key is gathered into a list.
         """
         B = len(items)
         L = max(int(it["input_ids"].shape[0]) for it in items)
         input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((B, L), dtype=torch.long)
+        labels = torch.full((B, L), -100, dtype=torch.long)
         for b, it in enumerate(items):
             n = it["input_ids"].shape[0]
             input_ids[b, :n] = it["input_ids"]
             attention_mask[b, :n] = it["attention_mask"]
-        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if self.family == "llava_onevision":
-            P = max(int(it["pixel_values"].shape[1]) for it in items)
-            batch["pixel_values"] = torch.cat([_pad_patches(it["pixel_values"], P) for it in items], dim=0)
-            batch["image_sizes"] = torch.cat([it["image_sizes"] for it in items], dim=0)  # (sum K, 2)
-            batch["batch_num_images"] = torch.cat([it["batch_num_images"] for it in items], dim=0)  # (B,)
+            if it.get("labels") is not None:
+                labels[b, :n] = it["labels"]
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        with_images = [it for it in items if it.get("pixel_values") is not None]
+        if with_images:
+            P = max(int(it["pixel_values"].shape[1]) for it in with_images)
+            batch["pixel_values"] = torch.cat([_pad_patches(it["pixel_values"], P) for it in with_images], dim=0)
+            batch["image_sizes"] = torch.cat([it["image_sizes"] for it in with_images], dim=0)  # (images, 2)
+            if self.family == "llava_onevision":
+                batch["batch_num_images"] = torch.cat([it["batch_num_images"] for it in with_images], dim=0)
         else:
-            batch["pixel_values_videos"] = torch.cat([it["pixel_values_videos"] for it in items], dim=0)
+            batch["pixel_values"] = batch["image_sizes"] = batch["batch_num_images"] = None
+        videos = [it["pixel_values_videos"] for it in items if it.get("pixel_values_videos") is not None]
+        if videos and len({tuple(v.shape[1:]) for v in videos}) > 1:
+            raise ValueError(f"videos of {sorted({int(v.shape[1]) for v in videos})} frames in one batch: the "
+                             f"model stacks a batch's videos, give them one length")
+        batch["pixel_values_videos"] = torch.cat(videos, dim=0) if videos else None
         for key in items[0]:
             if key not in batch:
-                batch[key] = [it[key] for it in items]
+                batch[key] = [it.get(key) for it in items]
         return batch
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The part of a collated batch that goes into the model's forward."""
-        return {k: batch[k] for k in self.model_input_names}
+        """The part of a collated batch that goes into the model's forward (the keys present)."""
+        return {k: batch[k] for k in self.model_input_names if batch.get(k) is not None}
 

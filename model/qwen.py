@@ -142,8 +142,9 @@ class QwenAdapter(FamilyAdapter):
     the resized size, and hence every cell, is known exactly.
     """
 
-    model_input_names = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-    """Keys of a collated batch that the model's forward takes (the rest are labels)."""
+    model_input_names = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+                         "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    """Keys of a collated batch that the model's forward takes when present (the rest are labels)."""
 
     def __init__(self, processor: ProcessorMixin, *, family: str = "qwen2_vl", min_pixels: int | None = None,
                  max_pixels: int | None = None, prompt: str = PROMPT) -> None:
@@ -154,6 +155,8 @@ class QwenAdapter(FamilyAdapter):
         """
         ip = processor.image_processor
         self.family = family
+        if family == "qwen2_vl":  # its forward and M-RoPE take no video timing
+            self.model_input_names = tuple(k for k in self.model_input_names if k != "second_per_grid_ts")
         self.processor = processor
         self.patch_size = int(ip.patch_size)
         self.merge_size = int(ip.merge_size)
@@ -164,6 +167,7 @@ class QwenAdapter(FamilyAdapter):
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
         self.image_token_id = int(processor.image_token_id)
+        self.video_token_id = int(processor.video_token_id)
         tok = processor.tokenizer
         self.pad_token_id = int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         self.prompt = prompt
@@ -239,46 +243,91 @@ class QwenAdapter(FamilyAdapter):
             "cell_pos": [p.clone() for p in torch.split(pos, counts)],
         }
 
-    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        """Right-pad the sequences to (B, S_max); concatenate pixel_values and image_grid_thw.
+    # ------------------------------------------------------------ conversations
+    @property
+    def media_token_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id)
 
-        input_ids is padded with the pad token, attention_mask and mm_token_type_ids with 0.
-        cell_pos becomes a list of B lists of K LongTensors (frames may differ in cells); right
-        padding leaves them valid. Any other key is gathered into a list.
+    def encode_media_text(self, text: str, frames: Sequence[np.ndarray], media: str, timestamps: Sequence[float],
+                          video_frames: int) -> dict[str, Any]:
+        """The processor's encoding of a chat text: images resized by the clip rule (`resize`, the same
+        pixel budget), a video as Qwen's video input (consecutive frames fill the two temporal slots of
+        a patch; at most `video_frames` frames, spread uniformly; `second_per_grid_ts` from the frames'
+        timestamps), no media: text only."""
+        from data.chat import resample
+
+        if media == "image":
+            out = self.processor(images=[self.resize(f) for f in frames], text=[text], do_resize=False,
+                                 return_tensors="pt")
+            item = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        elif media == "video":
+            keep = resample(len(frames), min(len(frames), video_frames or len(frames)))
+            ts = [float(timestamps[k]) for k in keep] if len(timestamps) == len(frames) else []
+            step = float(np.median(np.diff(ts))) if len(ts) > 1 else 1.0
+            out = self.processor(videos=[[self.resize(frames[k]) for k in keep]], text=[text], do_resize=False,
+                                 second_per_grid_ts=[self.temporal_patch_size * max(step, 1e-3)], return_tensors="pt")
+            item = {"pixel_values_videos": out["pixel_values_videos"], "video_grid_thw": out["video_grid_thw"],
+                    "second_per_grid_ts": out["second_per_grid_ts"]}
+        else:
+            out = self.processor.tokenizer([text], return_tensors="pt")
+            out["mm_token_type_ids"] = torch.zeros_like(out["input_ids"])
+            item = {}
+        item.update(input_ids=out["input_ids"][0], attention_mask=out["attention_mask"][0],
+                    mm_token_type_ids=out["mm_token_type_ids"][0])
+        return item
+
+    def dummy_vision_inputs(self) -> tuple[str, dict[str, Any]]:
+        """One 2x2-patch image (one merged token): the tower's smallest real input."""
+        m = self.merge_size
+        width = 3 * self.temporal_patch_size * self.patch_size * self.patch_size
+        return "get_image_features", {"pixel_values": torch.zeros((m * m, width)),
+                                      "image_grid_thw": torch.tensor([[1, m, m]])}
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Right-pad the sequences to (B, S_max); concatenate the media inputs of all items in order.
+
+        input_ids is padded with the pad token, attention_mask and mm_token_type_ids with 0, labels
+        with -100 (a clip's are all -100). pixel_values / image_grid_thw (images of clips and
+        conversations) and pixel_values_videos / video_grid_thw / second_per_grid_ts (videos) are
+        concatenated in item order, absent when no item has them. cell_pos becomes a list of B lists
+        of K LongTensors (frames may differ in cells); right padding leaves them valid. Any other
+        key is gathered into a list.
         """
         B = len(items)
         S = max(int(it["input_ids"].shape[0]) for it in items)
         input_ids = torch.full((B, S), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((B, S), dtype=torch.long)
         mm_token_type_ids = torch.zeros((B, S), dtype=torch.long)
+        labels = torch.full((B, S), -100, dtype=torch.long)
         for b, it in enumerate(items):
             n = it["input_ids"].shape[0]
             input_ids[b, :n] = it["input_ids"]
             attention_mask[b, :n] = it["attention_mask"]
             mm_token_type_ids[b, :n] = it["mm_token_type_ids"]
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "mm_token_type_ids": mm_token_type_ids,
-            "pixel_values": torch.cat([it["pixel_values"] for it in items], dim=0),  # (sum P, D)
-            "image_grid_thw": torch.cat([it["image_grid_thw"] for it in items], dim=0),  # (2B, 3)
-        }
+            if it.get("labels") is not None:
+                labels[b, :n] = it["labels"]
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                 "mm_token_type_ids": mm_token_type_ids, "labels": labels}
+        for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            parts = [it[key] for it in items if it.get(key) is not None]
+            batch[key] = torch.cat(parts, dim=0) if parts else None
         for key in items[0]:
             if key not in batch:
-                batch[key] = [it[key] for it in items]
+                batch[key] = [it.get(key) for it in items]
         return batch
 
     def model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """The part of a collated batch that goes into the model's forward."""
-        return {k: batch[k] for k in self.model_input_names}
+        """The part of a collated batch that goes into the model's forward (the keys present)."""
+        return {k: batch[k] for k in self.model_input_names if batch.get(k) is not None}
 
 
 @functools.lru_cache(maxsize=None)
-def _takes_token_types(cls: type) -> bool:
-    """Whether `cls.get_rope_index` takes mm_token_type_ids (transformers 5.x; 4.x did not)."""
+def _rope_params(cls: type) -> frozenset:
+    """The parameters `cls.get_rope_index` takes (mm_token_type_ids: transformers 5.x; second_per_grid_ts:
+    Qwen2.5-VL)."""
     import inspect
 
-    return "mm_token_type_ids" in inspect.signature(cls.get_rope_index).parameters
+    return frozenset(inspect.signature(cls.get_rope_index).parameters)
 
 
 def rope_position_ids(vlm: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
@@ -291,11 +340,12 @@ def rope_position_ids(vlm: torch.nn.Module, inputs: dict[str, Any]) -> torch.Ten
     base = vlm.get_base_model() if hasattr(vlm, "get_base_model") else vlm
     body = getattr(base, "model", base)
     rope_index = getattr(body, "get_rope_index", None)
-    if rope_index is None or inputs.get("image_grid_thw") is None:
+    if rope_index is None or (inputs.get("image_grid_thw") is None and inputs.get("video_grid_thw") is None):
         return None
-    kw = {"input_ids": inputs["input_ids"], "image_grid_thw": inputs["image_grid_thw"],
-          "attention_mask": inputs.get("attention_mask")}
-    if _takes_token_types(type(body)):
-        kw["mm_token_type_ids"] = inputs["mm_token_type_ids"]
+    params = _rope_params(type(body))
+    kw = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+    for key in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids"):
+        if inputs.get(key) is not None and key in params:
+            kw[key] = inputs[key]
     position_ids, _ = rope_index(**kw)
     return position_ids

@@ -5,13 +5,23 @@
 - A forward pre-hook on each language-model layer's query projection keeps its
   input (the hidden state after the layer's input norm) at the vision-token cell
   positions of every frame only: (F, N, D) per layer, never a full `output_hidden_states`.
-- `forward(batch)` runs the VLM's base model (no LM head: logits are not needed),
-  stacks the captures to per-frame features (L, F, N, D), applies the fused head once
-  per frame, gathers every supervised pair (A, B) from them and computes the GASP loss
-  over all pairs in one batched product (float32); returns the loss with its parts.
-- What trains: `heads` (the VLM runs without autograd; only the head learns),
-  `lora` (PEFT LoRA on the LM's linear layers + heads) or `full` (LM + heads). The
-  vision tower is frozen unless asked otherwise; the unused LM head always is.
+- `forward(batch)` runs the VLM's base model once, stacks the captures to per-frame
+  features (L, F, N, D), applies the fused head once per frame, gathers every supervised
+  pair (A, B) from them and computes the GASP loss over all pairs in one batched product
+  (float32). With `lambda_lm > 0` the LM head runs on the final hidden states at the
+  labelled positions only (no (B, S, V) logits) for L_LM (DESIGN §5, §6). Returns the
+  joint loss with its parts.
+- What trains: `heads` (the VLM runs without autograd; only the head learns; refused
+  with L_LM), `lora` (PEFT LoRA on the LM's linear layers + heads) or `full` (LM +
+  heads). Without L_LM the last layer's attention and MLP and the LM head reach no loss
+  and stay frozen (LoRA leaves the last layer out); with L_LM they train (`full`: the
+  whole LM, its final norm and LM head; `lora`: LoRA on every layer, the LM head frozen as
+  LoRA recipes keep it). The vision tower is frozen unless asked otherwise.
+- ZeRO-3 (DESIGN §6): every rank runs every module on every micro-batch. The trainer
+  passes `vision_dummies` when another rank's micro-batch runs the vision tower more often
+  than this one's (a clip-only batch has no video, a text-only one no media): each dummy
+  runs the tower on its smallest real input and enters the loss times zero; the heads and
+  the LM head always run (on no rows, times zero, when there is nothing to supervise).
 - Activation checkpointing (non-reentrant) works with the hooks: a layer's
   recomputation during backward fires the hook again, which is ignored because
   that layer's capture of this forward is already held.
@@ -53,6 +63,9 @@ class GaspConfig:
     """d of the heads (min(d, D) is used)."""
     tau: float = 0.07
     lambda_depth: float = 1.0
+    lambda_corr: float = 1.0
+    lambda_lm: float = 0.0
+    """Weight of L_LM; > 0 runs the LM head on the labelled positions (DESIGN §6)."""
     head: str = "linear"
     """linear | mlp (DESIGN §6)."""
     depth_loss: str = "relative"
@@ -69,6 +82,12 @@ class GaspConfig:
             raise ValueError(f"--trainable must be one of {', '.join(TRAINABLE)} (got {self.trainable!r})")
         if self.tau <= 0:
             raise ValueError(f"--tau must be > 0 (got {self.tau})")
+        for name in ("lambda_depth", "lambda_corr", "lambda_lm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.lambda_lm > 0 and self.trainable == "heads":
+            raise ValueError("--trainable heads trains the correspondence heads only and runs the model without "
+                             "autograd: L_LM (--lambda-lm > 0) needs --trainable lora or full")
 
 
 def find_lm_layers(vlm: nn.Module) -> nn.ModuleList:
@@ -147,12 +166,19 @@ class GaspVLM(nn.Module):
         if mode == "full":
             for p in base.parameters():
                 p.requires_grad_(False)
-            # every layer but the last feeds some head; of the last, only the input norm does
-            # (its attention and MLP outputs reach no head), so the rest stays frozen
-            for p in self.layers[:-1].parameters():
-                p.requires_grad_(True)
-            for p in self.layers[-1].input_layernorm.parameters():
-                p.requires_grad_(True)
+            if self.cfg.lambda_lm > 0:  # L_LM reaches every layer, the final norm and the LM head
+                for p in self.layers.parameters():
+                    p.requires_grad_(True)
+                for m in (self._final_norm(), self.lm_head()):
+                    for p in m.parameters():
+                        p.requires_grad_(True)
+            else:
+                # every layer but the last feeds some head; of the last, only the input norm does
+                # (its attention and MLP outputs reach no head), so the rest stays frozen
+                for p in self.layers[:-1].parameters():
+                    p.requires_grad_(True)
+                for p in self.layers[-1].input_layernorm.parameters():
+                    p.requires_grad_(True)
         if not self.cfg.freeze_vision:
             for m in find_vision_modules(base):
                 for p in m.parameters():
@@ -165,6 +191,23 @@ class GaspVLM(nn.Module):
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters() if p.requires_grad)
         n_all = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
         log.info("trainable: %s (%.2fM of %.2fM parameters)", mode, n_train / 1e6, n_all / 1e6)
+
+    def lm_head(self) -> nn.Module:
+        """The VLM's LM head (output embedding)."""
+        head = self._base_vlm().get_output_embeddings()
+        if head is None:
+            raise WrapperError(f"{type(self._base_vlm()).__name__} has no LM head (get_output_embeddings)")
+        return head
+
+    def _final_norm(self) -> nn.Module:
+        """The language model's final norm (after the last layer)."""
+        base = self._base_vlm()
+        body = getattr(base, "model", base)
+        lm = getattr(body, "language_model", body)
+        norm = getattr(lm, "norm", None) or getattr(getattr(lm, "model", lm), "norm", None)
+        if not isinstance(norm, nn.Module):
+            raise WrapperError(f"cannot find the language model's final norm in {type(base).__name__}")
+        return norm
 
     def query_projections(self) -> list[nn.Module]:
         """Each layer's query projection (the LoRA base layer when wrapped)."""
@@ -186,7 +229,7 @@ class GaspVLM(nn.Module):
             if where is None:
                 return None  # not a capturing forward
             rows, pos = where
-            if int(rows.max()) >= x.shape[0] or int(pos.max()) >= x.shape[1]:
+            if rows.numel() and (int(rows.max()) >= x.shape[0] or int(pos.max()) >= x.shape[1]):
                 return None  # not a capturing forward (another batch shape)
             picked = x[rows.to(x.device)[:, None], pos.to(x.device)]  # (F, N, D)
             # An activation-checkpoint recompute runs this hook again: it must repeat the
@@ -198,10 +241,12 @@ class GaspVLM(nn.Module):
 
         return hook
 
-    def capture(self, batch: dict[str, Any], model_inputs: dict[str, Any]) -> torch.Tensor:
+    def capture(self, batch: dict[str, Any], model_inputs: dict[str, Any], vision_dummies: Sequence = (),
+                keep_hidden: bool = False):
         """Run the VLM and return per-frame features (L, F, N, D) in the model dtype: what each layer's
         attention reads at the vision-token cells of every frame of the batch (padding cells point at
-        position 0 of their row and are masked later)."""
+        position 0 of their row and are masked later). With `keep_hidden`, returns (features, the final
+        hidden states (B, S, D), the zero-valued sum of the dummy vision outputs)."""
         # positions stay set after the forward: a checkpoint recompute during backward needs them
         self._positions = (batch["frame_clip"].long(), batch["cell_pos"].long())  # (F,), (F, N)
         self._captured = {}
@@ -209,10 +254,61 @@ class GaspVLM(nn.Module):
         with torch.set_grad_enabled(grad):
             base = self._base_vlm()
             body = getattr(base, "model", base)
-            body(**model_inputs, use_cache=False)
+            zero_box: list = [0.0]
+            hook = None
+            if vision_dummies:
+                # run the dummies where the body runs its own vision tower: right after the token embedding
+                # (every family embeds the tokens first), so every rank calls the modules in one order
+                # (ZeRO-3 gathers each module's weights with a collective when it is called)
+                def after_embedding(module, args, output):
+                    if isinstance(zero_box[0], float):
+                        zero_box[0] = self._run_dummies(body, vision_dummies) + output.sum() * 0.0
+                    return None
+
+                hook = body.get_input_embeddings().register_forward_hook(after_embedding)
+            try:
+                out = body(**model_inputs, use_cache=False)
+            finally:
+                if hook is not None:
+                    hook.remove()
+            zero = zero_box[0]
         if len(self._captured) != self.num_layers:
             raise WrapperError(f"captured {len(self._captured)} of {self.num_layers} layers: the hooks did not fire")
-        return torch.stack([self._captured[l] for l in range(self.num_layers)])  # (L, F, N, D)
+        feats = torch.stack([self._captured[l] for l in range(self.num_layers)])  # (L, F, N, D)
+        if keep_hidden:
+            return feats, out.last_hidden_state, zero
+        return feats
+
+    def _run_dummies(self, body: nn.Module, dummies: Sequence) -> torch.Tensor | float:
+        """Run the vision tower on each dummy input; the sum of all outputs times zero (still in the graph)."""
+        zero: torch.Tensor | float = 0.0
+        if not dummies:
+            return zero
+        ref = next(p for p in self.vlm.parameters())
+        dtype = ref.dtype if ref.is_floating_point() else torch.float32
+        for name, kwargs in dummies:
+            kw = {k: (v.to(ref.device, dtype) if v.is_floating_point() else v.to(ref.device))
+                  if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            out = getattr(body, name)(**kw)
+            zero = zero + 0.0 * _tensor_sum(out)
+        return zero
+
+    def lm_terms(self, hidden: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+        """(summed cross-entropy, labelled positions, correct predictions) of the LM labels: the LM head
+        on the final hidden states at the positions whose next token is labelled (shifted, DESIGN §5).
+        Runs the LM head on no rows when nothing is labelled (ZeRO-3: the module still runs)."""
+        from losses.gasp import lm_sums
+
+        head = self.lm_head()
+        if labels is None:
+            labels = torch.full(hidden.shape[:2], -100, dtype=torch.long, device=hidden.device)
+        labels = labels.to(hidden.device)
+        nxt = labels[:, 1:]
+        rows, cols = torch.nonzero(nxt != -100, as_tuple=True)
+        logits = head(hidden[:, :-1][rows, cols])  # (n, V)
+        total, correct = lm_sums(logits, nxt[rows, cols])
+        return total, torch.tensor(float(rows.numel()), device=hidden.device), correct
 
     def batch_to_device(self, batch: dict[str, Any], adapter, device: torch.device,
                         dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -236,25 +332,45 @@ class GaspVLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Any], model_inputs: dict[str, Any], global_counts: torch.Tensor | None = None,
-                grad_accum_steps: int = 1, world_size: int = 1, return_features: bool = False):
-        """Loss of a batch of clips: every supervised pair from the per-frame features in one batched op.
+                grad_accum_steps: int = 1, world_size: int = 1, return_features: bool = False,
+                vision_dummies: Sequence = ()):
+        """Joint loss of a batch of clips and conversations (DESIGN §6): every supervised pair from the
+        per-frame features in one batched op, and L_LM (with `lambda_lm > 0`) from one LM-head call on
+        the labelled positions.
 
-        With `global_counts` (3,) the returned loss is the micro-batch loss to hand
-        DeepSpeed's backward (DESIGN §6 scaling); without, the batch's own mean loss.
+        With `global_counts` (4,) [n_ab, n_ba, n_depth, n_lm] the returned loss is the micro-batch loss
+        to hand DeepSpeed's backward (DESIGN §6 scaling); without, the batch's own mean loss.
         Returns (loss, parts) or, with return_features, (loss, parts, s, feats).
         """
-        feats = self.capture(batch, model_inputs)  # (L, F, N, D)
-        s = pair_similarities(self.head(feats), batch["pair_frames"], self.cfg.tau)  # (L, P, N, N) float32
-        terms = gasp_loss_terms(s, batch, self.cfg.depth_loss)
+        cfg = self.cfg
+        use_lm = cfg.lambda_lm > 0
+        feats, hidden, zero = self.capture(batch, model_inputs, vision_dummies, keep_hidden=True)
+        s = pair_similarities(self.head(feats), batch["pair_frames"], cfg.tau)  # (L, P, N, N) float32
+        terms = gasp_loss_terms(s, batch, cfg.depth_loss)
+        lm_sum = n_lm = correct = None
+        if use_lm:
+            lm_sum, n_lm, correct = self.lm_terms(hidden, batch.get("labels"))
+        kw = dict(lambda_corr=cfg.lambda_corr, lm_sum=lm_sum, n_lm=n_lm, lambda_lm=cfg.lambda_lm)
         if global_counts is None:
-            loss, parts = combine(terms, self.layer_weights, self.cfg.lambda_depth)
+            loss, parts = combine(terms, self.layer_weights, cfg.lambda_depth, **kw)
         else:
             loss, parts = loss_to_backward(terms, global_counts, grad_accum_steps, world_size,
-                                           self.layer_weights, self.cfg.lambda_depth)
+                                           self.layer_weights, cfg.lambda_depth, **kw)
+        loss = loss + zero
         parts["n_ab"], parts["n_ba"], parts["n_depth"] = terms.counts().tolist()
+        parts["n_lm"] = float(n_lm) if n_lm is not None else 0.0
+        parts["lm_sum"] = float(lm_sum.detach()) if lm_sum is not None else 0.0
+        parts["lm_correct"] = float(correct) if correct is not None else 0.0
         if return_features:
             return loss, parts, s, feats
         return loss, parts
+
+    @torch.no_grad()
+    def lm_eval(self, batch: dict[str, Any], model_inputs: dict[str, Any]) -> tuple[float, float, float]:
+        """(summed LM loss, labelled positions, correct next-token predictions) of a batch: LM retention."""
+        _, hidden, _ = self.capture(batch, model_inputs, keep_hidden=True)
+        total, n, correct = self.lm_terms(hidden, batch.get("labels"))
+        return float(total), float(n), float(correct)
 
     @torch.no_grad()
     def match(self, batch: dict[str, Any], model_inputs: dict[str, Any], raw: bool = True, head: bool = True,
@@ -274,6 +390,20 @@ class GaspVLM(nn.Module):
         return head_stats, raw_stats
 
 
+def _tensor_sum(out: Any) -> torch.Tensor | float:
+    """Sum of every floating tensor in a model output (tensors, tuples, lists, dicts, ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out.float().sum() if out.is_floating_point() else 0.0
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        total: torch.Tensor | float = 0.0
+        for x in out:
+            total = total + _tensor_sum(x)
+        return total
+    return 0.0
+
+
 def _apply_lora(vlm: nn.Module, cfg: GaspConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -284,8 +414,8 @@ def _apply_lora(vlm: nn.Module, cfg: GaspConfig) -> nn.Module:
             prefix = name
             break
     # only the language model's linear layers (never the vision tower's), and not the last
-    # layer's: its attention and MLP outputs reach no head
-    last = len(layers) - 1
+    # layer's unless L_LM trains: without it, its attention and MLP outputs reach no loss
+    last = len(layers) if cfg.lambda_lm > 0 else len(layers) - 1
     idx = "|".join(str(i) for i in range(last)) or "-1"
     pattern = rf"^{re.escape(prefix)}\.({idx})\..*\b({'|'.join(LORA_TARGETS)})$"
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

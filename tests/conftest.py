@@ -91,6 +91,35 @@ def tiny_shards(tiny_corpus, tmp_path_factory) -> str:
     return out
 
 
+def build_instruct_shards(output: str, rooms: int = 4, frames: int = 8, samples_per_shard: int = 3,
+                          val_fraction: float = 0.34, seed: int = 1) -> str:
+    """The synthetic instruction set (data/synthetic_instruct.py) sharded in this process (no Ray): the
+    instruction job's own plan and write stages, and its manifest. Returns the output folder."""
+    from data import synthetic_instruct
+    from pipeline import instruct, stages
+
+    data = os.path.join(output, "_data")
+    info = synthetic_instruct.write_dataset(data, rooms=rooms, seed=seed, video_frames=16)
+    cfg = instruct.InstructConfig(input=info["annotations"], media_root=data, output=output, frames=frames,
+                                  samples_per_shard=samples_per_shard, val_fraction=val_fraction, seed=seed)
+    loaded = instruct.load_annotations(cfg.input, cfg.output)
+    plan = instruct.make_plan(loaded, cfg)
+    stats = {}
+    for entry in plan["shards"]:
+        st = instruct.write_shard(entry, cfg)
+        assert st["ok"], st
+        stats[st["name"]] = {k: v for k, v in st.items() if k != "ok"}
+    stages.write_json(os.path.join(output, "plan.json"), plan)
+    stages.write_json(os.path.join(output, "manifest.json"), instruct.build_manifest(plan, stats, cfg))
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct_shards(tmp_path_factory) -> str:
+    """Instruction shards of the synthetic set (4 rooms): images, videos and text-only records in both splits."""
+    return build_instruct_shards(str(tmp_path_factory.mktemp("instruct_shards")))
+
+
 # ----------------------------------------------------------------- shard job (Ray, S3)
 
 @pytest.fixture(scope="session")

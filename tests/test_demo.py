@@ -174,7 +174,7 @@ def test_demo_store_holds_one_experiment_with_all_runs(demo):
     assert shard.data.tags.get("complete") == "True", shard.data.tags
     assert shard.data.tags.get("output") == os.path.join(demo.cwd, "runs", "demo", "shards")
     assert shard.data.metrics["shards"] >= 1 and shard.data.metrics["shards_failed"] == 0, shard.data.metrics
-    assert shard.data.metrics["pairs"] > 0 and shard.data.metrics["pairs_val"] > 0, shard.data.metrics
+    assert shard.data.metrics["clips"] > 0 and shard.data.metrics["clips_val"] > 0, shard.data.metrics
 
     # The training run: its params, a loss curve, per-layer validation PCK, the plot.
     train = r["train"]
@@ -193,8 +193,8 @@ def test_demo_store_holds_one_experiment_with_all_runs(demo):
         assert {m.step for m in hist} == {10, 20, 30}, (key, [m.step for m in hist])
         assert all(0.0 <= m.value <= 1.0 for m in hist), (key, [m.value for m in hist])
     arts = {a.path for a in client.list_artifacts(train.info.run_id, "plots")}
-    assert "plots/pck_by_layer.png" in arts, arts
-    png = os.path.join(demo.artifacts, train.info.run_id, "artifacts", "plots", "pck_by_layer.png")
+    assert "plots/panels.png" in arts, arts
+    png = os.path.join(demo.artifacts, train.info.run_id, "artifacts", "plots", "panels.png")
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
 
@@ -226,7 +226,7 @@ def test_demo_prints_the_table_and_the_mlflow_ui_line(demo):
         assert cells[0] == str(i) and len(cells) == 7, row
         got = [float(c) for c in cells[1:]]
         want = []
-        for kind, k in (("raw", "pck1"), ("head", "pck1"), ("head", "pck0")):
+        for kind, k in (("raw", "pck2patch"), ("head", "pck2patch"), ("head", "pck1")):
             for run in (r["before"], r["after"]):
                 want.append(run.data.metrics[f"probe/{kind}/{k}/{LAYERS[i]}"])
         assert got == pytest.approx(want, abs=5.1e-4), f"table row {row!r} vs the probes' metrics {want}"
@@ -314,7 +314,7 @@ def test_dashboard_shows_the_training_run(demo, tmp_path):
     r = _runs(demo)
     train, exp_id = r["train"], r["experiment"].experiment_id
     run_id = train.info.run_id
-    plot = os.path.join(demo.artifacts, run_id, "artifacts", "plots", "pck_by_layer.png")
+    plot = os.path.join(demo.artifacts, run_id, "artifacts", "plots", "panels.png")
     with open(plot, "rb") as f:
         plot_sha = hashlib.sha256(f.read()).hexdigest()
     with Image.open(plot) as im:
@@ -341,12 +341,12 @@ def test_dashboard_shows_the_training_run(demo, tmp_path):
             b.screenshot(str(tmp_path / "run_overview.png"))
 
             # 2. Artifacts: the plot in the tree, and the image itself rendered.
-            art_url = f"{run_url}/artifacts/plots/pck_by_layer.png"
-            b.open(art_url, b.text_contains_js(["demo-train", "plots/pck_by_layer.png"]), "the artifact view",
+            art_url = f"{run_url}/artifacts/plots/panels.png"
+            b.open(art_url, b.text_contains_js(["demo-train", "plots/panels.png"]), "the artifact view",
                    timeout=120)
             img = b.wait_for(_SHOWN_IMAGE, 90, "the plot rendered as an image")
             assert (img["width"], img["height"]) == plot_size, (img, plot_size)
-            assert img["sha256"] == plot_sha, "the image on the page is not the run's pck_by_layer.png"
+            assert img["sha256"] == plot_sha, "the image on the page is not the run's panels.png"
             time.sleep(0.5)  # let the layout settle after the image decodes
             png = b.screenshot(str(tmp_path / "mlflow_run.png"))
     finally:

@@ -350,7 +350,7 @@ def test_saved_checkpoint_loads_with_identical_logits(tmp_path, name):
     a, b, c = _views(1)
     batch1 = a1.collate([a1.encode_pair(a, b), a1.encode_pair(c, a)])
     batch2 = a2.collate([a2.encode_pair(a, b), a2.encode_pair(c, a)])
-    for k in a1.model_input_names + ("cell_pos_a", "cell_pos_b"):
+    for k in (*a1.model_inputs(batch1), "cell_pos_a", "cell_pos_b"):  # the inputs this batch holds
         v1, v2 = batch1[k], batch2[k]
         assert all(torch.equal(x, y) for x, y in zip(v1, v2)) if isinstance(v1, list) else torch.equal(v1, v2), k
     with torch.no_grad():

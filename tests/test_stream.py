@@ -398,7 +398,7 @@ def test_bad_samples_and_shards_are_skipped_counted_and_reported(adapter, bad_se
     stats = stream.stats()
     assert stats == {"samples": good, "shard_unreadable": 0, "tar_truncated": 1, "missing_member": 1,
                      "unknown_version": 1, "unknown_kind": 0, "corrupt_member": 2, "bad_meta": 0, "bad_labels": 0,
-                     "encode_error": 0, "skipped": 5}
+                     "encode_error": 0, "bad_conversation": 0, "too_long": 0, "skipped": 5}
     warnings = [r.getMessage() for r in caplog.records if "skipped bad data" in r.getMessage()]
     assert len(warnings) == 5
     assert any("missing member(s) corr.npy" in w for w in warnings)

@@ -107,7 +107,7 @@ def test_zero3_partitions_every_parameter(reference_run):
         assert local0 == local1 == math.ceil(full / 2), (name, local0, local1, full)
         assert held0 == held1 == 0, f"{name}: a full copy stays on the rank"
         total += full
-    assert "head.weight" in dumps[0]["params"] and total > 300_000
+    assert "head.w1" in dumps[0]["params"] and "head.w2" in dumps[0]["params"] and total > 300_000
 
 
 def test_ranks_leave_no_shared_memory_behind(reference_run):
@@ -165,8 +165,8 @@ def test_mlflow_server_gets_the_run_from_rank_0_only(reference_run, mlflow_serve
                                                                    f"val/{kind}/pck1/layer_{layer:02d}"))
             assert steps == [12, 24], (kind, layer, steps)
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert "plots/pck_by_layer.png" in arts and "plots/pck_by_layer_step000024.png" in arts, arts
-    png = client.download_artifacts(run.info.run_id, "plots/pck_by_layer.png", reference_run.root)
+    assert "plots/panels.png" in arts and "plots/panels_step000024.png" in arts, arts
+    png = client.download_artifacts(run.info.run_id, "plots/panels.png", reference_run.root)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     configs = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert {"config/zero3.json", "config/ds_config.resolved.json"} <= configs, configs
@@ -216,7 +216,7 @@ def test_zero3_step_equals_one_process_on_the_union_batch(tiny_shards, tmp_path)
         model.zero_grad(set_to_none=True)
         loss, parts = model(union, adapter.model_inputs(union))  # the union's own mean loss (combine)
         loss.backward()
-        assert [parts["n_ab"], parts["n_ba"], parts["n_depth"]] == step["counts"]
+        assert [parts["n_ab"], parts["n_ba"], parts["n_depth"], 0.0] == step["counts"]  # no LM labels in clips
         assert step["loss"] == pytest.approx(loss.item(), rel=1e-5)
         g_ref = flat({n: params[n].grad for n in trainable})
         g_ds = flat(step["grads"])
@@ -312,7 +312,8 @@ def test_export_loads_without_heads_and_matches_the_trained_model(reference_run,
     _check_export(export, gasp._base_vlm(), _val_batch(tiny_shards, 1), rtol=0, atol=0)  # same fp32 weights: exact
     # the heads travel apart, equal to the checkpoint's
     heads, meta = load_heads(os.path.join(export, "heads.safetensors"), num_layers=4, hidden_size=64)
-    torch.testing.assert_close(heads["weight"], state["head.weight"], rtol=0, atol=0)
+    for name in ("w1", "w2"):  # the default MLP head
+        torch.testing.assert_close(heads[name], state[f"head.{name}"], rtol=0, atol=0)
     assert meta["step"] == 24 and meta["family"] == "qwen2_vl"
 
 
@@ -393,8 +394,10 @@ def test_no_flags_trains_the_tiny_preset_on_the_embedded_shards_it_builds(tmp_pa
     assert _ok_rc, log
     assert "has no shards yet: building them with pipeline/shard.py" in open(tmp_path / "log.txt").read()
     manifest = json.load(open(tmp_path / "runs" / "shards" / "manifest.json"))
-    assert manifest["counts"]["pairs_train"] > 0 and manifest["counts"]["pairs_val"] > 0
-    steps = [r["step"] for r in read_jsonl(str(tmp_path / "runs" / "train" / "tiny" / "train_log.jsonl"))]
+    assert manifest["counts"]["clips_train"] > 0 and manifest["counts"]["clips_val"] > 0
+    (run,) = [p for p in (tmp_path / "runs" / "train").iterdir() if p.name.startswith("tiny-")]  # tiny-<hash>
+    steps = [r["step"] for r in read_jsonl(str(run / "train_log.jsonl"))]
     assert steps[-1] == 40  # the tiny preset's 40 steps
-    assert (tmp_path / "runs" / "train" / "tiny" / "export" / "heads.safetensors").is_file()
+    assert (run / "export" / "heads.safetensors").is_file()
+    assert (run / "export" / "model" / "gasp_training.json").is_file()
     assert (tmp_path / "runs" / "mlflow.db").is_file()  # tracked in the default local store

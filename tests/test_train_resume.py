@@ -189,11 +189,16 @@ def test_elastic_resume_on_another_world_size(reference_run, tiny_shards, tmp_pa
 
     assert reference_run.rc == 0, reference_run.launch.tail()
     run_dir = str(tmp_path / "run")
-    shutil.copytree(os.path.join(reference_run.dir, "checkpoints"), os.path.join(run_dir, "checkpoints"))
-    shutil.copy(os.path.join(reference_run.dir, "train_log.jsonl"), run_dir)
+    # the run as preempted after its step-20 checkpoint (the same --steps: extending it is not resume-safe)
+    k, last = 20, 24
+    shutil.copytree(os.path.join(reference_run.dir, "checkpoints"), os.path.join(run_dir, "checkpoints"),
+                    ignore=shutil.ignore_patterns(f"step{last:08d}"))
+    with open(os.path.join(run_dir, "checkpoints", "latest"), "w") as f:
+        f.write(f"step{k:08d}")
+    for name in ("train_log.jsonl", "run_config.json"):
+        shutil.copy(os.path.join(reference_run.dir, name), run_dir)
     saved = {r["step"]: r for r in _rows(run_dir)}
-    k = max(saved)
-    args = ["--ds_config", ZERO3_JSON, *TRAIN_FLAGS, "--steps", str(k + 2), "--shards", tiny_shards,
+    args = ["--ds_config", ZERO3_JSON, *TRAIN_FLAGS, "--shards", tiny_shards,
             "--output-dir", run_dir, "--run-name", "elastic", "--no-mlflow", "--elastic-resume"]
     one = Launch(args, str(tmp_path / "elastic.log"), cwd=str(tmp_path), env=TRAIN_ENV, ranks=1)
     assert one.wait(timeout=400) == 0, one.tail()
@@ -203,12 +208,13 @@ def test_elastic_resume_on_another_world_size(reference_run, tiny_shards, tmp_pa
     want = np.array(saved[k]["checksums"]).sum(axis=0)  # the 2 ranks' shares after step k
     np.testing.assert_allclose([float(m.group(2)), float(m.group(3))], want, rtol=1e-12)
     rows = {r["step"]: r for r in _rows(run_dir)}
-    assert sorted(rows)[-3:] == [k, k + 1, k + 2] and all(len(rows[s]["checksums"]) == 1 for s in (k + 1, k + 2))
-    assert not rows[k + 1]["skipped"] and np.isfinite(rows[k + 2]["loss"])
+    assert sorted(rows)[-5:] == list(range(k, last + 1))
+    assert all(len(rows[s]["checksums"]) == 1 for s in range(k + 1, last + 1))
+    assert not rows[k + 1]["skipped"] and np.isfinite(rows[last]["loss"])
     assert rows[k + 1]["checksums"][0] != list(want)  # it trained on
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "universal", f"step{k:08d}", "zero",
                                        "optimizer_state.pt"))
-    assert open(os.path.join(run_dir, "checkpoints", "latest")).read().strip() == f"step{k + 2:08d}"
+    assert open(os.path.join(run_dir, "checkpoints", "latest")).read().strip() == f"step{last:08d}"
 
 
 def test_fault_spec():

@@ -328,11 +328,14 @@ def test_bf16_head_masters_hold_the_exact_svd_init(tiny_shards, tmp_path):
                      "--num-workers", "0", "--output-dir", str(out)], str(tmp_path / "launch.log"),
                     cwd=str(tmp_path), env={"GASP_DEBUG_HEAD_MASTER": "1"})
     assert launch.wait(timeout=500) == 0, launch.tail()
-    masters = torch.load(out / "heads_master.pt")["weight"]  # (L, d, D) float32
+    saved = torch.load(out / "heads_master.pt")  # the default MLP head: w1 (L, 2d, D), w2 (L, d, 2d) float32
+    masters, w2 = saved["w1"], saved["w2"]
     vlm = build_preset_model(get_preset("tiny"), dtype=torch.bfloat16)
-    d = masters.shape[1]
-    want = torch.stack([svd_init(layer.self_attn.q_proj.weight.float(), d)
-                        for layer in vlm.model.language_model.layers])
+    d = masters.shape[1] // 2
+    W = torch.stack([svd_init(layer.self_attn.q_proj.weight.float(), d) for layer in vlm.model.language_model.layers])
+    want = torch.cat([W, -W], dim=1)  # [W; -W]
+    eye = torch.eye(d)
+    assert torch.equal(w2, torch.cat([eye, -eye], dim=1).expand_as(w2))  # [I, -I]
     assert masters.dtype == torch.float32 and torch.equal(masters, want)
     assert not torch.equal(want, want.bfloat16().float())  # bf16 masters would differ: the test can fail
 

@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                          if p.requires_grad]}
     for s in range(2):
         lr = trainer.scheduler.get_last_lr()
-        counts, stop = trainer.step_counts(mine[s])
+        counts, stop, calls = trainer.step_counts(mine[s])
         assert not stop
-        sums, skipped = trainer.train_step(mine[s], counts)
+        sums, skipped = trainer.train_step(mine[s], counts, calls)
         trainer.step += 1
         assert not skipped and engine.was_step_applied()
         per_rank = D.gather_objects([int(mb["anchor_mask"].sum()) for mb in mine[s]])
