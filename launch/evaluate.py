@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data.cli import flat_dict, opt, parse_into
+from data.progress import Progress
 from data.storage import sha256_file
 from launch.benchmarks import BENCHMARKS, BenchmarkError, Question
 from launch.benchmarks import references
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             frame_resize = make_adapter(family, processor, model.config,
                                         max_pixels=min(args.max_pixels or ip_max, VIDEO_MAX_PIXELS)).resize
         loader = runner.MediaLoader(resize or _to_pil, num_frames=args.num_frames, frame_resize=frame_resize)
-        progress = runner.Progress(len(pending), quiet=args.quiet)
+        progress = Progress("eval", len(pending), "questions", quiet=args.quiet, every=5.0)
         try:
             runner.run(pending, bench, model, processor, loader, store, batch_size=args.batch_size,
                        max_new_tokens=max_new_tokens, device=device, resized=resize is not None, progress=progress,

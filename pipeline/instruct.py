@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from data import instruct, shardformat
+from data.progress import Progress
 from data.seeds import derive_seed
 from data.storage import open_fs, url_join
 from pipeline import stages
@@ -432,7 +433,7 @@ def run_job(args: Any, cfg: InstructConfig, loaded: Loaded, old_plan: dict[str, 
     if local:  # leftovers of killed attempts (no task of this job runs yet)
         stages.sweep_parts(folder, [e["name"] for e in todo])
     cfg_ref = ray.put(cfg)
-    prog = ray_tasks.Progress("write", len(todo), "shards", args.quiet, rate_unit="samples")
+    prog = Progress("write", len(todo), "shards", args.quiet, rate_unit="samples")
     results = ray_tasks.run_tasks(write_shard, todo, lambda e: (e, cfg_ref), prog, args.retries,
                                   label=lambda e: e["name"], name="write_instruct_shard",
                                   amount=lambda r: int(r.get("samples") or 0))

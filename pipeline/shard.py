@@ -31,6 +31,7 @@ import numpy as np
 
 from data.cli import flat_dict, opt, parse_into
 from data.pairs import ClipConfig
+from data.progress import Progress
 from data.scenes import FORMATS, SceneError, list_scenes
 from data.scenes.base import open_fs, url_join
 from pipeline import instruct, stages
@@ -186,7 +187,7 @@ def build_default_corpus(args: ShardArgs, root: str, todo: list[str]) -> None:
 
     print(f"[synthetic] rendering {len(todo)} scenes x {args.synthetic_frames} frames into {root}", flush=True)
     os.makedirs(root, exist_ok=True)
-    prog = ray_tasks.Progress("synthetic", len(todo), "scenes", args.quiet)
+    prog = Progress("synthetic", len(todo), "scenes", args.quiet)
     out = ray_tasks.run_tasks(ray_tasks.synthetic_task, todo,
                               lambda n: (root, n, 1000 + int(n.split("_")[1]), args.synthetic_frames), prog,
                               args.retries, label=lambda n: n, name="synthetic_scene")
@@ -359,7 +360,7 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
         plan = old_plan
         print(f"[plan] reusing {stages.public_url(plan_url)} ({len(plan['shards'])} shards)", flush=True)
     else:
-        prog = ray_tasks.Progress("scan", len(scenes), "scenes", args.quiet)
+        prog = Progress("scan", len(scenes), "scenes", args.quiet)
         out = ray_tasks.run_tasks(ray_tasks.scan_task, scenes, lambda u: (u, cfg_ref), prog, args.retries,
                                   label=lambda u: stages.scene_key(u, cfg.input), name="scan_scene", num_returns=2)
         scans = []
@@ -396,7 +397,7 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
         refs = {k: shells[k] for k in {it["scene"] for it in e["clips"]} if k in shells}
         return e, cfg_ref, refs or None, run_id
 
-    prog = ray_tasks.Progress("write", len(todo), "shards", args.quiet, rate_unit="clips")
+    prog = Progress("write", len(todo), "shards", args.quiet, rate_unit="clips")
     results = ray_tasks.run_tasks(ray_tasks.write_task, todo, write_args, prog, args.retries,
                                   label=lambda e: e["name"], name="write_shard",
                                   amount=lambda r: int(r.get("samples") or 0))
