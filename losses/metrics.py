@@ -33,6 +33,8 @@ MIN_CHANCE_RATIO = 3.0
 """...and the smallest-dt PCK@2patch at least this multiple of its chance."""
 ROBUSTNESS_DT = 24
 """The frame distance temporal robustness is read at (the paper's right end)."""
+NO_ANCHORS = "no anchors scored"
+"""Why a layer's every value is null when nothing was scored (or no layer could be chosen)."""
 PCK2_RADIUS = 2.0
 RAW_TAU = 0.07
 """Temperature of the "raw" scores (DESIGN §6): fixed, whatever the training tau, so a training
@@ -207,6 +209,12 @@ def temporal_curve(ok2: torch.Tensor, chance2: torch.Tensor, dt: torch.Tensor,
     return out
 
 
+def unscored_layer() -> dict[str, Any]:
+    """The values of a layer with no anchors behind it: every number null, with `NO_ANCHORS` as the reason."""
+    return {"pck0": None, "pck1": None, "pck2patch": None, "conf_acc_corr": None,
+            "conf_acc_corr_null_reason": NO_ANCHORS, "temporal": {}}
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -224,9 +232,6 @@ class MatchMetrics:
         if self._stats and stats.dist.shape[0] != self._stats[0].dist.shape[0]:
             raise ValueError(f"stats of {stats.dist.shape[0]} layers after {self._stats[0].dist.shape[0]}")
         self._stats.append(stats.cpu())
-
-    def reset(self) -> None:
-        self._stats.clear()
 
     def _cat(self) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
         names: list[str] = []
