@@ -1,4 +1,4 @@
-"""Layer-wise correspondence metrics (DESIGN §6). Imports only torch (and stdlib).
+"""Layer-wise correspondence metrics (DESIGN §6). Imports torch, the stdlib and data.tracking (no mlflow).
 
 "raw": cosine of the captured features without the head, at tau = 0.07 whatever the training
 tau; "head": f_l at the heads' tau. Either way build s (L, P, N_a, N_b) over the supervised
@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from data.tracking import mlflow_key
 from losses.gasp import Batch, item_masks, similarities
 
 MIN_CURVE_ANCHORS = 200
@@ -283,11 +284,6 @@ class MatchMetrics:
     def raw(self) -> dict[str, torch.Tensor]:
         """The concatenated per-anchor tensors (for plots such as the reliability diagram)."""
         return self._cat()[0]
-
-
-def mlflow_key(text: str) -> str:
-    """A metric-name part MLflow accepts (letters, digits, _ - . / and space)."""
-    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in str(text))
 
 
 def flatten_metrics(result: dict[str, Any], prefix: str) -> dict[str, float]:

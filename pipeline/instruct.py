@@ -571,7 +571,7 @@ def record_mlflow(manifest: dict[str, Any], args: Any, times: dict[str, float], 
     import tempfile
 
     from data.cli import flat_dict
-    from data.tracking import MlflowTracker
+    from data.tracking import MlflowTracker, mlflow_key
 
     tr = MlflowTracker(run_name="shard-job-instruct", experiment=args.experiment,
                        tags={"kind": "shard", "data": instruct.KIND})
@@ -588,8 +588,7 @@ def record_mlflow(manifest: dict[str, Any], args: Any, times: dict[str, float], 
         metrics.update({f"seconds.{k}": round(v, 3) for k, v in times.items()})
         if times.get("write"):
             metrics["samples_per_s"] = new_samples / times["write"]
-        tr.log_metrics({"".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in k): v
-                        for k, v in metrics.items()})
+        tr.log_metrics({mlflow_key(k): v for k, v in metrics.items()})
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "manifest.json")
             with open(p, "w") as f:

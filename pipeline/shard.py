@@ -585,7 +585,7 @@ def record_mlflow(manifest: dict[str, Any], args: ShardArgs, cfg: stages.JobConf
     """Params (no credentials), counts and timings as metrics, manifest.json as an artifact."""
     import tempfile
 
-    from data.tracking import MlflowTracker
+    from data.tracking import MlflowTracker, mlflow_key
 
     tr = MlflowTracker(run_name="shard-job", experiment=args.experiment, tags={"kind": "shard"})
     try:
@@ -599,7 +599,7 @@ def record_mlflow(manifest: dict[str, Any], args: ShardArgs, cfg: stages.JobConf
         metrics.update({f"seconds.{k}": round(v, 3) for k, v in times.items()})
         if times.get("write"):
             metrics["clips_per_s"] = new_clips / times["write"]
-        tr.log_metrics({_metric_name(k): v for k, v in metrics.items()})
+        tr.log_metrics({mlflow_key(k): v for k, v in metrics.items()})
         with tempfile.TemporaryDirectory() as d:
             p = os.path.join(d, "manifest.json")
             with open(p, "w") as f:
@@ -610,10 +610,6 @@ def record_mlflow(manifest: dict[str, Any], args: ShardArgs, cfg: stages.JobConf
         print(f"[mlflow] run {tr.run_id} in experiment {args.experiment!r}", flush=True)
     finally:
         tr.end()
-
-
-def _metric_name(k: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in k)
 
 
 if __name__ == "__main__":
