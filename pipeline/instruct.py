@@ -34,7 +34,6 @@ from data.progress import Progress
 from data.seeds import derive_seed
 from data.storage import open_fs, url_join
 from pipeline import job, stages
-from pipeline.job import err, record_and_report, run_in_ray, shards_to_write, warn_if_local_output
 
 FORMAT = "llava-json"
 PLAN_VERSION = 1
@@ -369,9 +368,9 @@ def main(args: Any, t_start: float | None = None) -> int:
         cfg, loaded, old_plan = prepare(args)
         times["read"] = time.time() - t0
     except InstructError as e:
-        err(str(e))
+        job.err(str(e))
         return 2
-    return run_in_ray(args, lambda: run_job(args, cfg, loaded, old_plan, times, t_start), (InstructError,))
+    return job.run_in_ray(args, lambda: run_job(args, cfg, loaded, old_plan, times, t_start), (InstructError,))
 
 
 def run_job(args: Any, cfg: InstructConfig, loaded: Loaded, old_plan: dict[str, Any] | None,
@@ -383,7 +382,7 @@ def run_job(args: Any, cfg: InstructConfig, loaded: Loaded, old_plan: dict[str, 
     print(f"[job] {len(loaded.annotations)} annotation files at {stages.public_url(cfg.input)} "
           f"({len(loaded.records) + len(loaded.errors)} records, {len(loaded.errors)} malformed), media under "
           f"{stages.public_url(cfg.media_root)} -> {stages.public_url(cfg.output)}", flush=True)
-    warn_if_local_output(cfg.output)
+    job.warn_if_local_output(cfg.output)
     plan_url = url_join(cfg.output, "plan.json")
     t0 = time.time()
     if old_plan is not None:
@@ -399,7 +398,7 @@ def run_job(args: Any, cfg: InstructConfig, loaded: Loaded, old_plan: dict[str, 
     times["plan"] = time.time() - t0
 
     t0 = time.time()
-    done, todo, folder, local = shards_to_write(cfg, plan)
+    done, todo, folder, local = job.shards_to_write(cfg, plan)
     cfg_ref = ray.put(cfg)
     prog = Progress("write", len(todo), "shards", args.quiet, rate_unit="samples")
     results = ray_tasks.run_tasks(write_shard, todo, lambda e: (e, cfg_ref), prog, args.retries,
@@ -416,17 +415,17 @@ def run_job(args: Any, cfg: InstructConfig, loaded: Loaded, old_plan: dict[str, 
     times["total"] = time.time() - t_start
     new_samples = sum(int(r.get("samples") or 0) for r in written.values())
     print_summary(manifest, times, new_samples, len(written), cfg)
-    code = record_and_report((lambda: record_mlflow(manifest, args, times, new_samples)) if args.mlflow else None,
-                             failed, args.retries)
+    record = (lambda: record_mlflow(manifest, args, times, new_samples)) if args.mlflow else None
+    code = job.record_and_report(record, failed, args.retries)
     c = manifest["counts"]
     for what, frac in (("of the records are malformed", c["records_malformed_fraction"]),
                        ("of the samples have missing or broken media", c["samples_skipped_fraction"])):
         if frac > args.max_broken_fraction:
-            err(f"{frac:.1%} {what} (more than --max-broken-fraction {args.max_broken_fraction:g}); see "
-                f"malformed_by_reason and skipped_by_reason in manifest.json")
+            job.err(f"{frac:.1%} {what} (more than --max-broken-fraction {args.max_broken_fraction:g}); see "
+                    f"malformed_by_reason and skipped_by_reason in manifest.json")
             code = 1
     if not failed and c["samples"] == 0 and not code:
-        err("no sample was written (see malformed_by_reason and skipped_by_reason in manifest.json)")
+        job.err("no sample was written (see malformed_by_reason and skipped_by_reason in manifest.json)")
         code = 1
     return code
 

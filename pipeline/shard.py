@@ -32,9 +32,8 @@ from data.cli import flat_dict, opt, parse_into
 from data.pairs import ClipConfig
 from data.progress import Progress
 from data.scenes import FORMATS, SceneError, list_scenes
-from data.scenes.base import open_fs, url_join
+from data.storage import open_fs, url_join
 from pipeline import instruct, job, stages
-from pipeline.job import PROG, err, record_and_report, run_in_ray, shards_to_write, warn_if_local_output
 
 DEFAULT_ROOT = "runs"
 DEFAULT_SYNTHETIC = os.path.join(DEFAULT_ROOT, "synthetic")
@@ -297,18 +296,19 @@ def clear_output(output: str) -> int:
 # ------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_into(ShardArgs, argv, PROG, "Corpora -> WebDataset shards of multi-frame clips (Ray).", EPILOG)
+    args = parse_into(ShardArgs, argv, job.PROG, "Corpora -> WebDataset shards of multi-frame clips (Ray).",
+                      EPILOG)
     t_start = time.time()
     if args.format == instruct.FORMAT:  # LLaVA instruction data: its own job
         return instruct.main(args, t_start)
     try:
         cfg, scenes, old_plan, synthetic_todo, dropped = prepare(args)
     except (JobError, SceneError) as e:
-        err(str(e))
+        job.err(str(e))
         return 2
 
-    return run_in_ray(args, lambda: run_job(args, cfg, scenes, old_plan, t_start, dropped, synthetic_todo),
-                      (JobError, SceneError))
+    return job.run_in_ray(args, lambda: run_job(args, cfg, scenes, old_plan, t_start, dropped, synthetic_todo),
+                          (JobError, SceneError))
 
 
 def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan: dict[str, Any] | None,
@@ -324,7 +324,7 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
             old_plan = check_plan_inputs(args, cfg, old_plan, scenes)
     print(f"[job] input {stages.public_url(cfg.input)} ({cfg.format}, {len(scenes)} scenes) -> "
           f"{stages.public_url(cfg.output)}", flush=True)
-    warn_if_local_output(cfg.output)
+    job.warn_if_local_output(cfg.output)
     cfg_ref = ray.put(cfg)
     times: dict[str, float] = {}
 
@@ -359,7 +359,7 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
 
     # ---- write the shards that are not done yet
     t0 = time.time()
-    done, todo, folder, local = shards_to_write(cfg, plan)
+    done, todo, folder, local = job.shards_to_write(cfg, plan)
     run_id = uuid.uuid4().hex
 
     def write_args(e: dict[str, Any]) -> tuple:
@@ -383,16 +383,16 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
     times["total"] = time.time() - t_start
     new_clips = sum(int(r.get("samples") or 0) for r in written.values())
     print_summary(manifest, times, new_clips, len(written), cfg)
-    code = record_and_report((lambda: record_mlflow(manifest, args, cfg, times, new_clips)) if args.mlflow else None,
-                             failed, args.retries)
+    record = (lambda: record_mlflow(manifest, args, cfg, times, new_clips)) if args.mlflow else None
+    code = job.record_and_report(record, failed, args.retries)
     frac = manifest["counts"]["frames_skipped_fraction"]
     if frac > args.max_broken_fraction:
-        err(f"{frac:.1%} of all frames are broken (more than --max-broken-fraction {args.max_broken_fraction:g}); "
-            f"see skipped_by_reason in manifest.json")
+        job.err(f"{frac:.1%} of all frames are broken (more than --max-broken-fraction "
+                f"{args.max_broken_fraction:g}); see skipped_by_reason in manifest.json")
         code = 1
     if not failed and manifest["counts"]["clips"] == 0:
-        err("no clip was written: no scene has a clip that passes the overlap filters "
-            "(see flagged_scenes in manifest.json)")
+        job.err("no clip was written: no scene has a clip that passes the overlap filters "
+                "(see flagged_scenes in manifest.json)")
         code = 1
     return code
 
