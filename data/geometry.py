@@ -434,9 +434,3 @@ def axis_angle_to_matrix(rvec: np.ndarray) -> np.ndarray:
     k = rvec / theta
     Kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
     return np.eye(3) + np.sin(theta) * Kx + (1 - np.cos(theta)) * (Kx @ Kx)
-
-
-def rotation_angle_deg(R: np.ndarray) -> float:
-    """Angle of a rotation matrix in degrees."""
-    c = (np.trace(R) - 1.0) / 2.0
-    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))

@@ -201,11 +201,6 @@ def points_in(depth_a: np.ndarray, K_a: np.ndarray, T_wa: np.ndarray, T_wb: np.n
     return z_b, has
 
 
-def points_in_b(sample: PairSample, uv_a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`points_in` for a version-1 pair (A's depth, K and pose; B's pose)."""
-    return points_in(sample.depth_a, sample.K_a, sample.T_wa, sample.T_wb, uv_a)
-
-
 def anchor_labels(corr: np.ndarray, depth_a: np.ndarray, K_a: np.ndarray, T_wa: np.ndarray, T_wb: np.ndarray,
                   size_a: tuple[int, int], size_b: tuple[int, int], grid_a: CellGrid, grid_b: CellGrid,
                   min_corr: int = MIN_CORR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

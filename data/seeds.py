@@ -1,4 +1,4 @@
-"""One way to derive a seed from names and numbers (the shard job, the loader, the synthetic rooms).
+"""One way to derive a seed from names and numbers (shard job, loader, synthetic rooms, instruction sets).
 
 `derive_seed(7, "scan", "scene_0001")` is a stable 63-bit integer: the first 8 bytes of the
 sha256 of the parts joined by "|", so it does not depend on Python's hash randomisation, the

@@ -181,24 +181,6 @@ def make_clip_sample(key: str, rgbs: Sequence[np.ndarray], depths: Sequence[np.n
     return out
 
 
-def make_sample(key: str, rgb_a: np.ndarray, depth_a: np.ndarray, rgb_b: np.ndarray, depth_b: np.ndarray,
-                corr: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 pair sample (kept for writing v1 test data; the shard job writes version 2)."""
-    missing = [k for k in META_KEYS_V1 if k not in meta]
-    if missing:
-        raise ValueError(f"sample {key}: metadata lacks {missing}")
-    scale = float(meta["depth_scale"])
-    return {
-        "__key__": key,
-        "a.jpg": encode_jpeg(rgb_a),
-        "b.jpg": encode_jpeg(rgb_b),
-        "a.depth.png": encode_depth_png(depth_a, scale),
-        "b.depth.png": encode_depth_png(depth_b, scale),
-        "corr.npy": encode_npy(np.ascontiguousarray(corr, dtype=np.float32)),
-        "json": encode_json(meta),
-    }
-
-
 # ------------------------------------------------------------------ decoded samples
 
 @dataclass

@@ -40,6 +40,7 @@ from PIL import Image
 
 from data import synthetic
 from data.cli import opt, parse_into
+from data.seeds import derive_seed
 from data.video import write_video
 
 MIN_VISIBLE = 0.01   # share of the image an object must cover to count as visible
@@ -214,7 +215,7 @@ def write_dataset(root: str, rooms: int = 3, seed: int = 0, width: int = 160, he
     videos: dict[str, int] = {}
     images: list[str] = []
     for r in range(rooms):
-        room_seed = int(np.random.SeedSequence([seed, r]).generate_state(1)[0])
+        room_seed = derive_seed(seed, "instruct-room", r)
         room = synthetic.make_room(room_seed)
         traj = synthetic.make_trajectory(room, video_frames, room_seed + 1)
         media = f"media/room_{r:04d}"

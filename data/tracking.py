@@ -25,6 +25,11 @@ def tracking_uri() -> str:
     return uri
 
 
+def mlflow_key(text: str) -> str:
+    """A metric-name part MLflow accepts (letters, digits, _ - . / and space; anything else becomes _)."""
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in str(text))
+
+
 def scrub(params: dict[str, Any]) -> dict[str, Any]:
     """Drop anything that looks like a credential; stringify long values."""
     out = {}

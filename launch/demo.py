@@ -206,12 +206,14 @@ def _main(args: DemoArgs) -> int:
     stage(f"synthetic corpus: {args.scenes} rooms x {args.frames} frames -> {corpus}")
     from data import synthetic
 
-    t0 = time.time()
+    from data.progress import Progress
+
+    prog = Progress("synthetic", args.scenes, "scenes", every=0.0)  # a line per room (each takes seconds)
     for i in range(args.scenes):
         name = f"scene_{i:04d}"
         if not os.path.isfile(os.path.join(corpus, name, "cameras.json")):
             synthetic.write_scene(corpus, name, seed=2000 + i, n_frames=args.frames, step=SYNTHETIC_STEP)
-        print(f"[synthetic] {i + 1}/{args.scenes} scenes ({time.time() - t0:.0f}s)", flush=True)
+        prog.step()
 
     stage(f"shard job (Ray) -> {shards}")
     manifest = os.path.join(shards, "manifest.json")

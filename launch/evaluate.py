@@ -26,9 +26,10 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from data.cli import flat_dict, opt, parse_into
+from data.cli import flat_dict, one_line, opt, parse_into
+from data.progress import Progress
 from data.storage import sha256_file
 from launch.benchmarks import BENCHMARKS, BenchmarkError, Question
 from launch.benchmarks import references
@@ -352,20 +353,27 @@ def run_compare(args: EvalArgs) -> int:
         print(compare.render(cmp))
         print(f"[eval] wrote {path}", flush=True)
     if args.mlflow:
-        try:
-            run_id = runner.log_mlflow(
+        return _log_mlflow(
+            args, lambda: runner.log_mlflow(
                 {"A": args.compare[0], "B": args.compare[1], "models_A": ", ".join(cmp["a"]["models"]),
                  "models_B": ", ".join(cmp["b"]["models"]), "allow_mixed_references": args.allow_mixed_references,
                  **{f"reference/{bn}": f"{v['a']} / {v['b']}" for bn, v in cmp["references"].items()}},
                 compare.metrics(cmp), [path], run_name=args.run_name or f"compare-{name('a')}-vs-{name('b')}",
-                experiment=args.experiment, tags={"kind": "eval-compare", "A": name("a"), "B": name("b")})
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"{PROG}: error: MLflow logging failed ({type(e).__name__}: {msg}); the comparison is in {path}",
-                  file=sys.stderr)
-            return 1
-        if not args.quiet:
-            print(f"[mlflow] run {run_id} in experiment {args.experiment!r}", flush=True)
+                experiment=args.experiment, tags={"kind": "eval-compare", "A": name("a"), "B": name("b")}),
+            f"the comparison is in {path}")
+    return 0
+
+
+def _log_mlflow(args: EvalArgs, log: Callable[[], str], kept: str) -> int:
+    """Run `log()` (a `runner.log_mlflow` call, returning the run id): 0, or 1 and one line saying
+    where the results are kept when MLflow fails."""
+    try:
+        run_id = log()
+    except Exception as e:
+        print(f"{PROG}: error: MLflow logging failed ({type(e).__name__}: {one_line(e)}); {kept}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"[mlflow] run {run_id} in experiment {args.experiment!r}", flush=True)
     return 0
 
 
@@ -413,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.model or args.preset, dtype=dtype, device=device, max_pixels=args.max_pixels or None,
                 attn_implementation=None if args.attn == "auto" else args.attn)
         except (ModelLoadError, ValueError) as e:
-            return _error(str(e).splitlines()[0])
+            return _error(one_line(e))
         resize = getattr(adapter, "resize", None)
         as_video = protocol == "video"
         frame_resize = None
@@ -424,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             frame_resize = make_adapter(family, processor, model.config,
                                         max_pixels=min(args.max_pixels or ip_max, VIDEO_MAX_PIXELS)).resize
         loader = runner.MediaLoader(resize or _to_pil, num_frames=args.num_frames, frame_resize=frame_resize)
-        progress = runner.Progress(len(pending), quiet=args.quiet)
+        progress = Progress("eval", len(pending), "questions", quiet=args.quiet, every=5.0)
         try:
             runner.run(pending, bench, model, processor, loader, store, batch_size=args.batch_size,
                        max_new_tokens=max_new_tokens, device=device, resized=resize is not None, progress=progress,
@@ -465,23 +473,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[eval] wrote {results_path} and {store.path}", flush=True)
     if args.mlflow:
         suffix = "" if reference.name == default_ref else f"-{reference.name}"
-        try:
-            params = {**flat_dict(args), "model_name": args.model_name, "n_questions": len(selected),
-                      "max_new_tokens_used": max_new_tokens, "output": os.path.abspath(out),
-                      "reference_version": reference.name, "frames_as_used": protocol}
-            run_id = runner.log_mlflow(
+        params = {**flat_dict(args), "model_name": args.model_name, "n_questions": len(selected),
+                  "max_new_tokens_used": max_new_tokens, "output": os.path.abspath(out),
+                  "reference_version": reference.name, "frames_as_used": protocol}
+        return _log_mlflow(
+            args, lambda: runner.log_mlflow(
                 params, bench.metrics(agg), [store.path, results_path],
                 run_name=args.run_name or f"eval-{args.benchmark}-{args.model_name}{suffix}",
                 experiment=args.experiment,
                 tags={"kind": "eval", "benchmark": args.benchmark, "model": args.model_name,
-                      "complete": results["complete"], "reference_version": reference.name})
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"{PROG}: error: MLflow logging failed ({type(e).__name__}: {msg}); results are in {results_path}",
-                  file=sys.stderr)
-            return 1
-        if not args.quiet:
-            print(f"[mlflow] run {run_id} in experiment {args.experiment!r}", flush=True)
+                      "complete": results["complete"], "reference_version": reference.name}),
+            f"results are in {results_path}")
     return 0
 
 

@@ -64,15 +64,19 @@ def _primary(run: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
 
 
 def three_panels(runs: dict[str, dict[str, Any]], path: str, title: str = "", layer: dict[str, int] | None = None,
-                 robustness_dt: int = 24) -> str:
+                 robustness_dt: int | None = None) -> str:
     """The paper's three panels for one run or overlaid for several (DESIGN §6).
 
     runs: {label: {"head": MatchMetrics.compute() | None, "raw": ...}} (drawn by the heads when a run
     has them). (a) PCK@2patch by layer as bars, with chance and the same-cell baseline; (b) the
     confidence-accuracy correlation by layer; (c) normalised PCK@2patch by frame distance, per
-    dataset, at each run's layer (`layer` {label: l}, default its best layer on these data).
+    dataset, at each run's layer (`layer` {label: l}, default its best layer on these data), with a line
+    at `robustness_dt` (default: the metrics' ROBUSTNESS_DT).
     """
     import numpy as np
+
+    if robustness_dt is None:
+        from losses.metrics import ROBUSTNESS_DT as robustness_dt
 
     fig, axes = plt.subplots(1, 3, figsize=(15.0, 4.0), dpi=110)
     n = max(1, len(runs))

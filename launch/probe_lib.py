@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from data.cli import one_line, opt
+from data.progress import Progress
 from data.storage import public_url, sha256_file
 from launch.probe_report import SCHEMA, SVD_NOTE, ReportError, choose_layers, format_table, make_plots, read_probe, \
     summary, track  # noqa: F401  (format_table: part of this module's API)
@@ -362,33 +363,6 @@ def load_model(plan: Plan) -> Loaded:
 
 # ============================================================================ scoring
 
-class Progress:
-    """Clips done / total, rate and ETA on stderr, at most every `every` seconds (and at the end)."""
-
-    def __init__(self, total: int, every: float, emit: Callable[[str], None]):
-        self.total, self.every, self.emit = total, every, emit
-        self.t0 = self.last = time.monotonic()
-        self.done = 0
-
-    def update(self, done: int, final: bool = False) -> None:
-        self.done = done
-        now = time.monotonic()
-        if not final and now - self.last < self.every:
-            return
-        self.last = now
-        dt = max(now - self.t0, 1e-9)
-        rate = done / dt
-        left = (self.total - done) / rate if rate > 0 else float("inf")
-        eta = "done" if final else (f"ETA {_hms(left)}" if math.isfinite(left) else "ETA ?")
-        pct = 100.0 * done / self.total if self.total else 100.0
-        self.emit(f"[probe] {done}/{self.total} clips ({pct:.0f}%) | {rate:.2f} clips/s | {_hms(dt)} elapsed | {eta}")
-
-
-def _hms(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 @dataclass
 class Scored:
     raw: Any
@@ -417,7 +391,7 @@ def score_sources(plan: Plan, loaded: Loaded, tau_head: float, emit: Callable[[s
     limit = args.max_clips or None
     total = sum(s.n_clips for s in plan.sources)
     total = min(total, limit) if limit else total
-    progress = Progress(total, args.progress_every, emit)
+    progress = Progress("probe", total, "clips", every=args.progress_every, emit=emit)
     raw_acc, head_acc = MatchMetrics(), (MatchMetrics() if plan.heads_kind != "none" else None)
     done = pairs = no_anchor = dupes = 0
     per_source: list[dict[str, Any]] = []

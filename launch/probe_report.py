@@ -10,7 +10,7 @@ import math
 import os
 from typing import Any
 
-from losses.metrics import flatten_metrics, temporal_series
+from losses.metrics import NO_ANCHORS, ROBUSTNESS_DT, flatten_metrics, temporal_series, unscored_layer
 
 SCHEMA = "gasp-probe/2"
 SVD_NOTE = ("untrained heads: the SVD initialisation of each layer's query projection (no --heads); "
@@ -62,8 +62,7 @@ def summary(res: dict[str, Any] | None, layer: int | None) -> dict[str, Any] | N
     if res is None:
         return None
     if layer is None or not res["layers"] or layer >= len(res["layers"]):
-        return {"layer": None, "pck0": None, "pck1": None, "pck2patch": None, "conf_acc_corr": None,
-                "conf_acc_corr_null_reason": "no anchors scored", "temporal": {}}
+        return {"layer": None, **unscored_layer()}
     d = res["layers"][layer]
     return {"layer": layer, "pck0": d["pck0"], "pck1": d["pck1"], "pck2patch": d["pck2patch"],
             "conf_acc_corr": d["conf_acc_corr"], "conf_acc_corr_null_reason": d["conf_acc_corr_null_reason"],
@@ -205,7 +204,7 @@ def format_table(result: dict[str, Any]) -> str:
         marks = [n for n in ("raw", "head") if sel[n] == l]
         lines.append(row + (f"   <- reported {' & '.join(marks)}" if marks else ""))
     if not raw["layers"]:
-        lines.append("(no anchors scored)")
+        lines.append(f"({NO_ANCHORS})")
     lines.append("")
     c = result["chance"]
     lines.append(f"chance:  PCK@0 {_f(c['pck0'])}   PCK@1 {_f(c['pck1'])}   PCK@2patch {_f(c['pck2patch'])}")
@@ -227,7 +226,7 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         for ds, t in b["temporal"].items():
             tr = t["robustness"]
-            at = f"dt {t['robustness_dt']}" if t["robustness_dt"] is not None else "dt 24"
+            at = f"dt {t['robustness_dt']}" if t["robustness_dt"] is not None else f"dt {ROBUSTNESS_DT}"
             why = "" if tr is not None else f" ({t['robustness_null_reason']})"
             lines.append(f"temporal robustness ({n}, {ds}; PCK@2patch at {at} / at the smallest dt): "
                          f"{'null' if tr is None else f'{tr:.3f}'}{why}")

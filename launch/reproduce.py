@@ -21,7 +21,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass

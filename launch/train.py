@@ -33,7 +33,7 @@ DESCRIPTION = "Train a VLM with GASP's all-layer correspondence heads under Deep
 def parse_config(argv: list[str] | None):
     """--preset picks the defaults (or, with --model, the model's width does); flags override."""
     from data.cli import apply_overrides, parse_overrides
-    from launch.config import PRESETS, TrainConfig, gpu_7b, tiny
+    from launch.config import PRESETS, TrainConfig, tiny
 
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [("--ds-config" if a == "--ds_config" else a) for a in argv]  # DeepSpeed's spelling

@@ -1,4 +1,4 @@
-"""Layer-wise correspondence metrics (DESIGN §6). Imports only torch (and stdlib).
+"""Layer-wise correspondence metrics (DESIGN §6). Imports torch, the stdlib and data.tracking (no mlflow).
 
 "raw": cosine of the captured features without the head, at tau = 0.07 whatever the training
 tau; "head": f_l at the heads' tau. Either way build s (L, P, N_a, N_b) over the supervised
@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from data.tracking import mlflow_key
 from losses.gasp import Batch, item_masks, similarities
 
 MIN_CURVE_ANCHORS = 200
@@ -33,6 +34,8 @@ MIN_CHANCE_RATIO = 3.0
 """...and the smallest-dt PCK@2patch at least this multiple of its chance."""
 ROBUSTNESS_DT = 24
 """The frame distance temporal robustness is read at (the paper's right end)."""
+NO_ANCHORS = "no anchors scored"
+"""Why a layer's every value is null when nothing was scored (or no layer could be chosen)."""
 PCK2_RADIUS = 2.0
 RAW_TAU = 0.07
 """Temperature of the "raw" scores (DESIGN §6): fixed, whatever the training tau, so a training
@@ -207,6 +210,12 @@ def temporal_curve(ok2: torch.Tensor, chance2: torch.Tensor, dt: torch.Tensor,
     return out
 
 
+def unscored_layer() -> dict[str, Any]:
+    """The values of a layer with no anchors behind it: every number null, with `NO_ANCHORS` as the reason."""
+    return {"pck0": None, "pck1": None, "pck2patch": None, "conf_acc_corr": None,
+            "conf_acc_corr_null_reason": NO_ANCHORS, "temporal": {}}
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -224,9 +233,6 @@ class MatchMetrics:
         if self._stats and stats.dist.shape[0] != self._stats[0].dist.shape[0]:
             raise ValueError(f"stats of {stats.dist.shape[0]} layers after {self._stats[0].dist.shape[0]}")
         self._stats.append(stats.cpu())
-
-    def reset(self) -> None:
-        self._stats.clear()
 
     def _cat(self) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
         names: list[str] = []
@@ -278,11 +284,6 @@ class MatchMetrics:
     def raw(self) -> dict[str, torch.Tensor]:
         """The concatenated per-anchor tensors (for plots such as the reliability diagram)."""
         return self._cat()[0]
-
-
-def mlflow_key(text: str) -> str:
-    """A metric-name part MLflow accepts (letters, digits, _ - . / and space)."""
-    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in str(text))
 
 
 def flatten_metrics(result: dict[str, Any], prefix: str) -> dict[str, float]:

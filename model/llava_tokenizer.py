@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 
-from tokenizers import Tokenizer
-
 from model import tokenizer as base
 
 IMAGE_TOKEN = "<image>"
@@ -69,16 +67,7 @@ def build_tokenizer():
 
     pad = unk = `<|endoftext|>`, eos = `<|im_end|>`, with `CHAT_TEMPLATE`.
     """
-    from transformers import Qwen2Tokenizer
-
     spec = json.loads(base._trained())
     for entry in spec["added_tokens"]:
         entry["content"] = RENAMED.get(entry["content"], entry["content"])
-    tok = Qwen2Tokenizer(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<|endoftext|>",
-                         eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                         chat_template=CHAT_TEMPLATE, model_max_length=32768)
-    ids = special_token_ids()
-    got = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    if got != ids or len(tok) != VOCAB_SIZE:
-        raise RuntimeError(f"tiny LLaVA tokenizer special ids {got} (size {len(tok)}) differ from {ids}")
-    return tok
+    return base.qwen2_tokenizer(json.dumps(spec), CHAT_TEMPLATE, special_token_ids(), "tiny LLaVA tokenizer")

@@ -138,13 +138,19 @@ def build_tokenizer():
     pad = unk = `<|endoftext|>`, eos = `<|im_end|>` (as Qwen2-VL-Instruct), with
     `CHAT_TEMPLATE`. Special-token ids: `special_token_ids()`.
     """
+    return qwen2_tokenizer(_trained(), CHAT_TEMPLATE, special_token_ids(), "tiny tokenizer")
+
+
+def qwen2_tokenizer(spec: str, chat_template: str, ids: dict[str, int], what: str):
+    """A transformers `Qwen2Tokenizer` over the tiny BPE `spec` (tokenizer.json text): pad = unk =
+    `<|endoftext|>`, eos = `<|im_end|>`; RuntimeError unless every special token of `ids` has its id
+    and the vocabulary has VOCAB_SIZE entries."""
     from transformers import Qwen2Tokenizer
 
-    tok = Qwen2Tokenizer(tokenizer_object=Tokenizer.from_str(_trained()), unk_token="<|endoftext|>",
+    tok = Qwen2Tokenizer(tokenizer_object=Tokenizer.from_str(spec), unk_token="<|endoftext|>",
                          eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                         chat_template=CHAT_TEMPLATE, model_max_length=32768)
-    ids = special_token_ids()
-    got = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+                         chat_template=chat_template, model_max_length=32768)
+    got = {t: tok.convert_tokens_to_ids(t) for t in ids}
     if got != ids or len(tok) != VOCAB_SIZE:
-        raise RuntimeError(f"tiny tokenizer special ids {got} (size {len(tok)}) differ from {ids}")
+        raise RuntimeError(f"{what} special ids {got} (size {len(tok)}) differ from {ids}")
     return tok

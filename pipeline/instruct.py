@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -31,14 +30,14 @@ from typing import Any
 import numpy as np
 
 from data import instruct, shardformat
+from data.progress import Progress
 from data.seeds import derive_seed
 from data.storage import open_fs, url_join
-from pipeline import stages
+from pipeline import job, stages
 
 FORMAT = "llava-json"
 PLAN_VERSION = 1
 MANIFEST_VERSION = 1
-PROG = "pipeline/shard.py"
 ANNOTATION_SUFFIXES = (".json", ".jsonl")
 MAX_REPORTED = 1000  # malformed records / skipped media listed by id in plan.json and manifest.json
 MAX_SKIPPED_PER_SHARD = 50
@@ -47,10 +46,6 @@ MAX_FRAMES = instruct.MAX_MEDIA  # members f00 ... f99
 
 class InstructError(Exception):
     """A user-facing failure: printed as one line."""
-
-
-def _err(msg: str) -> None:
-    print(f"{PROG}: error: {stages.one_line(msg, 400)}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -341,14 +336,9 @@ def prepare(args: Any) -> tuple[InstructConfig, Loaded, dict[str, Any] | None]:
         raise InstructError(str(e)) from None
     if "://" not in args.media_root:
         args.media_root = os.path.abspath(args.media_root)
-    try:
-        mfs, mpath = open_fs(args.media_root)
-        ok = mfs.isdir(mpath)
-    except Exception as e:
-        raise InstructError(f"--media-root {stages.public_url(args.media_root)}: cannot be reached "
-                            f"({type(e).__name__}: {e})") from None
-    if not ok:
-        raise InstructError(f"--media-root {stages.public_url(args.media_root)}: no such folder")
+    why = job.unreachable("--media-root", args.media_root, folder=True)
+    if why:
+        raise InstructError(why)
     cfg = InstructConfig(input=args.input.rstrip("/"), media_root=args.media_root.rstrip("/"),
                          output=args.output.rstrip("/"), frames=args.frames, samples_per_shard=args.samples_per_shard,
                          val_fraction=args.val_fraction, seed=args.seed)
@@ -378,26 +368,9 @@ def main(args: Any, t_start: float | None = None) -> int:
         cfg, loaded, old_plan = prepare(args)
         times["read"] = time.time() - t0
     except InstructError as e:
-        _err(str(e))
+        job.err(str(e))
         return 2
-
-    from pipeline import ray_tasks
-
-    where, started = ray_tasks.start_ray(args.num_cpus, args.quiet)
-    try:
-        print(f"[ray] {where}", flush=True)
-        print(f"[job] {len(loaded.annotations)} annotation files at {stages.public_url(cfg.input)} "
-              f"({len(loaded.records) + len(loaded.errors)} records, {len(loaded.errors)} malformed), media under "
-              f"{stages.public_url(cfg.media_root)} -> {stages.public_url(cfg.output)}", flush=True)
-        return run_job(args, cfg, loaded, old_plan, times, t_start)
-    except InstructError as e:
-        _err(str(e))
-        return 1
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    return job.run_in_ray(args, lambda: run_job(args, cfg, loaded, old_plan, times, t_start), (InstructError,))
 
 
 def run_job(args: Any, cfg: InstructConfig, loaded: Loaded, old_plan: dict[str, Any] | None,
@@ -406,9 +379,10 @@ def run_job(args: Any, cfg: InstructConfig, loaded: Loaded, old_plan: dict[str, 
 
     from pipeline import ray_tasks
 
-    if len(ray.nodes()) > 1 and stages.is_local(open_fs(cfg.output)[0]):
-        print(f"[warning] {len(ray.nodes())} Ray nodes write to the local path {cfg.output}: it must be a "
-              f"shared file system (else use s3://)", flush=True)
+    print(f"[job] {len(loaded.annotations)} annotation files at {stages.public_url(cfg.input)} "
+          f"({len(loaded.records) + len(loaded.errors)} records, {len(loaded.errors)} malformed), media under "
+          f"{stages.public_url(cfg.media_root)} -> {stages.public_url(cfg.output)}", flush=True)
+    job.warn_if_local_output(cfg.output)
     plan_url = url_join(cfg.output, "plan.json")
     t0 = time.time()
     if old_plan is not None:
@@ -424,15 +398,9 @@ def run_job(args: Any, cfg: InstructConfig, loaded: Loaded, old_plan: dict[str, 
     times["plan"] = time.time() - t0
 
     t0 = time.time()
-    done = stages.done_shards(cfg, plan)  # type: ignore[arg-type]  (reads cfg.output)
-    todo = [e for e in plan["shards"] if e["name"] not in done]
-    if done:
-        print(f"[write] {len(done)} of {len(plan['shards'])} shards already done; writing {len(todo)}", flush=True)
-    folder, local = stages.part_dir(cfg.output)
-    if local:  # leftovers of killed attempts (no task of this job runs yet)
-        stages.sweep_parts(folder, [e["name"] for e in todo])
+    done, todo, folder, local = job.shards_to_write(cfg, plan)
     cfg_ref = ray.put(cfg)
-    prog = ray_tasks.Progress("write", len(todo), "shards", args.quiet, rate_unit="samples")
+    prog = Progress("write", len(todo), "shards", args.quiet, rate_unit="samples")
     results = ray_tasks.run_tasks(write_shard, todo, lambda e: (e, cfg_ref), prog, args.retries,
                                   label=lambda e: e["name"], name="write_instruct_shard",
                                   amount=lambda r: int(r.get("samples") or 0))
@@ -447,27 +415,17 @@ def run_job(args: Any, cfg: InstructConfig, loaded: Loaded, old_plan: dict[str, 
     times["total"] = time.time() - t_start
     new_samples = sum(int(r.get("samples") or 0) for r in written.values())
     print_summary(manifest, times, new_samples, len(written), cfg)
-    code = 0
-    if args.mlflow:
-        try:
-            record_mlflow(manifest, args, times, new_samples)
-        except Exception as e:  # the shards are fine; say what went wrong with the record
-            _err(f"--mlflow: could not record the job ({type(e).__name__}: {e})")
-            code = 1
-    for r in failed[:5]:
-        _err(f"shard {r.get('name')} failed after {args.retries} retries: {r.get('error')}")
-        code = 1
-    if len(failed) > 5:
-        _err(f"{len(failed) - 5} more shards failed (failed_shards in manifest.json); rerun to retry them")
+    record = (lambda: record_mlflow(manifest, args, times, new_samples)) if args.mlflow else None
+    code = job.record_and_report(record, failed, args.retries)
     c = manifest["counts"]
     for what, frac in (("of the records are malformed", c["records_malformed_fraction"]),
                        ("of the samples have missing or broken media", c["samples_skipped_fraction"])):
         if frac > args.max_broken_fraction:
-            _err(f"{frac:.1%} {what} (more than --max-broken-fraction {args.max_broken_fraction:g}); see "
-                 f"malformed_by_reason and skipped_by_reason in manifest.json")
+            job.err(f"{frac:.1%} {what} (more than --max-broken-fraction {args.max_broken_fraction:g}); see "
+                    f"malformed_by_reason and skipped_by_reason in manifest.json")
             code = 1
     if not failed and c["samples"] == 0 and not code:
-        _err("no sample was written (see malformed_by_reason and skipped_by_reason in manifest.json)")
+        job.err("no sample was written (see malformed_by_reason and skipped_by_reason in manifest.json)")
         code = 1
     return code
 
@@ -566,35 +524,15 @@ def print_summary(m: dict[str, Any], times: dict[str, float], new_samples: int, 
 
 
 def record_mlflow(manifest: dict[str, Any], args: Any, times: dict[str, float], new_samples: int) -> None:
-    """Params (no credentials), counts and timings as metrics, manifest.json as an artifact."""
-    import tempfile
-
+    """The job's MLflow run (`job.record_mlflow`), with malformed records by reason and samples/s."""
     from data.cli import flat_dict
-    from data.tracking import MlflowTracker
 
-    tr = MlflowTracker(run_name="shard-job-instruct", experiment=args.experiment,
-                       tags={"kind": "shard", "data": instruct.KIND})
-    try:
-        params = {k: v for k, v in flat_dict(args).items()
-                  if k in ("format", "frames", "samples_per_shard", "val_fraction", "seed", "retries")}
-        for k in ("input", "output", "media_root"):
-            params[k] = stages.public_url(getattr(args, k)) or ""
-        params["content_hash"] = manifest["content_hash"]
-        tr.log_params(params)
-        metrics = {k: v for k, v in manifest["counts"].items() if isinstance(v, (int, float))}
-        metrics.update({f"skipped.{k}": v for k, v in manifest["skipped_by_reason"].items()})
-        metrics.update({f"malformed.{k}": v for k, v in manifest["malformed_by_reason"].items()})
-        metrics.update({f"seconds.{k}": round(v, 3) for k, v in times.items()})
-        if times.get("write"):
-            metrics["samples_per_s"] = new_samples / times["write"]
-        tr.log_metrics({"".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in k): v
-                        for k, v in metrics.items()})
-        with tempfile.TemporaryDirectory() as d:
-            p = os.path.join(d, "manifest.json")
-            with open(p, "w") as f:
-                json.dump(manifest, f, indent=1, sort_keys=True)
-            tr.log_artifact(p)
-        tr.set_tags({"output": stages.public_url(args.output), "complete": manifest["complete"]})
-        print(f"[mlflow] run {tr.run_id} in experiment {args.experiment!r}", flush=True)
-    finally:
-        tr.end()
+    params = {k: v for k, v in flat_dict(args).items()
+              if k in ("format", "frames", "samples_per_shard", "val_fraction", "seed", "retries")}
+    for k in ("input", "output", "media_root"):
+        params[k] = stages.public_url(getattr(args, k)) or ""
+    metrics = {f"malformed.{k}": v for k, v in manifest["malformed_by_reason"].items()}
+    if times.get("write"):
+        metrics["samples_per_s"] = new_samples / times["write"]
+    job.record_mlflow(manifest, args, times, run_name="shard-job-instruct",
+                      tags={"kind": "shard", "data": instruct.KIND}, params=params, metrics=metrics, output=args.output)

@@ -6,9 +6,9 @@ importable by workers (a function of `__main__` would be shipped by value instea
 from __future__ import annotations
 
 import os
-import time
 from typing import Any, Callable
 
+from data.progress import Progress
 from pipeline import stages
 
 # Ray retries a task whose worker died (SIGKILL, OOM, node loss) by itself this many
@@ -90,33 +90,6 @@ def synthetic_task(root: str, name: str, seed: int, n_frames: int) -> dict[str, 
         return {"ok": True, "name": name}
     except Exception as e:
         return {"ok": False, "name": name, "error": stages.one_line(f"{type(e).__name__}: {e}")}
-
-
-class Progress:
-    """Prints `[stage] done/total unit (rate/s, ETA)` at most every `every` seconds, and at the end."""
-
-    def __init__(self, stage: str, total: int, unit: str, quiet: bool = False, every: float = 2.0,
-                 rate_unit: str | None = None):
-        self.stage, self.total, self.unit, self.quiet, self.every = stage, total, unit, quiet, every
-        self.rate_unit = rate_unit
-        self.t0 = self.last = time.time()
-        self.done = 0
-        self.amount = 0  # of rate_unit (e.g. pairs), when given
-
-    def step(self, n: int = 1, amount: int = 0) -> None:
-        self.done += n
-        self.amount += amount
-        now = time.time()
-        wait = self.every if n else 5 * self.every  # a heartbeat while nothing finishes
-        if self.quiet or (now - self.last < wait and not (n and self.done >= self.total)):
-            return
-        self.last = now
-        dt = max(now - self.t0, 1e-9)
-        rate = self.done / dt
-        eta = f"{(self.total - self.done) / rate:.0f}s" if rate > 0 else "?"
-        extra = f", {self.amount} {self.rate_unit} ({self.amount / dt:.1f}/s)" if self.rate_unit else ""
-        print(f"[{self.stage}] {self.done}/{self.total} {self.unit} ({rate:.2f}/s{extra}, ETA {eta}, "
-              f"{dt:.0f}s elapsed)", flush=True)
 
 
 def run_tasks(fn: Callable, items: list[Any], args_of: Callable[[Any], tuple], progress: Progress,

@@ -21,7 +21,6 @@ if __package__ in (None, ""):  # `python pipeline/shard.py`: make the repo impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import collections
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,15 +30,15 @@ import numpy as np
 
 from data.cli import flat_dict, opt, parse_into
 from data.pairs import ClipConfig
+from data.progress import Progress
 from data.scenes import FORMATS, SceneError, list_scenes
-from data.scenes.base import open_fs, url_join
-from pipeline import instruct, stages
+from data.storage import open_fs, url_join
+from pipeline import instruct, job, stages
 
 DEFAULT_ROOT = "runs"
 DEFAULT_SYNTHETIC = os.path.join(DEFAULT_ROOT, "synthetic")
 DEFAULT_OUTPUT = os.path.join(DEFAULT_ROOT, "shards")
 MANIFEST_VERSION = 1
-PROG = "pipeline/shard.py"
 EPILOG = ("Storage: --input/--output take local paths or s3:// URLs (s3fs); the endpoint comes from "
           "AWS_ENDPOINT_URL, credentials from the standard AWS variables or profile. Ray: RAY_ADDRESS "
           "(or `ray job submit`) joins a cluster, else Ray starts in this process on 127.0.0.1. "
@@ -126,10 +125,6 @@ class JobError(Exception):
     """A user-facing failure: printed as one line."""
 
 
-def _err(msg: str) -> None:
-    print(f"{PROG}: error: {stages.one_line(msg, 400)}", file=sys.stderr, flush=True)
-
-
 # ------------------------------------------------------------------------ checks
 
 def _is_url(p: str) -> bool:
@@ -142,14 +137,9 @@ def check_args(args: ShardArgs) -> None:
         v = getattr(args, flag)
         if v and not _is_url(v):
             setattr(args, flag, os.path.abspath(v))  # Ray workers may run elsewhere
-    try:
-        fs, path = open_fs(args.input)
-        exists = fs.exists(path)
-    except Exception as e:
-        raise JobError(f"--input {stages.public_url(args.input)}: cannot be reached "
-                       f"({type(e).__name__}: {e})") from None
-    if not exists:
-        raise JobError(f"--input {stages.public_url(args.input)}: no such file or folder")
+    why = job.unreachable("--input", args.input)
+    if why:
+        raise JobError(why)
     if args.depth_root:
         if args.format != "nerfstudio":
             raise JobError("--depth-root is only for --format nerfstudio")
@@ -186,7 +176,7 @@ def build_default_corpus(args: ShardArgs, root: str, todo: list[str]) -> None:
 
     print(f"[synthetic] rendering {len(todo)} scenes x {args.synthetic_frames} frames into {root}", flush=True)
     os.makedirs(root, exist_ok=True)
-    prog = ray_tasks.Progress("synthetic", len(todo), "scenes", args.quiet)
+    prog = Progress("synthetic", len(todo), "scenes", args.quiet)
     out = ray_tasks.run_tasks(ray_tasks.synthetic_task, todo,
                               lambda n: (root, n, 1000 + int(n.split("_")[1]), args.synthetic_frames), prog,
                               args.retries, label=lambda n: n, name="synthetic_scene")
@@ -306,48 +296,35 @@ def clear_output(output: str) -> int:
 # ------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_into(ShardArgs, argv, PROG, "Corpora -> WebDataset shards of multi-frame clips (Ray).", EPILOG)
+    args = parse_into(ShardArgs, argv, job.PROG, "Corpora -> WebDataset shards of multi-frame clips (Ray).",
+                      EPILOG)
     t_start = time.time()
     if args.format == instruct.FORMAT:  # LLaVA instruction data: its own job
         return instruct.main(args, t_start)
     try:
         cfg, scenes, old_plan, synthetic_todo, dropped = prepare(args)
     except (JobError, SceneError) as e:
-        _err(str(e))
+        job.err(str(e))
         return 2
 
-    from pipeline import ray_tasks
-
-    where, started = ray_tasks.start_ray(args.num_cpus, args.quiet)
-    try:
-        print(f"[ray] {where}", flush=True)
-        if synthetic_todo:
-            build_default_corpus(args, cfg.input, synthetic_todo)
-            scenes, dropped = kept_scenes(list_scenes(cfg.input, cfg.format), cfg)
-            if old_plan is not None:
-                old_plan = check_plan_inputs(args, cfg, old_plan, scenes)
-        print(f"[job] input {stages.public_url(cfg.input)} ({cfg.format}, {len(scenes)} scenes) -> "
-              f"{stages.public_url(cfg.output)}", flush=True)
-        return run_job(args, cfg, scenes, old_plan, t_start, dropped)
-    except (JobError, SceneError) as e:
-        _err(str(e))
-        return 1
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    return job.run_in_ray(args, lambda: run_job(args, cfg, scenes, old_plan, t_start, dropped, synthetic_todo),
+                          (JobError, SceneError))
 
 
 def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan: dict[str, Any] | None,
-            t_start: float, dropped: list[str] | None = None) -> int:
+            t_start: float, dropped: list[str] | None = None, synthetic_todo: list[str] | None = None) -> int:
     import ray
 
     from pipeline import ray_tasks
 
-    if len(ray.nodes()) > 1 and stages.is_local(open_fs(cfg.output)[0]):
-        print(f"[warning] {len(ray.nodes())} Ray nodes write to the local path {cfg.output}: it must be a "
-              f"shared file system (else use s3://)", flush=True)
+    if synthetic_todo:
+        build_default_corpus(args, cfg.input, synthetic_todo)
+        scenes, dropped = kept_scenes(list_scenes(cfg.input, cfg.format), cfg)
+        if old_plan is not None:
+            old_plan = check_plan_inputs(args, cfg, old_plan, scenes)
+    print(f"[job] input {stages.public_url(cfg.input)} ({cfg.format}, {len(scenes)} scenes) -> "
+          f"{stages.public_url(cfg.output)}", flush=True)
+    job.warn_if_local_output(cfg.output)
     cfg_ref = ray.put(cfg)
     times: dict[str, float] = {}
 
@@ -359,7 +336,7 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
         plan = old_plan
         print(f"[plan] reusing {stages.public_url(plan_url)} ({len(plan['shards'])} shards)", flush=True)
     else:
-        prog = ray_tasks.Progress("scan", len(scenes), "scenes", args.quiet)
+        prog = Progress("scan", len(scenes), "scenes", args.quiet)
         out = ray_tasks.run_tasks(ray_tasks.scan_task, scenes, lambda u: (u, cfg_ref), prog, args.retries,
                                   label=lambda u: stages.scene_key(u, cfg.input), name="scan_scene", num_returns=2)
         scans = []
@@ -382,21 +359,14 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
 
     # ---- write the shards that are not done yet
     t0 = time.time()
-    done = stages.done_shards(cfg, plan)
-    todo = [e for e in plan["shards"] if e["name"] not in done]
-    if done:
-        print(f"[write] {len(done)} of {len(plan['shards'])} shards already done; writing {len(todo)}", flush=True)
-    folder, local = stages.part_dir(cfg.output)
-    if local:  # leftovers of killed attempts (no task of this job runs yet)
-        stages.sweep_parts(folder, [e["name"] for e in todo])
-
+    done, todo, folder, local = job.shards_to_write(cfg, plan)
     run_id = uuid.uuid4().hex
 
     def write_args(e: dict[str, Any]) -> tuple:
         refs = {k: shells[k] for k in {it["scene"] for it in e["clips"]} if k in shells}
         return e, cfg_ref, refs or None, run_id
 
-    prog = ray_tasks.Progress("write", len(todo), "shards", args.quiet, rate_unit="clips")
+    prog = Progress("write", len(todo), "shards", args.quiet, rate_unit="clips")
     results = ray_tasks.run_tasks(ray_tasks.write_task, todo, write_args, prog, args.retries,
                                   label=lambda e: e["name"], name="write_shard",
                                   amount=lambda r: int(r.get("samples") or 0))
@@ -413,26 +383,16 @@ def run_job(args: ShardArgs, cfg: stages.JobConfig, scenes: list[str], old_plan:
     times["total"] = time.time() - t_start
     new_clips = sum(int(r.get("samples") or 0) for r in written.values())
     print_summary(manifest, times, new_clips, len(written), cfg)
-    code = 0
-    if args.mlflow:
-        try:
-            record_mlflow(manifest, args, cfg, times, new_clips)
-        except Exception as e:  # the shards are fine; say what went wrong with the record
-            _err(f"--mlflow: could not record the job ({type(e).__name__}: {e})")
-            code = 1
-    for r in failed[:5]:
-        _err(f"shard {r.get('name')} failed after {args.retries} retries: {r.get('error')}")
-        code = 1
-    if len(failed) > 5:
-        _err(f"{len(failed) - 5} more shards failed (failed_shards in manifest.json); rerun to retry them")
+    record = (lambda: record_mlflow(manifest, args, cfg, times, new_clips)) if args.mlflow else None
+    code = job.record_and_report(record, failed, args.retries)
     frac = manifest["counts"]["frames_skipped_fraction"]
     if frac > args.max_broken_fraction:
-        _err(f"{frac:.1%} of all frames are broken (more than --max-broken-fraction {args.max_broken_fraction:g}); "
-             f"see skipped_by_reason in manifest.json")
+        job.err(f"{frac:.1%} of all frames are broken (more than --max-broken-fraction "
+                f"{args.max_broken_fraction:g}); see skipped_by_reason in manifest.json")
         code = 1
     if not failed and manifest["counts"]["clips"] == 0:
-        _err("no clip was written: no scene has a clip that passes the overlap filters "
-             "(see flagged_scenes in manifest.json)")
+        job.err("no clip was written: no scene has a clip that passes the overlap filters "
+                "(see flagged_scenes in manifest.json)")
         code = 1
     return code
 
@@ -581,38 +541,13 @@ def print_summary(m: dict[str, Any], times: dict[str, float], new_clips: int, ne
 
 def record_mlflow(manifest: dict[str, Any], args: ShardArgs, cfg: stages.JobConfig, times: dict[str, float],
                   new_clips: int) -> None:
-    """Params (no credentials), counts and timings as metrics, manifest.json as an artifact."""
-    import tempfile
-
-    from data.tracking import MlflowTracker
-
-    tr = MlflowTracker(run_name="shard-job", experiment=args.experiment, tags={"kind": "shard"})
-    try:
-        params = flat_dict(args)
-        for k in ("input", "output", "depth_root"):
-            params[k] = stages.public_url(params.get(k)) or ""
-        params["content_hash"] = manifest["content_hash"]
-        tr.log_params(params)
-        metrics = {k: v for k, v in manifest["counts"].items() if isinstance(v, (int, float))}
-        metrics.update({f"skipped.{k}": v for k, v in manifest["skipped_by_reason"].items()})
-        metrics.update({f"seconds.{k}": round(v, 3) for k, v in times.items()})
-        if times.get("write"):
-            metrics["clips_per_s"] = new_clips / times["write"]
-        tr.log_metrics({_metric_name(k): v for k, v in metrics.items()})
-        with tempfile.TemporaryDirectory() as d:
-            p = os.path.join(d, "manifest.json")
-            with open(p, "w") as f:
-                json.dump(manifest, f, indent=1, sort_keys=True)
-            tr.log_artifact(p)
-        tr.set_tags({"output": stages.public_url(cfg.output), "complete": manifest["complete"],
-                     "flagged_scenes": len(manifest["flagged_scenes"])})
-        print(f"[mlflow] run {tr.run_id} in experiment {args.experiment!r}", flush=True)
-    finally:
-        tr.end()
-
-
-def _metric_name(k: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in k)
+    """The job's MLflow run (`job.record_mlflow`), with clips/s and the number of flagged scenes."""
+    params = flat_dict(args)
+    for k in ("input", "output", "depth_root"):
+        params[k] = stages.public_url(params.get(k)) or ""
+    metrics = {"clips_per_s": new_clips / times["write"]} if times.get("write") else {}
+    job.record_mlflow(manifest, args, times, run_name="shard-job", tags={"kind": "shard"}, params=params,
+                      metrics=metrics, output=cfg.output, end_tags={"flagged_scenes": len(manifest["flagged_scenes"])})
 
 
 if __name__ == "__main__":

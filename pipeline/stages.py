@@ -397,11 +397,6 @@ def _encoded(view: View, depth_scale: float, timings: dict[str, float]) -> tuple
     return view.jpg, q, png
 
 
-def pair_seed(seed: int, key: str, i: int, j: int) -> int:
-    """The seed of pair (i, j)'s correspondence jitter and self-check in clip `key`."""
-    return derive_seed(seed, "pair", key, i, j)
-
-
 def render_clip(item: dict[str, Any], cfg: JobConfig, key: str, timings: dict[str, float],
                 ctx: ShardContext) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load, align, resize, match every pair i < j, self-check and encode one planned clip.
@@ -427,7 +422,7 @@ def render_clip(item: dict[str, Any], cfg: JobConfig, key: str, timings: dict[st
     rows, n_corr, errs, errs_sh = [], [], [], []
     for i, j in shardformat.clip_pairs(len(views)):
         t2 = time.perf_counter()
-        rng = np.random.default_rng(pair_seed(cfg.seed, key, i, j))
+        rng = np.random.default_rng(derive_seed(cfg.seed, "pair", key, i, j))  # pair (i, j)'s jitter and self-check
         corr = pairs.correspondences(enc[i][1], views[i].K, views[i].frame.cam2world, enc[j][1], views[j].K,
                                      views[j].frame.cam2world, rng, stride=cfg.clips.stride, max_corr=cap,
                                      abs_tol=abs_tol, rel_tol=cfg.clips.rel_tol)

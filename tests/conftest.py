@@ -30,6 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_line(e: BaseException) -> str:
+    """The message of a user-facing error, asserted to be one non-empty line."""
+    msg = str(e)
+    assert msg and "\n" not in msg, f"not a single line: {msg!r}"
+    return msg
+
+
 @pytest.fixture(autouse=True)
 def _teardown_process_group():
     yield

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import corpus_writers as cw
+from conftest import one_line
 from data import geometry, pairs
 from data.scenes import FrameError, SceneError, list_scenes, open_scene
 from data.scenes.arkitscenes import ARKitScene, list_arkit_scenes
@@ -34,12 +35,6 @@ def pair_stats(scene, a: int, b: int) -> tuple[int, float, float]:
                                  np.random.default_rng(0), stride=4, abs_tol=abs_tol)
     err, err_sh = pairs.photo_check(rgb_a, rgb_b, corr, np.random.default_rng(1))
     return len(corr), err, err_sh
-
-
-def one_line(e: BaseException) -> str:
-    msg = str(e)
-    assert msg and "\n" not in msg, f"not a single line: {msg!r}"
-    return msg
 
 
 # ----------------------------------------------------------------------------- ScanNet

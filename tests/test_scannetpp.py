@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import corpus_writers as cw
+from conftest import one_line
 from data import geometry, synthetic
 from data.pairs import ClipConfig
 from data.scenes import SceneError, list_scenes, open_scene
@@ -31,12 +32,6 @@ N_FRAMES = 12
 # Clips of up to 4 frames in windows of 11 (dt <= 10, as the pair version's --max-gap 10): in a 12-frame scene
 # a window fits at 2 starts, so every scene gives 2 clips (6 pairs each when full).
 CLIPS = dict(clip_frames=4, clip_window=11, clips_per_scene=2)
-
-
-def one_line(e: BaseException) -> str:
-    msg = str(e)
-    assert msg and "\n" not in msg, f"not a single line: {msg!r}"
-    return msg
 
 
 # ----------------------------------------------------------------------------- video frames

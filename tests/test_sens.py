@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import corpus_writers as cw
+from conftest import one_line
 from data import geometry
 from data.pairs import ClipConfig
 from data.scenes import SceneError, list_scenes, open_scene
@@ -26,12 +27,6 @@ D2C[:3, :3] = geometry.axis_angle_to_matrix([0.0, np.deg2rad(1.5), np.deg2rad(0.
 D2C[:3, 3] = [-0.04, 0.01, 0.0]
 SCENES = {"scene0000_00": dict(seed=21, inf_pose_frames=(3, 9)),  # -inf poses: skipped and counted
           "scene0001_00": dict(seed=22, depth_to_color=D2C)}  # differing extrinsics: alignment through depth
-
-
-def one_line(e: BaseException) -> str:
-    msg = str(e)
-    assert msg and "\n" not in msg, f"not a single line: {msg!r}"
-    return msg
 
 
 def write_corpus(root, layout: str, n_frames: int = 16, **kw) -> dict[str, cw.Truth]:

@@ -334,10 +334,6 @@ class ScanNetPPScene(Scene):
                              f"{self.rgb_size[0]}x{self.rgb_size[1]}")
         return np.asarray(Image.fromarray(rgb).resize(self.view_size, Image.BICUBIC))
 
-    def decode_cost(self) -> float | None:
-        """Video frames decoded per RGB frame returned by this process so far (None before any)."""
-        return None if self._frames_reader is None else self._frames_reader.cost_per_frame()
-
     def _rgb_shape(self, frame: Frame) -> tuple[int, int]:
         """The view's size without decoding: the scan needs depth only (module docstring)."""
         return self.view_size[1], self.view_size[0]

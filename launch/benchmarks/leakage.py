@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from data.cli import one_line
 from data.storage import read_json, url_join
 
 EXPORT_FILE = "gasp_training.json"
@@ -66,9 +67,8 @@ def read_manifest(spec: str) -> TrainingManifest:
     except ValueError as e:
         raise ManifestError(f"--check-training-manifest {spec}: {url} is not JSON ({e})") from None
     except Exception as e:  # storage errors (permissions, endpoint)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ManifestError(f"--check-training-manifest {spec}: cannot read {url} "
-                            f"({type(e).__name__}: {msg})") from None
+                            f"({type(e).__name__}: {one_line(e)})") from None
     if data is None:
         raise ManifestError(f"--check-training-manifest {spec}: no {url}; name a shard job's manifest.json or the "
                             "folder holding it")

@@ -20,7 +20,6 @@ predictions under another version needs no model (`--reference NAME` on a finish
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 from launch.benchmarks import scoring
 
@@ -94,7 +93,3 @@ def resolve(benchmark: str, name: str = "default") -> Reference:
             "lmms-eval") else ""
         raise ValueError(f"--reference {name} does not score {benchmark}{why}; use one of {', '.join(ok)}")
     return ref
-
-
-def names_for(benchmark: str) -> Sequence[str]:
-    return [n for n, r in REFERENCES.items() if benchmark in r.benchmarks]

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from data.progress import Progress
 from launch.benchmarks import BenchmarkError, Question
 from launch.benchmarks import generation
 from launch.benchmarks.video import FrameCache, VideoError, sample_frames, video_seconds
@@ -174,36 +175,6 @@ class MediaLoader:
         except Exception as e:
             raise MediaError(f"cannot decode embedded image {name}: {type(e).__name__}: {e}") from None
         return self.resize(rgb)
-
-
-# ------------------------------------------------------------------ progress
-
-class Progress:
-    """Prints `[eval] done/total questions (rate/s, ETA)` at most every `every` seconds."""
-
-    def __init__(self, total: int, quiet: bool = False, every: float = 5.0, stream=None):
-        self.total, self.quiet, self.every = total, quiet, every
-        self.stream = stream or sys.stdout
-        self.t0 = self.last = time.time()
-        self.done = 0
-
-    def step(self, n: int) -> None:
-        self.done += n
-        now = time.time()
-        if self.quiet or (now - self.last < self.every and self.done < self.total):
-            return
-        self.last = now
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        print(f"[eval] {self.done}/{self.total} questions ({rate:.2f}/s, ETA {_dur(eta)})", file=self.stream,
-              flush=True)
-
-
-def _dur(s: float) -> str:
-    if not np.isfinite(s):
-        return "?"
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # ------------------------------------------------------------------ the loop

@@ -6,6 +6,7 @@ import math
 import os
 from typing import Any
 
+from data.cli import one_line
 from launch.benchmarks import BenchmarkError
 
 TABLE_EXTS = (".parquet", ".jsonl", ".json")
@@ -51,11 +52,9 @@ def read_records(path: str, what: str) -> list[dict[str, Any]]:
     except BenchmarkError:
         raise
     except (OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BenchmarkError(f"{what}: cannot read {path}: {msg}") from None
+        raise BenchmarkError(f"{what}: cannot read {path}: {one_line(e)}") from None
     except Exception as e:  # pyarrow errors (not a parquet file, ...)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BenchmarkError(f"{what}: cannot read {path}: {type(e).__name__}: {msg}") from None
+        raise BenchmarkError(f"{what}: cannot read {path}: {type(e).__name__}: {one_line(e)}") from None
     if isinstance(records, dict):
         for key in ("data", "questions", "test"):
             if isinstance(records.get(key), list):

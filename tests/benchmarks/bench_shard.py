@@ -234,6 +234,7 @@ def ray_throughput(shards: list[dict], cfg, workers: int, align: str) -> tuple[f
     CPUs (workers warmed up first). Busy fraction: task wall time over workers x wall time."""
     import ray
 
+    from data.progress import Progress
     from pipeline import ray_tasks, stages
 
     kw = {}
@@ -254,7 +255,7 @@ def ray_throughput(shards: list[dict], cfg, workers: int, align: str) -> tuple[f
         with tempfile.TemporaryDirectory() as d:
             c = stages.JobConfig(**{**cfg.__dict__, "output": d})
             ref = ray.put(c)
-            prog = ray_tasks.Progress("write", len(shards), "shards", quiet=True)
+            prog = Progress("write", len(shards), "shards", quiet=True)
             t0 = time.perf_counter()
             out = ray_tasks.run_tasks(ray_tasks.write_task, shards, lambda e: (e, ref, None), prog, 0,
                                       label=lambda e: e["name"], name="write_shard")
