@@ -383,3 +383,11 @@ def test_unsupported_family_fails_in_one_line_naming_the_supported_ones(tmp_path
 
     with pytest.raises(ValueError, match="Qwen3Adapter serves"):
         Qwen3Adapter(build_preset_processor(get_preset("tiny-qwen3-vl")), family="qwen2_vl")
+
+
+@pytest.mark.parametrize("name", TINY3)
+def test_preset_weights_are_identical_under_zero3(name, monkeypatch):
+    """tiny-qwen3-vl(-moe) is the same model with and without ZeRO-3 (training, probe and evaluation agree)."""
+    from test_zero3_presets import test_preset_weights_are_identical_under_zero3 as same_under_zero3
+
+    same_under_zero3(name, monkeypatch)
