@@ -391,3 +391,26 @@ def test_preset_weights_are_identical_under_zero3(name, monkeypatch):
     from test_zero3_presets import test_preset_weights_are_identical_under_zero3 as same_under_zero3
 
     same_under_zero3(name, monkeypatch)
+
+
+@pytest.mark.parametrize("name", TINY3)
+def test_what_trains_with_lora_and_activation_checkpointing(name):
+    """The GPU recipe's mode (LoRA + activation checkpointing) on both: a finite loss, gradients on the heads and
+    the LM's LoRA layers only; dense: attention and MLP adapted, MoE: attention only (experts are fused tensors)."""
+    from model.wrapper import GaspConfig, GaspVLM
+
+    vlm, _, adapter = build_model_and_processor(name)
+    g = GaspVLM(vlm, GaspConfig(trainable="lora", head="mlp", gradient_checkpointing=True))
+    g.init_heads()
+    g.train()
+    batch = _clip_batch(adapter)
+    loss, parts = g(batch, adapter.model_inputs(batch))
+    assert torch.isfinite(loss) and parts["n_ab"] == 14
+    loss.backward()
+    got = {n for n, p in g.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"head.w1", "head.w2"} <= got and not any("visual" in n for n in got)
+    lm = got - {"head.w1", "head.w2"}
+    assert lm and all("lora_" in n and "language_model.layers." in n for n in lm)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[1] for n, _ in g.named_parameters() if "lora_" in n}
+    assert adapted == ({"q_proj", "k_proj", "v_proj", "o_proj"} if name.endswith("moe") else
+                       {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
