@@ -22,8 +22,12 @@ Where Qwen3-VL differs from Qwen2-VL / Qwen2.5-VL, and what that means here:
 - Video: each temporal patch (two frames) is its own block `<t seconds><|vision_start|>
   <|video_pad|> x cells<|vision_end|>`, t the mean time of its two frames, and the model's
   `get_rope_index` gives every block its own temporal position (it splits `video_grid_thw` per
-  temporal patch). `Qwen3VLProcessor.video_placeholder` writes that text; the frames become
-  patches through `model.qwen.video_patches` (no torchvision).
+  temporal patch). `Qwen3VLProcessor.video_placeholder` writes that text (equal to transformers'
+  `Qwen3VLProcessor.replace_video_token`, tested); the frames become patches through
+  `model.qwen.video_patches` (no torchvision). The placeholder replaces the template's whole
+  `<|vision_start|><|video_pad|><|vision_end|>`, as transformers 4.57 (the release Qwen3-VL came
+  with) does; transformers 5.x's generic replacement substitutes only the pad and so nests one
+  vision span inside another, which is not what the release processor writes.
 """
 from __future__ import annotations
 

@@ -414,3 +414,23 @@ def test_what_trains_with_lora_and_activation_checkpointing(name):
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[1] for n, _ in g.named_parameters() if "lora_" in n}
     assert adapted == ({"q_proj", "k_proj", "v_proj", "o_proj"} if name.endswith("moe") else
                        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+
+
+@pytest.mark.parametrize("fps,indices,grid", [(4.0, [0, 3, 6, 9, 12], [3, 4, 6]), (24.0, [0, 4, 8, 12], [2, 8, 10]),
+                                              (2.0, [5], [1, 4, 4]), (29.97, list(range(0, 640, 20)), [16, 6, 8])])
+def test_video_text_equals_transformers_qwen3_processor(dense, fps, indices, grid):
+    """Parity with transformers' own Qwen3VLProcessor.replace_video_token (its video path needs torchvision, so its
+    method runs on a stand-in `self`): the same times (indices / fps, averaged per temporal patch) and spans."""
+    import types
+
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor as Stock
+    from transformers.video_utils import VideoMetadata
+
+    _, processor, _ = dense
+    stand_in = types.SimpleNamespace(video_processor=types.SimpleNamespace(merge_size=2, temporal_patch_size=2),
+                                     vision_start_token="<|vision_start|>", vision_end_token="<|vision_end|>",
+                                     video_token="<|video_pad|>")
+    stand_in._calculate_timestamps = types.MethodType(Stock._calculate_timestamps, stand_in)
+    md = VideoMetadata(total_num_frames=max(indices) + 1, fps=fps, frames_indices=list(indices))
+    want = Stock.replace_video_token(stand_in, {"video_grid_thw": torch.tensor([grid]), "video_metadata": [md]}, 0)
+    assert processor.video_placeholder(grid, [i / fps for i in indices]) == want
