@@ -385,6 +385,7 @@ def test_unsupported_family_fails_in_one_line_naming_the_supported_ones(tmp_path
         Qwen3Adapter(build_preset_processor(get_preset("tiny-qwen3-vl")), family="qwen2_vl")
 
 
+@pytest.mark.slow  # DeepSpeed's first in-process start builds its CPU comm op (~3 min on 2 cores)
 @pytest.mark.parametrize("name", TINY3)
 def test_preset_weights_are_identical_under_zero3(name, monkeypatch):
     """tiny-qwen3-vl(-moe) is the same model with and without ZeRO-3 (training, probe and evaluation agree)."""
