@@ -36,7 +36,7 @@ from launch.benchmarks import references
 
 PROG = "launch/evaluate.py"
 DEFAULT_ROOT = os.path.join("runs", "eval")
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_onevision")
 """Model families evaluate.py runs, each with its own chat template and image path (launch/benchmarks/generation.py)."""
 REFUSED = {"llava_next_video": "its images go through any-resolution crops (~2,900 tokens per 336 px frame: two frames "
                                "pass its 4k context) and its video path needs torchvision"}
@@ -71,8 +71,9 @@ class EvalArgs:
         "of them); no model is run"), metavar="RESULTS")
     allow_mixed_references: bool = opt(False, "--compare: compare a benchmark scored under different reference "
                                               "versions on the two sides (refused otherwise)")
-    preset: str = opt("", "random-weight model preset (tiny, tiny-qwen2.5, qwen2-vl-7b, qwen2.5-vl-7b)")
-    model: str = opt("", "a Hugging Face checkpoint directory (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)")
+    preset: str = opt("", "random-weight model preset (tiny, tiny-qwen2.5, tiny-qwen3-vl, qwen2.5-vl-7b, "
+                          "qwen3-vl-8b, ...)")
+    model: str = opt("", "a Hugging Face checkpoint directory (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision)")
     output: str = opt("", "output folder; empty: runs/eval/<benchmark>-<model name> (--compare: the JSON file; "
                           "empty: runs/eval/compare/<A>-vs-<B>.json)")
     num_frames: int = opt(32, "VSI-Bench: frames sampled uniformly from each video (lmms-eval's default 32)")
@@ -226,8 +227,10 @@ def signature(args: EvalArgs, annotations: str, max_new_tokens: int, dtype, benc
     return sig
 
 
-VIDEO_MAX_PIXELS = 768 * 28 * 28
-"""qwen_vl_utils' cap on a video frame's pixels (VIDEO_MAX_PIXELS), the default frame budget of a video input."""
+VIDEO_MAX_TOKENS = 768
+"""qwen_vl_utils' cap on a video frame's tokens (VIDEO_MAX_TOKEN_NUM), the default frame budget of a video input:
+768 cells of the family's cell (VIDEO_MAX_PIXELS = 768 * 28 * 28 for Qwen2-VL / 2.5-VL, 768 * 32 * 32 for Qwen3-VL)."""
+VIDEO_MAX_PIXELS = VIDEO_MAX_TOKENS * 28 * 28
 
 
 def family_of(args: EvalArgs) -> str | None:
@@ -245,7 +248,7 @@ def frames_as(args: EvalArgs) -> str:
         return "clip"
     if args.frames_as != "auto":
         return args.frames_as
-    if args.benchmark == "vsi-bench" and family_of(args) in ("qwen2_vl", "qwen2_5_vl"):
+    if args.benchmark == "vsi-bench" and family_of(args) in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         return "video"
     return "clip"
 
@@ -429,8 +432,9 @@ def main(argv: list[str] | None = None) -> int:
             from model.loading import make_adapter
 
             ip_max = int(processor.image_processor.size["longest_edge"])
+            frame_cap = VIDEO_MAX_TOKENS * int(adapter.cell_px) ** 2
             frame_resize = make_adapter(family, processor, model.config,
-                                        max_pixels=min(args.max_pixels or ip_max, VIDEO_MAX_PIXELS)).resize
+                                        max_pixels=min(args.max_pixels or ip_max, frame_cap)).resize
         loader = runner.MediaLoader(resize or _to_pil, num_frames=args.num_frames, frame_resize=frame_resize)
         progress = Progress("eval", len(pending), "questions", quiet=args.quiet, every=5.0)
         try:

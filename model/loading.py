@@ -2,8 +2,8 @@
 
 `build_model_and_processor` returns (model, processor, adapter). A preset name builds a
 random-weight model from its config (seeded) and the local tiny processor; a directory
-loads a Hugging Face checkpoint of a supported family (Qwen2-VL, Qwen2.5-VL,
-LLaVA-OneVision, LLaVA-NeXT-Video: `model.presets.FAMILIES`) with its own processor files.
+loads a Hugging Face checkpoint of a supported family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Qwen3-VL-MoE, LLaVA-OneVision, LLaVA-NeXT-Video: `model.presets.FAMILIES`) with its own processor files.
 The family (`model_type` of config.json) picks the model class, processor and adapter.
 After that both take the same path: device, eval mode, adapter. Anything that cannot
 be loaded fails with one `ModelLoadError` line naming the preset or path.
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data.cli import one_line
-from model.presets import FAMILIES, LLAVA_FAMILIES, PRESETS, Preset, get_preset, model_class
+from model.presets import FAMILIES, LLAVA_FAMILIES, PRESETS, QWEN3_FAMILIES, Preset, get_preset, model_class
 from model.qwen import QwenAdapter, make_processor
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,13 @@ def build_preset_processor(preset: Preset):
     from model.tokenizer import CHAT_TEMPLATE, build_tokenizer
 
     patch, merge, temporal = (preset.vision[k] for k in ("patch_size", "spatial_merge_size", "temporal_patch_size"))
+    if preset.family in QWEN3_FAMILIES:
+        from model import qwen3
+
+        tokenizer = build_tokenizer()
+        tokenizer.chat_template = qwen3.QWEN3_CHAT_TEMPLATE
+        image_processor = qwen3.build_image_processor(preset.min_pixels, preset.max_pixels, patch, merge, temporal)
+        return qwen3.make_processor(image_processor, tokenizer, qwen3.QWEN3_CHAT_TEMPLATE)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=preset.min_pixels, max_pixels=preset.max_pixels,
                                                patch_size=patch, merge_size=merge, temporal_patch_size=temporal)
     return make_processor(image_processor, build_tokenizer(), CHAT_TEMPLATE, preset.family)
@@ -171,11 +178,13 @@ def _read_chat_template(path: Path, tokenizer, family: str = "qwen2_vl") -> str:
         return tokenizer.chat_template
     if family in LLAVA_FAMILIES:
         from model.llava_tokenizer import CHAT_TEMPLATE
+    elif family in QWEN3_FAMILIES:
+        from model.qwen3 import QWEN3_CHAT_TEMPLATE as CHAT_TEMPLATE
     else:
         from model.tokenizer import CHAT_TEMPLATE
 
     log.warning("%s has no chat template; using the built-in %s-style one", path,
-                "LLaVA-OneVision" if family in LLAVA_FAMILIES else "Qwen")
+                "LLaVA-OneVision" if family in LLAVA_FAMILIES else "Qwen3-VL" if family in QWEN3_FAMILIES else "Qwen")
     return CHAT_TEMPLATE
 
 
@@ -191,6 +200,10 @@ def load_processor(path: str | Path, family: str):
 
         return llava.load_processor(path, family, tokenizer, _read_chat_template(path, tokenizer, family))
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+    if family in QWEN3_FAMILIES:
+        from model import qwen3
+
+        return qwen3.make_processor(image_processor, tokenizer, _read_chat_template(path, tokenizer, family))
     return make_processor(image_processor, tokenizer, _read_chat_template(path, tokenizer), family)
 
 
@@ -283,6 +296,10 @@ def make_adapter(family: str, processor, config, *, max_pixels: int | None = Non
             log.info("max_pixels %d ignored: %s views are resized to the vision tower's %dx%d", max_pixels, family,
                      adapter.image_size, adapter.image_size)
         return adapter
+    if family in QWEN3_FAMILIES:
+        from model.qwen3 import Qwen3Adapter
+
+        return Qwen3Adapter(processor, family=family, max_pixels=max_pixels)
     return QwenAdapter(processor, family=family, max_pixels=max_pixels)
 
 

@@ -1,4 +1,4 @@
-"""Named model presets: random-weight Qwen2-VL / Qwen2.5-VL / LLaVA models built from a config.
+"""Named model presets: random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL / LLaVA models built from a config.
 
 `--preset NAME` (DESIGN §7) means one of `PRESETS`. A preset is a plain dataclass:
 the family, the text and vision config values, the processor's pixel budget and the
@@ -12,6 +12,10 @@ init seed. Nothing is downloaded: the tokenizer is the tiny local one
   28 heads, 4 KV heads, vocabulary 152064, 32-block vision tower) with random weights,
   for GPU benchmarks. Only the special-token ids differ from the published ones (they
   are the local tokenizer's); the embedding table keeps the real 152064 rows.
+- `tiny-qwen3-vl` (Qwen3-VL) and `tiny-qwen3-vl-moe` (Qwen3-VL-MoE, 4 experts a layer): the `tiny` LM
+  width, 16 px patches (32 px cells), a 3-block tower feeding DeepStack into LM layers 0 and 1.
+- `qwen3-vl-4b` and `qwen3-vl-8b`: the architecture of Qwen/Qwen3-VL-4B-Instruct / -8B-Instruct
+  (Qwen3-4B / Qwen3-8B LMs, 24- / 27-block towers) with random weights, for GPU benchmarks.
 - `tiny-llava-ov` (LLaVA-OneVision: SigLIP tower + Qwen2 LM) and `tiny-llava-next-video`
   (LLaVA-NeXT-Video: CLIP tower + Llama LM): the `tiny` LM size, a 2-layer tower on
   118 x 118 pixels = 8 x 8 patches of 14 (plus a 6-pixel margin no patch covers, as
@@ -32,7 +36,8 @@ from typing import Any, Callable
 
 from model.tokenizer import VOCAB_SIZE, config_token_ids
 
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+QWEN3_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl") + QWEN3_FAMILIES
 LLAVA_FAMILIES = ("llava_onevision", "llava_next_video")
 FAMILIES = QWEN_FAMILIES + LLAVA_FAMILIES
 """Supported `model_type`s (Hugging Face config families)."""
@@ -69,21 +74,22 @@ class Preset:
             raise ValueError(f"preset {self.name!r}: family {self.family!r} is not one of {FAMILIES}")
         if self.family in LLAVA_FAMILIES:
             return
-        head_dim = self.text["hidden_size"] // self.text["num_attention_heads"]
+        head_dim = self.text.get("head_dim") or self.text["hidden_size"] // self.text["num_attention_heads"]
         section = self.text["rope_parameters"]["mrope_section"]
         if 2 * sum(section) != head_dim:
             raise ValueError(f"preset {self.name!r}: mrope_section {section} must sum to head_dim/2 = {head_dim // 2}")
 
     def config(self):
-        """The Hugging Face config (`Qwen2VLConfig`, `Qwen2_5_VLConfig`, `LlavaOnevisionConfig`,
-        `LlavaNextVideoConfig`) of this preset."""
-        from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+        """The Hugging Face config (`Qwen2VLConfig`, `Qwen2_5_VLConfig`, `Qwen3VLConfig`, `Qwen3VLMoeConfig`,
+        `LlavaOnevisionConfig`, `LlavaNextVideoConfig`) of this preset."""
+        from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
 
         if self.family in LLAVA_FAMILIES:
             return self._llava_config()
         ids = config_token_ids()
         text_ids = {k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        cls = Qwen2VLConfig if self.family == "qwen2_vl" else Qwen2_5_VLConfig
+        cls = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig,
+               "qwen3_vl_moe": Qwen3VLMoeConfig}[self.family]
         return cls(
             text_config={**self.text, **text_ids},
             vision_config=dict(self.vision),
@@ -123,10 +129,13 @@ class Preset:
 def model_class(family: str):
     """The `...ForConditionalGeneration` class of a supported family (one of FAMILIES)."""
     from transformers import (LlavaNextVideoForConditionalGeneration, LlavaOnevisionForConditionalGeneration,
-                              Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration)
+                              Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration,
+                              Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration)
 
     return {"qwen2_vl": Qwen2VLForConditionalGeneration,
             "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+            "qwen3_vl": Qwen3VLForConditionalGeneration,
+            "qwen3_vl_moe": Qwen3VLMoeForConditionalGeneration,
             "llava_onevision": LlavaOnevisionForConditionalGeneration,
             "llava_next_video": LlavaNextVideoForConditionalGeneration}[family]
 
@@ -194,6 +203,85 @@ def qwen25_vl_7b() -> Preset:
                     out_hidden_size=3584, hidden_act="silu", patch_size=14, spatial_merge_size=2,
                     temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
                     tokens_per_second=2),
+    )
+
+
+def tiny_qwen3_vl() -> Preset:
+    """Qwen3-VL, random weights: the `tiny` LM width (4 layers x 64, head_dim 16, interleaved M-RoPE), a
+    3-block tower of 16 px patches whose blocks 0 and 1 feed DeepStack into LM layers 0 and 1; 48 cells
+    of 32 px a 320 x 240 view.
+
+    mrope_section [4, 2, 2] over head_dim / 2 = 8 frequencies interleaves as the real [24, 20, 20] over
+    64 does: h and w on every third frequency from 1 and 2, t on the rest (T H W T H W T T).
+    """
+    lm = tiny().text
+    return Preset(
+        name="tiny-qwen3-vl",
+        family="qwen3_vl",
+        text=dict(vocab_size=VOCAB_SIZE, hidden_size=lm["hidden_size"], intermediate_size=lm["intermediate_size"],
+                  num_hidden_layers=lm["num_hidden_layers"], num_attention_heads=lm["num_attention_heads"],
+                  num_key_value_heads=lm["num_key_value_heads"], head_dim=16, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                                   "mrope_interleaved": True}),
+        vision=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, in_channels=3,
+                    out_hidden_size=lm["hidden_size"], hidden_act="gelu_pytorch_tanh", patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=256,
+                    deepstack_visual_indexes=[0, 1]),
+        min_pixels=64 * 64,
+        max_pixels=48 * 32 * 32,  # 320x240 -> 256x192 = 8 x 6 cells
+        seed=4,
+    )
+
+
+def tiny_qwen3_vl_moe() -> Preset:
+    """Qwen3-VL-MoE, random weights: `tiny-qwen3-vl` with every LM MLP a mixture of 4 experts (top 2)."""
+    base = tiny_qwen3_vl()
+    return dataclasses.replace(
+        base, name="tiny-qwen3-vl-moe", family="qwen3_vl_moe",
+        text={**base.text, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+              "decoder_sparse_step": 1, "mlp_only_layers": []},
+        seed=5,
+    )
+
+
+def qwen3_vl_4b() -> Preset:
+    """Architecture of Qwen/Qwen3-VL-4B-Instruct (config.json), random weights: Qwen3-4B LM (hidden 2560,
+    36 layers, 32 heads, 8 KV heads, head_dim 128, tied embeddings) and the 24-block, 1024-wide tower
+    with DeepStack from blocks 5, 11, 17.
+
+    Pixel budget: 1280 cells of 32 px a view (the 1280 tokens qwen-vl-utils gives Qwen2.5-VL), not the
+    published processor's 16,777,216 pixels (16,384 cells, far beyond what training fits).
+    """
+    return Preset(
+        name="qwen3-vl-4b",
+        family="qwen3_vl",
+        text=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                  rms_norm_eps=1e-6, hidden_act="silu",
+                  rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True}),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, in_channels=3,
+                    out_hidden_size=2560, hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merge_size=2,
+                    temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+        min_pixels=64 * 32 * 32,  # the published processor's 65,536
+        max_pixels=1280 * 32 * 32,
+        seed=0,
+        tie_word_embeddings=True,
+    )
+
+
+def qwen3_vl_8b() -> Preset:
+    """Architecture of Qwen/Qwen3-VL-8B-Instruct (config.json), random weights: Qwen3-8B LM (hidden 4096,
+    36 layers, 32 heads, 8 KV heads, head_dim 128) and the 27-block, 1152-wide tower with DeepStack from
+    blocks 8, 16, 24. Pixel budget as `qwen3-vl-4b`."""
+    base = qwen3_vl_4b()
+    return dataclasses.replace(
+        base, name="qwen3-vl-8b",
+        text={**base.text, "hidden_size": 4096, "intermediate_size": 12288},
+        vision={**base.vision, "depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "out_hidden_size": 4096,
+                "deepstack_visual_indexes": [8, 16, 24]},
+        tie_word_embeddings=False,
     )
 
 
@@ -278,6 +366,10 @@ PRESETS: dict[str, Callable[[], Preset]] = {
     "tiny-qwen2.5": tiny_qwen25,
     "qwen2-vl-7b": qwen2_vl_7b,
     "qwen2.5-vl-7b": qwen25_vl_7b,
+    "tiny-qwen3-vl": tiny_qwen3_vl,
+    "tiny-qwen3-vl-moe": tiny_qwen3_vl_moe,
+    "qwen3-vl-4b": qwen3_vl_4b,
+    "qwen3-vl-8b": qwen3_vl_8b,
     "tiny-llava-ov": tiny_llava_ov,
     "tiny-llava-next-video": tiny_llava_next_video,
     "llava-onevision-qwen2-7b": llava_onevision_qwen2_7b,

@@ -32,7 +32,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 # class name -> transformers module holding it (the rotary helper is looked up there)
-_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "VisionAttention")
+_ATTENTION_CLASSES = ("Qwen2_5_VLVisionAttention", "VisionAttention", "Qwen3VLVisionAttention",
+                      "Qwen3VLMoeVisionAttention")
 
 
 @lru_cache(maxsize=64)

@@ -25,6 +25,9 @@ VLMEvalkit/), which gives each family the prompt its VLMEvalKit model class asks
   (`LLaVA_OneVision_HF` has no custom prompt): the dataset's own
   `ImageMCQDataset.build_prompt` (vlmeval/dataset/image_mcq.py, hint lines commented out
   in the fork): the same text ending "...options above. \\n", NOT stripped.
+- Qwen3-VL (the fork predates it): VLMEvalKit's own Qwen3-VL class, `Qwen3VLPromptMixin._build_mcq_prompt`
+  (open-compass/VLMEvalKit vlmeval/vlm/qwen3_vl/prompt.py; `use_custom_prompt` is on by default): the
+  Qwen2-VL text with "Answer with the option letter only." as its last line, stripped.
 
 Scoring: `scoring.score_allangles` (VLMEvalKit `can_infer`, exact matching).
 """
@@ -63,17 +66,22 @@ EXPECTED = ("a JSON list of questions with " + ", ".join(ALL_FIELDS) + f" (data.
 
 DATASET_PROMPT_FAMILIES = ("qwen2_5_vl", "llava_onevision")
 """Families the fork prompts with the dataset's own `build_prompt` (no model-specific prompt)."""
+QWEN3_PROMPT_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
+"""Families VLMEvalKit prompts with its Qwen3-VL MCQ prompt (`QWEN3_MCQ_PROMPT` as the last line)."""
+QWEN3_MCQ_PROMPT = "Answer with the option letter only."
 
 
-def build_prompt(question: str, options: dict[str, str], hint: str | None = None) -> str:
-    """The text of VLMEvalKit's Qwen2-VL multiple-choice prompt (`_build_mcq_prompt`)."""
+def build_prompt(question: str, options: dict[str, str], hint: str | None = None, qwen3: bool = False) -> str:
+    """The text of VLMEvalKit's Qwen2-VL multiple-choice prompt (`_build_mcq_prompt`); `qwen3`: its Qwen3-VL one
+    (the same but for the last line, and no Chinese variant)."""
     prompt = ""
     if hint is not None:
         prompt += f"Hint: {hint}\n"
     prompt += f"Question: {question}\n"
     if options:
         prompt += "Options:\n" + "".join(f"{k}. {v}\n" for k, v in options.items())
-        prompt += MCQ_CN_PROMPT if re.search("[\u4e00-\u9fff]", prompt) else MCQ_EN_PROMPT
+        prompt += QWEN3_MCQ_PROMPT if qwen3 else MCQ_CN_PROMPT if re.search("[\u4e00-\u9fff]", prompt) else \
+            MCQ_EN_PROMPT
     return prompt.rstrip()
 
 
@@ -90,7 +98,7 @@ def prompt_for(family: str | None, question: str, options: dict[str, str]) -> st
     """The prompt the authors' fork gives `family`."""
     if family in DATASET_PROMPT_FAMILIES:
         return build_dataset_prompt(question, options)
-    return build_prompt(question, options)
+    return build_prompt(question, options, qwen3=family in QWEN3_PROMPT_FAMILIES)
 
 
 def find_annotations(data: str, annotations: str) -> tuple[str, str]:

@@ -39,6 +39,7 @@ from launch.benchmarks.references import Reference
 from launch.benchmarks.tables import read_records, require_fields
 
 NAME = "blink-multiview"
+system_prompt = references.lmms_eval_system  # the system turn lmms-eval's wrapper sends
 SUBTASK = "Multi-view_Reasoning"
 DEFAULT_MAX_NEW_TOKENS = 1024
 """lmms-eval blink/_default_template_yaml `generation_kwargs.max_new_tokens` (greedy answers stop at the

@@ -13,6 +13,9 @@ training) before the processor. LLaVA-OneVision gets each request's images as on
 list, the processor's multi-image path (one base patch per image, no any-resolution
 crops: the setting GASP trains it in); a request with a single image takes the
 processor's single-image path (any-resolution), as that model's own inference does.
+Qwen3-VL as lmms-eval's Qwen3-VL wrapper (lmms_eval/models/simple/qwen3_vl.py): the same, with
+an explicit system turn on the lmms-eval benchmarks (`references.lmms_eval_system`: its template has no
+default one) and, for a video, each temporal patch's time as text (`<t seconds>`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-
 
 @dataclass
 class Request:
@@ -31,23 +33,30 @@ class Request:
     video_seconds: float | None = None
     """Set: `images` are a video's frames, sampled uniformly over this many seconds, given to the
     model as one video input (Qwen's temporal patches and time positions)."""
+    system: str | None = None
+    """A system turn before the user turn (None: none, or the template's default one)."""
 
 
-def chat_text(processor, n_images: int, text: str, video: bool = False) -> str:
-    """The templated prompt of one user turn [image x n, text] (or [video, text]) plus the generation prompt."""
+def chat_text(processor, n_images: int, text: str, video: bool = False, system: str | None = None) -> str:
+    """The templated prompt of one user turn [image x n, text] (or [video, text]) plus the generation prompt,
+    after a system turn when `system` is given."""
     content: list[dict[str, Any]] = [{"type": "video"}] if video else [{"type": "image"} for _ in range(n_images)]
     content.append({"type": "text", "text": text})
-    messages = [{"role": "user", "content": content}]
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": content}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode_video(processor, requests: Sequence[Request], resized: bool, time_positions: bool) -> dict:
+def encode_video(processor, requests: Sequence[Request], resized: bool, time_positions: bool,
+                 timestamps: bool = False) -> dict:
     """Left-padded inputs of a batch of video requests (Qwen: `QwenVLProcessor(videos=...)`).
 
     time_positions (Qwen2.5-VL): `second_per_grid_ts` = temporal patch size x seconds per
     sampled frame, what qwen_vl_utils passes for frames sampled at n / duration fps.
+    timestamps (Qwen3-VL): each frame's time for the `<t seconds>` text, frame k of n sampled
+    uniformly over S seconds at k S / n (the same spacing).
     """
-    texts = [chat_text(processor, 0, r.text, video=True) for r in requests]
+    texts = [chat_text(processor, 0, r.text, video=True, system=r.system) for r in requests]
     kwargs: dict[str, Any] = dict(text=texts, videos=[list(r.images) for r in requests], padding=True,
                                   padding_side="left", return_tensors="pt")
     if resized:
@@ -55,6 +64,9 @@ def encode_video(processor, requests: Sequence[Request], resized: bool, time_pos
     if time_positions:
         tps = int(processor.image_processor.temporal_patch_size)
         kwargs["second_per_grid_ts"] = [tps * r.video_seconds / max(len(r.images), 1) for r in requests]
+    if timestamps:
+        kwargs["timestamps"] = [[k * r.video_seconds / len(r.images) for k in range(len(r.images))]
+                                for r in requests]
     return dict(processor(**kwargs))
 
 
@@ -62,7 +74,7 @@ def encode(processor, requests: Sequence[Request], resized: bool,
            per_request: bool = False) -> dict[str, torch.Tensor]:
     """Left-padded model inputs of a batch (all images of all requests, in order; `per_request`:
     one list of images per request, for processors that group images by prompt)."""
-    texts = [chat_text(processor, len(r.images), r.text) for r in requests]
+    texts = [chat_text(processor, len(r.images), r.text, system=r.system) for r in requests]
     images: list = [list(r.images) for r in requests] if per_request else [im for r in requests for im in r.images]
     kwargs: dict[str, Any] = dict(text=texts, padding=True, padding_side="left", return_tensors="pt")
     if any(r.images for r in requests):
@@ -82,7 +94,8 @@ def generate_batch(model, processor, requests: Sequence[Request], *, max_new_tok
     if any(videos):
         if not all(videos):
             raise ValueError("a batch mixes video and image requests")
-        inputs = encode_video(processor, requests, resized, time_positions=model_type == "qwen2_5_vl")
+        inputs = encode_video(processor, requests, resized, time_positions=model_type == "qwen2_5_vl",
+                              timestamps=model_type in ("qwen3_vl", "qwen3_vl_moe"))
     else:
         inputs = encode(processor, requests, resized, per_request=model_type == "llava_onevision")
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}

@@ -79,6 +79,16 @@ DEFAULTS = {"vsi-bench": "lmms-eval-v0.5", "blink-multiview": "lmms-eval-v0.6", 
 versions were named; BLINK's is lmms-eval's first BLINK task)."""
 
 
+LMMS_EVAL_QWEN3_SYSTEM = "You are a helpful assistant."
+"""The system turn lmms-eval's Qwen3-VL wrapper sends (lmms_eval/models/simple/qwen3_vl.py, `system_prompt`):
+Qwen3-VL's template has no default one, Qwen2-VL's and Qwen2.5-VL's write this same turn themselves."""
+
+
+def lmms_eval_system(family: str | None) -> str | None:
+    """The system turn of an lmms-eval benchmark's request for `family` (None: the template's own, if any)."""
+    return LMMS_EVAL_QWEN3_SYSTEM if family in ("qwen3_vl", "qwen3_vl_moe") else None
+
+
 def resolve(benchmark: str, name: str = "default") -> Reference:
     """The Reference named `name` for `benchmark` ("default": DEFAULTS); ValueError (one line) when it does
     not score that benchmark."""

@@ -204,6 +204,7 @@ def run(pending: Sequence[Question], bench, model, processor, loader: MediaLoade
     whose post-processing depends on it); results files rescore under `--reference`.
     """
     as_video = as_video and getattr(bench, "IS_VIDEO", False)
+    system = getattr(bench, "system_prompt", lambda family: None)(family)  # the reference's system turn
     todo = list(batches(order_by_group(pending), batch_size))
     if not todo:
         return 0
@@ -218,7 +219,7 @@ def run(pending: Sequence[Question], bench, model, processor, loader: MediaLoade
             images = nxt.result()
             if i + 1 < len(todo):
                 nxt = pool.submit(visuals, todo[i + 1])
-            requests = [generation.Request(images=ims, text=q.prompt, video_seconds=sec)
+            requests = [generation.Request(images=ims, text=q.prompt, video_seconds=sec, system=system)
                         for q, (ims, sec) in zip(batch, images)]
             images = [ims for ims, _ in images]
             answers = generation.generate_batch(model, processor, requests, max_new_tokens=max_new_tokens,

@@ -41,6 +41,7 @@ from launch.benchmarks.tables import read_records, require_fields
 
 NAME = "vsi-bench"
 IS_VIDEO = True
+system_prompt = references.lmms_eval_system  # the system turn lmms-eval's wrapper sends
 """Questions are about one video each (Qwen models can take it as a video input)."""
 DEFAULT_MAX_NEW_TOKENS = 16
 """lmms-eval vsibench.yaml `generation_kwargs.max_new_tokens`."""
