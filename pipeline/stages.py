@@ -15,6 +15,7 @@ import collections
 import copy
 import glob
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -239,17 +240,24 @@ def make_plan(scans: list[dict[str, Any]], cfg: JobConfig) -> dict[str, Any]:
     ok = [s for s in scans if s.get("ok")]
     split = split_scenes(cfg, [s["scene"] for s in ok])
     shards: list[dict[str, Any]] = []
+    n = cfg.samples_per_shard
     for which in ("train", "val"):
-        items = []
-        for s in ok:
-            if split[s["scene"]] != which:
-                continue
-            for ia, ib, ov_ab, ov_ba in s["pairs"]:
-                items.append({"scene": s["scene"], "index_a": int(ia), "index_b": int(ib),
-                              "overlap_ab": ov_ab, "overlap_ba": ov_ba, "median_depth": s["median_depth"]})
-        rng = np.random.default_rng(scene_seed(cfg.seed, "plan", which))
-        items = [items[i] for i in rng.permutation(len(items))]
-        n = cfg.samples_per_shard
+        members = [s for s in ok if split[s["scene"]] == which]
+        # the split's pairs in scene order as columns, permuted (seeded) by numpy, and each item
+        # built once in its final order: building the dicts first and permuting the list cost
+        # cache misses that grew faster than the corpus (21x the time for 10x the scenes)
+        counts = [len(s["pairs"]) for s in members]
+        rows = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(s["pairs"] for s in members)),
+                           dtype=np.float64, count=4 * sum(counts)).reshape(-1, 4)  # (P, 4) ia, ib, ov_ab, ov_ba
+        scene_of = np.repeat(np.arange(len(members)), counts)
+        order = np.random.default_rng(scene_seed(cfg.seed, "plan", which)).permutation(len(rows))
+        rows, scene_of = rows[order], scene_of[order].tolist()
+        keys, depths = [s["scene"] for s in members], [s["median_depth"] for s in members]
+        items = [{"scene": keys[si], "index_a": ia, "index_b": ib, "overlap_ab": ov_ab, "overlap_ba": ov_ba,
+                  "median_depth": depths[si]}
+                 for si, ia, ib, ov_ab, ov_ba in zip(scene_of, rows[:, 0].astype(np.int64).tolist(),
+                                                     rows[:, 1].astype(np.int64).tolist(), rows[:, 2].tolist(),
+                                                     rows[:, 3].tolist())]
         for k in range(0, len(items), n):
             shards.append({"split": which, "shard": k // n, "name": shardformat.shard_name(which, k // n),
                            "pairs": items[k:k + n]})
@@ -261,23 +269,25 @@ def make_plan(scans: list[dict[str, Any]], cfg: JobConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- write
 
-_SCENE_CACHE: "collections.OrderedDict[str, tuple[Scene, dict[int, Any]]]" = collections.OrderedDict()
+_SCENE_CACHE: "collections.OrderedDict[str, Scene]" = collections.OrderedDict()
+SCENE_CACHE_SIZE = 16  # opened scenes a write worker keeps across the tasks of one run
 
 
-def _open_cached(url: str, cfg: JobConfig) -> tuple[Scene, dict[int, Any]]:
-    """(scene, frames by index) of scenes this worker opened, most recent 16 kept.
+def _open_cached(url: str, cfg: JobConfig) -> Scene:
+    """A scene this worker opened (the most recent SCENE_CACHE_SIZE kept across tasks), else opened now.
 
-    Used when a write task has no shell from the scan (a rerun that reuses plan.json).
+    Used when a write task has no shell from the scan (a rerun that reuses plan.json). A task
+    asks once per scene it touches (ShardContext keeps what it needs), so a shard mixing more
+    scenes than the cache holds does not reopen any of them.
     """
     key = f"{cfg.format}|{url}|{cfg.depth_root}"
     if key in _SCENE_CACHE:
         _SCENE_CACHE.move_to_end(key)
         return _SCENE_CACHE[key]
-    sc = open_scene(url, cfg.format, **reader_options(cfg))
-    _SCENE_CACHE[key] = (sc, {f.index: f for f in sc.frames})
-    while len(_SCENE_CACHE) > 16:
+    sc = _SCENE_CACHE[key] = open_scene(url, cfg.format, **reader_options(cfg))
+    while len(_SCENE_CACHE) > SCENE_CACHE_SIZE:
         _SCENE_CACHE.popitem(last=False)
-    return _SCENE_CACHE[key]
+    return sc
 
 
 def clear_scene_cache() -> None:
@@ -311,29 +321,35 @@ def quantize_depth(depth: np.ndarray, depth_scale: float) -> np.ndarray:
 class ShardContext:
     """What one write task shares between its pairs: scenes, and views used by several pairs.
 
-    A frame used by k pairs of the shard is read, aligned, resized and encoded once;
-    it is dropped after its last use (so memory stays at the views still needed).
+    Each scene the shard touches is opened at most once per task (or comes from the scan's
+    shell) and is kept as a shell of the frames this shard needs; a frame used by k pairs of the
+    shard is read, aligned, resized and encoded once and dropped after its last use (so memory
+    stays at the views still needed).
     """
 
     def __init__(self, cfg: JobConfig, entry: dict[str, Any], shells: dict[str, Scene] | None,
                  timings: dict[str, float]):
         self.cfg, self.shells, self.timings = cfg, shells or {}, timings
         self.uses = collections.Counter()
+        self.needed: dict[str, set[int]] = collections.defaultdict(set)  # scene -> frame indices of this shard
         for it in entry["pairs"]:
-            self.uses[(it["scene"], int(it["index_a"]))] += 1
-            self.uses[(it["scene"], int(it["index_b"]))] += 1
+            for index in (int(it["index_a"]), int(it["index_b"])):
+                self.uses[(it["scene"], index)] += 1
+                self.needed[it["scene"]].add(index)
         self.views: dict[tuple[str, int], View | FrameError] = {}
-        self._frames: dict[str, dict[int, Any]] = {}
+        self._scenes: dict[str, tuple[Scene, dict[int, Any]]] = {}
         self.opened: set[str] = set()  # scenes this task had to open (no shell)
 
     def scene(self, key: str) -> tuple[Scene, dict[int, Any]]:
-        if key in self.shells and self.shells[key] is not None:
-            sc = self.shells[key]
-            if key not in self._frames:
-                self._frames[key] = {f.index: f for f in sc.frames}
-            return sc, self._frames[key]
-        self.opened.add(key)
-        return _open_cached(self.cfg.scene_url(key), self.cfg)
+        """(scene, its frames by index) for a scene of this shard; opened on first use only."""
+        hit = self._scenes.get(key)
+        if hit is None:
+            sc = self.shells.get(key)
+            if sc is None:
+                self.opened.add(key)
+                sc = scene_shell(_open_cached(self.cfg.scene_url(key), self.cfg), self.needed[key])
+            hit = self._scenes[key] = (sc, {f.index: f for f in sc.frames})
+        return hit
 
     def view(self, key: str, index: int) -> View:
         k = (key, index)

@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 
 from data import geometry
-from data.scenes.base import (Frame, FrameError, Scene, SceneError, decode_depth, decode_rgb, load_json,
-                              open_fs, read_bytes, url_join)
+from data.scenes.base import (Frame, FrameError, Scene, SceneError, checked_image_size, decode_depth, decode_rgb,
+                              load_json, open_fs, read_bytes, url_join)
 
 README_DEPTH = "README 'nerfstudio / DL3DV depth'"
 PERSPECTIVE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "SIMPLE_RADIAL", "RADIAL")
@@ -228,11 +228,22 @@ class NerfstudioScene(Scene):
                              f"{README_DEPTH})")
         return out
 
+    def _check_size(self, frame: Frame, W: int, H: int) -> None:
+        if (W, H) != frame.size:
+            raise FrameError(self.name, frame.name, f"rgb is {W}x{H} but transforms.json "
+                                                    f"says {frame.size[0]}x{frame.size[1]}")
+
+    def _rgb_shape(self, frame: Frame) -> tuple[int, int]:
+        """The image's size from its header, the file checked whole (`checked_image_size`), without
+        the decode and undistortion of `_read_rgb` (0.32 s a 960x540 DL3DV frame): the
+        undistorted RGB keeps the size and K of the distorted one."""
+        W, H = checked_image_size(read_bytes(url_join(self.url, frame.extra["rgb"])))
+        self._check_size(frame, W, H)
+        return H, W
+
     def _read_rgb(self, frame: Frame) -> np.ndarray:
         rgb = decode_rgb(read_bytes(url_join(self.url, frame.extra["rgb"])))
-        if (rgb.shape[1], rgb.shape[0]) != frame.size:
-            raise FrameError(self.name, frame.name, f"rgb is {rgb.shape[1]}x{rgb.shape[0]} but transforms.json "
-                                                    f"says {frame.size[0]}x{frame.size[1]}")
+        self._check_size(frame, rgb.shape[1], rgb.shape[0])
         if "dist" in frame.extra:
             rgb = geometry.undistort_rgb(rgb, *undistortion_map(frame.K, frame.extra["dist"], frame.size))
         return rgb
