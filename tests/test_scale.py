@@ -117,6 +117,12 @@ def test_nerfstudio_scan_reads_the_rgb_header_not_the_image(lens_scene, monkeypa
         m.setattr(ns.geometry, "undistort_rgb", forbidden)
         for f in scene.frames:
             np.testing.assert_array_equal(scene.load_depth(f), full[f.name])
+    from data.scenes.base import decode_depth, read_bytes
+
+    for f in scene.frames:  # the cached gather is geometry.undistort_depth exactly
+        raw = decode_depth(read_bytes(f.extra["depth_url"]), f.extra["depth_url"], scene.depth_scale)
+        want = ns.geometry.undistort_depth(raw, *ns.undistortion_map(f.K, f.extra["dist"], f.size))
+        assert full[f.name].dtype == want.dtype and np.array_equal(full[f.name], want)
 
     png = lens_scene / scene.frames[0].extra["rgb"]
     data = png.read_bytes()
