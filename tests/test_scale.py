@@ -1,8 +1,8 @@
 """What the shard job and the trainer cost at corpus scale, as behaviour: the scan reads an RGB's
 header (and checks the file cheaply) instead of decoding and undistorting it; a rerun's write task
-opens each scene it touches once (HTTP requests counted on a real moto S3 server); the plan is the
-same plan however it is built; the driver collects many tasks; validation reads the shard records
-once. The figures themselves come from tests/benchmarks/bench_plan.py.
+opens each scene it touches once (HTTP requests counted on a real moto S3 server); plan.json is
+streamed to its file; the driver collects many tasks; validation reads the shard records once.
+The figures themselves come from tests/benchmarks/bench_plan.py.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -227,46 +228,30 @@ def test_rerun_write_task_opens_each_scene_of_its_shard_once(counting_s3, tmp_pa
 
 # ------------------------------------------------------------------------------- plan
 
-def _plan_reference(scans: list[dict], cfg) -> list[dict]:
-    """make_plan's shards written the plain way (every item built, then the list permuted)."""
-    from data import shardformat
+def test_plan_json_is_streamed_whole_or_not_at_all(counting_s3, tmp_path):
+    """write_json streams JSON into a part file (a 10,000-scene plan.json no longer sits in memory as
+    one string): the bytes of json.dumps(indent=1, sort_keys=True), locally and on s3:// in one PUT;
+    an object that cannot be written leaves nothing, not even its part file."""
+    import glob
+
     from pipeline import stages
 
-    ok = sorted((s for s in scans if s.get("ok")), key=lambda s: s["scene"])
-    split = stages.split_scenes(cfg, [s["scene"] for s in ok])
-    shards = []
-    for which in ("train", "val"):
-        items = [{"scene": s["scene"], "index_a": int(a), "index_b": int(b), "overlap_ab": oa, "overlap_ba": ob,
-                  "median_depth": s["median_depth"]} for s in ok if split[s["scene"]] == which
-                 for a, b, oa, ob in s["pairs"]]
-        rng = np.random.default_rng(stages.scene_seed(cfg.seed, "plan", which))
-        items = [items[i] for i in rng.permutation(len(items))]
-        n = cfg.samples_per_shard
-        shards += [{"split": which, "shard": k // n, "name": shardformat.shard_name(which, k // n),
-                    "pairs": items[k:k + n]} for k in range(0, len(items), n)]
-    return shards
-
-
-@pytest.mark.parametrize("n_scenes, val_fraction, per_shard", [(0, 0.1, 4), (1, 0.5, 3), (37, 0.2, 16),
-                                                                (300, 0.0, 64)])
-def test_plan_equals_the_plain_construction(n_scenes, val_fraction, per_shard):
-    from data.pairs import PairConfig
-    from pipeline import stages
-
-    rng = np.random.default_rng(n_scenes)
-    scans = []
-    for i in range(n_scenes):
-        k = int(rng.integers(0, 9))  # some scenes have no pair, one failed
-        a = rng.integers(0, 200, k)
-        scans.append({"ok": i != 3, "scene": f"{i % 3}K/s{i:05d}", "median_depth": float(rng.uniform(0.5, 9)),
-                      "pairs": [[int(x), int(x + rng.integers(1, 40)), round(float(rng.random()), 4),
-                                 round(float(rng.random()), 4)] for x in a]})
-    cfg = stages.JobConfig(input="/corpus", format="posed", output="/out", pairs=PairConfig(),
-                           samples_per_shard=per_shard, val_fraction=val_fraction, seed=n_scenes)
-    plan = stages.make_plan(scans, cfg)
-    want = _plan_reference(scans, cfg)
-    assert json.dumps(plan["shards"]) == json.dumps(want)  # same items, types and order
-    assert sum(len(e["pairs"]) for e in plan["shards"]) == sum(len(s["pairs"]) for s in scans if s["ok"])
+    obj = {"shards": [{"pairs": [{"scene": f"1K/{i:064x}", "index_a": i, "overlap_ab": i / 7} for i in range(50)],
+                       "name": f"train-{k:06d}.tar"} for k in range(20)], "plan_version": 2, "é": "ü"}
+    want = json.dumps(obj, indent=1, sort_keys=True)
+    stages.write_json(str(tmp_path / "plan.json"), obj)
+    assert (tmp_path / "plan.json").read_text(encoding="utf-8") == want
+    counting_s3.fs().mkdir("gasp-json")
+    counting_s3.mark()
+    stages.write_json("s3://gasp-json/out/plan.json", obj)
+    assert [m for m, _ in counting_s3.requests() if m in ("PUT", "POST")] == ["PUT"]
+    assert counting_s3.fs().cat("gasp-json/out/plan.json").decode("utf-8") == want
+    for url in (str(tmp_path / "bad.json"), "s3://gasp-json/out/bad.json"):
+        with pytest.raises(TypeError):
+            stages.write_json(url, {"a": [1, 2], "b": object()})
+    assert not os.path.exists(tmp_path / "bad.json") and not counting_s3.fs().exists("gasp-json/out/bad.json")
+    assert not glob.glob(str(tmp_path / ".*.part")) and not glob.glob(os.path.join(tempfile.gettempdir(),
+                                                                                    ".bad.json.*.part"))
 
 
 # ----------------------------------------------------------------------------- driver
