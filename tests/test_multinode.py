@@ -141,7 +141,8 @@ def test_shard_job_on_a_two_node_ray_cluster(tiny_corpus, tmp_path, shard_checks
     temp = tempfile.mkdtemp(prefix="gr", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
-           "AUTOSCALER_METRIC_PORT": str(ports["autoscaler_metrics"]), "DASHBOARD_METRIC_PORT": str(ports["dash_metrics"]),
+           "AUTOSCALER_METRIC_PORT": str(ports["autoscaler_metrics"]),
+           "DASHBOARD_METRIC_PORT": str(ports["dash_metrics"]),
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     env.pop("RAY_ADDRESS", None)
     address = f"127.0.0.1:{ports['gcs']}"
@@ -172,7 +173,8 @@ def test_shard_job_on_a_two_node_ray_cluster(tiny_corpus, tmp_path, shard_checks
         log = tmp_path / "job.log"
         with open(log, "w") as f:  # a plain driver joining through RAY_ADDRESS (data/ and pipeline/ shipped)
             job = subprocess.Popen([sys.executable, SHARD, "--input", tiny_corpus, "--output", out, *TINY],
-                                   cwd=str(tmp_path), env={**env, "RAY_ADDRESS": address, "GASP_TEST_WRITE_DELAY": "0.1"},
+                                   cwd=str(tmp_path),
+                                   env={**env, "RAY_ADDRESS": address, "GASP_TEST_WRITE_DELAY": "0.1"},
                                    stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         sessions.append(job.pid)
         bad: list[tuple] = []

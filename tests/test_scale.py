@@ -174,6 +174,7 @@ def test_checked_image_size_reads_jpeg_and_png_and_refuses_a_cut_file(tmp_path):
 
 # ------------------------------------------------------------------ rerun write requests
 
+@pytest.mark.slow
 def test_rerun_write_task_opens_each_scene_of_its_shard_once(counting_s3, tmp_path):
     """A rerun (plan.json reused, no scan shells) on s3://: a shard that mixes more scenes than a
     worker's scene cache holds opens each of them exactly once (HTTP requests counted at the server),
@@ -228,6 +229,7 @@ def test_rerun_write_task_opens_each_scene_of_its_shard_once(counting_s3, tmp_pa
 
 # ------------------------------------------------------------------------------- plan
 
+@pytest.mark.slow
 def test_plan_json_is_streamed_whole_or_not_at_all(counting_s3, tmp_path):
     """write_json streams JSON into a part file (a 10,000-scene plan.json no longer sits in memory as
     one string): the bytes of json.dumps(indent=1, sort_keys=True), locally and on s3:// in one PUT;

@@ -45,6 +45,7 @@ for p in (ROOT, os.path.join(ROOT, "tests")):
 import numpy as np  # noqa: E402
 
 SIZES = (1000, 10000)
+DEFAULT_SIZES = ",".join(map(str, SIZES))
 LENS = (-0.12, 0.02, 0.0, 0.0, 0.001, -0.0015)  # k1 k2 k3 k4 p1 p2, DL3DV-like barrel + tangential
 clock = time.thread_time
 
@@ -55,8 +56,9 @@ def table(title: str, head: list[str], rows: list[list]) -> None:
         print("| " + " | ".join(str(x) for x in r) + " |")
 
 
-def ratio(rows: dict[int, float]) -> str:
-    return f"{rows[SIZES[1]] / rows[SIZES[0]]:.1f}x" if rows[SIZES[0]] else "-"
+def ratio(rows: dict[int, float], a: int | None = None, b: int | None = None) -> str:
+    a, b = a or SIZES[0], b or SIZES[1]
+    return f"{rows[b] / rows[a]:.1f}x" if rows[a] else "-"
 
 
 # ------------------------------------------------------------------------------ scan
@@ -107,8 +109,8 @@ def bench_scan(a) -> None:
            ["scan read before: the same RGB read to learn its shape, then depth", f"{before:.4f}"],
            ["scan read now: PNG header + chunk CRCs, then depth", f"{now:.4f}"],
            ["whole scan_scene per frame (open, reads, overlap tests)", f"{scan_s:.4f}"],
-           [f"write stage per pair (--max-side 640; {st['samples']} pairs, each frame loaded once)",
-            f"{write_s:.4f}"]])
+           [f"write stage per pair (--max-side 640; {st['samples']} pairs, each frame loaded once; "
+            f"{st['bytes'] / st['samples'] / 1e6:.2f} MB of shard a pair)", f"{write_s:.4f}"]])
     print(f"scan read now / before: {now / before:.3f} ({before / now:.1f}x less CPU)")
 
 
@@ -239,9 +241,10 @@ def plan_child(n: int, memory: bool) -> dict:
 
 
 def bench_plan(a) -> None:
+    sizes = [int(x) for x in a.sizes.split(",")]
     runs: dict[int, list[dict]] = collections.defaultdict(list)
     for rep in range(a.repeat):
-        for n in SIZES:
+        for n in sizes:
             p = subprocess.run([sys.executable, __file__, "--child-plan", str(n)] + (["--memory"] if rep == 0 else []),
                                capture_output=True, text=True, check=True)
             runs[n].append(json.loads(p.stdout.strip().splitlines()[-1]))
@@ -250,17 +253,18 @@ def bench_plan(a) -> None:
         res[n] = {**rs[0], **{k: float(np.median([r[k] for r in rs])) for k in ("make_cpu", "write_cpu")}}
         res[n]["plan_cpu"] = float(np.median([r["make_cpu"] + r["write_cpu"] for r in rs]))
     rows = []
-    for n in SIZES:
+    for n in sizes:
         r = res[n]
         rows.append([f"{n:,}", f"{r['pairs']:,}", f"{r['make_cpu']:.3f}", f"{r['write_cpu']:.3f}",
                      f"{r['plan_cpu']:.3f}", f"{r['bytes'] / 1e6:.1f}", f"{r['peak_make'] / 1e6:.0f}",
                      f"{r['peak'] / 1e6:.0f}"])
-    rat = {k: ratio({n: res[n][k] for n in SIZES}) for k in ("make_cpu", "write_cpu", "plan_cpu", "bytes",
-                                                              "peak_make", "peak")}
-    rows.append(["ratio", "10x", rat["make_cpu"], rat["write_cpu"], rat["plan_cpu"], rat["bytes"], rat["peak_make"],
-                 rat["peak"]])
+    keys = ("make_cpu", "write_cpu", "plan_cpu", "bytes", "peak_make", "peak")
+    for lo, hi in zip(sizes, sizes[1:]):
+        rows.append([f"ratio {hi:,} / {lo:,}", f"{hi / lo:g}x"]
+                    + [ratio({n: res[n][k] for n in sizes}, lo, hi) for k in keys])
+    flags = "" if a.sizes == DEFAULT_SIZES else " --sizes " + a.sizes
     table(f"plan: make_plan + plan.json (CPU s, each size in a fresh process, median of {a.repeat}; "
-          "`python tests/benchmarks/bench_plan.py --only plan`)",
+          f"`python tests/benchmarks/bench_plan.py --only plan{flags}`)",
           ["scenes", "pairs", "make_plan s", "write plan.json s", "plan stage s", "plan.json MB",
            "peak MB (make_plan)", "peak MB (+ write)"], rows)
 
@@ -364,7 +368,8 @@ SECTIONS = {"scan": bench_scan, "requests": bench_requests, "plan": bench_plan, 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections: " + ", ".join(SECTIONS))
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--sizes", default=DEFAULT_SIZES, help="plan section only: scene counts, comma-separated")
     ap.add_argument("--corpus", default=os.path.join(tempfile.gettempdir(), "gasp-bench-plan"),
                     help="where the rendered scenes are cached")
     ap.add_argument("--child-plan", type=int, help=argparse.SUPPRESS)
