@@ -690,9 +690,13 @@ class Trainer:
         return results
 
     def _val_sources(self) -> tuple[list[str], list[str]]:
-        """The validation sources with a val split, by kind: (clip sets, instruction sets)."""
+        """The validation sources with a val split, by kind: (clip sets, instruction sets); their records are
+        read at the first validation only."""
         from data.stream import resolve_source
 
+        cached = self.__dict__.get("_val_kinds")
+        if cached is not None:
+            return cached
         clips, lm = [], []
         for src in self.val_sources:
             try:
@@ -700,6 +704,7 @@ class Trainer:
             except Exception:
                 continue  # no val split there (said once at start)
             (lm if kind == "instruction" else clips).append(src)
+        self.__dict__["_val_kinds"] = (clips, lm)
         return clips, lm
 
     @torch.no_grad()
