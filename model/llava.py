@@ -17,7 +17,10 @@ Token layout of a clip of K frames (transformers 5.24):
   (the `image_feature.shape[0] == 1` branch) appends one `image_newline` after the `side * side`
   patch features. So frame k's run of `<image>` tokens is [cell 0, ..., cell side*side - 1,
   newline]; cells are the patches (`cell_px = p`). `vision_feature_select_strategy` must be
-  'full' for SigLIP (no CLS token; 'default' would drop cell 0) and 'default' for towers with one.
+  'full' for SigLIP (no CLS token; 'default' would drop cell 0) and 'default' for a tower with
+  one (the DINOv2 tower of model/pretrained.py: 'default' drops its class token, patch 14, S a
+  multiple of 14, so cells = patches); the processor's `num_image_tokens` counts the tower's
+  tokens, class token included (side * side + 1).
 - LLaVA-NeXT-Video (`models/llava_next_video`): one video of K frames, as its video input:
   `get_video_features` runs the tower on each frame, drops CLIP's CLS token ('default'), and the
   `LlavaNextVideoPooler` pools each frame's side x side grid with a `spatial_pool_stride` window
@@ -54,7 +57,7 @@ FAMILIES = ("llava_onevision", "llava_next_video")
 
 HF_PROCESSOR_CLASS = {"llava_onevision": "LlavaOnevisionProcessor", "llava_next_video": "LlavaNextVideoProcessor"}
 
-_TOWER_HAS_CLS = {"siglip_vision_model": False, "clip_vision_model": True}
+_TOWER_HAS_CLS = {"siglip_vision_model": False, "clip_vision_model": True, "dinov2": True}
 """Whether a vision tower prepends a class token to its patch tokens."""
 
 MODEL_INPUT_NAMES = {
@@ -129,13 +132,14 @@ def image_processor_class(family: str):
     return LlavaNextImageProcessorPil
 
 
-def build_image_processor(family: str, image_size: int, grid_pinpoints: list[list[int]]):
-    """A PIL image processor whose base patch is the tower's S x S input."""
+def build_image_processor(family: str, image_size: int, grid_pinpoints: list[list[int]], **kwargs):
+    """A PIL image processor whose base patch is the tower's S x S input; kwargs: further settings
+    (e.g. image_mean / image_std of a tower trained with other statistics)."""
     cls = image_processor_class(family)
     if family == "llava_onevision":
-        return cls(size={"height": image_size, "width": image_size}, image_grid_pinpoints=grid_pinpoints)
+        return cls(size={"height": image_size, "width": image_size}, image_grid_pinpoints=grid_pinpoints, **kwargs)
     return cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-               image_grid_pinpoints=grid_pinpoints)
+               image_grid_pinpoints=grid_pinpoints, **kwargs)
 
 
 def make_processor(family: str, image_processor, tokenizer, chat_template: str, **kwargs) -> ProcessorMixin:
@@ -229,9 +233,10 @@ class LlavaAdapter(FamilyAdapter):
             raise ValueError(f"image processor feeds {tower_in} but the vision tower takes "
                              f"{self.image_size}x{self.image_size}")
         if family == "llava_onevision":
-            if processor.num_image_tokens is None or int(processor.num_image_tokens) != self.n_cells:
+            # num_image_tokens counts the tower's output tokens, class token included ('default' drops it)
+            if processor.num_image_tokens is None or int(processor.num_image_tokens) != self.n_cells + int(has_cls):
                 raise ValueError(f"processor's num_image_tokens {processor.num_image_tokens} differs from the "
-                                 f"tower's {self.side}x{self.side} patches")
+                                 f"tower's {self.side}x{self.side} patches" + (" + class token" if has_cls else ""))
             self.tokens_per_image = self.n_cells + 1  # base grid + one image_newline (multi-image path)
             self.video_token_id = int(processor.video_token_id)
             pooled = -(-self.side // 2)  # the video path's 2x bilinear pooling, ceil

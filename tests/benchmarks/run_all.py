@@ -12,7 +12,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = ["bench_shard.py", "bench_readers.py", "bench_stream.py", "bench_head.py", "bench_vision.py",
-           "bench_syncs.py", "lens_accuracy.py", "bench_plan.py", "bench_train.py", "bench_instruct.py"]
+           "bench_syncs.py", "lens_accuracy.py", "bench_plan.py", "bench_train.py", "bench_instruct.py",
+           "bench_assembled.py"]
 
 
 def main() -> int:
