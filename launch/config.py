@@ -71,8 +71,12 @@ class ModelConfig:
     preset: str = opt("tiny", "random-weight model preset (tiny, tiny-qwen2.5, tiny-llava-ov, qwen2.5-vl-7b, ...)")
     model: str = opt("", "a Hugging Face checkpoint directory (Qwen2-VL / Qwen2.5-VL / LLaVA-OneVision); "
                          "overrides --preset")
-    trainable: str = opt("heads", "what trains besides the heads", choices=["heads", "lora", "full"])
+    trainable: str = opt("heads", "what trains besides the heads: heads (nothing else), lora (LoRA on the LM), full "
+                                  "(the LM), projector (the vision-language projector alone: LLaVA's stage-1 "
+                                  "warm-up with --lambda-lm)", choices=["heads", "lora", "full", "projector"])
     freeze_vision: bool = opt(True, "keep the vision tower frozen")
+    train_projector: bool = opt(False, "also train the vision-language projector (LLaVA: multi_modal_projector and "
+                                       "image_newline; Qwen: the tower's merger) with the tower frozen")
     gradient_checkpointing: bool = opt(False, "activation checkpointing of the language model")
     attn: str = opt("auto", "attention implementation", choices=["auto", "sdpa", "eager", "flash_attention_2"])
     precision: str = opt("auto", "auto = bf16 on GPU, fp32 on CPU", choices=["auto", "bf16", "fp32"])

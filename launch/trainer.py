@@ -219,7 +219,7 @@ class Trainer:
         self._created_partitioned = (all(hasattr(p, "ds_id") for p in vlm.parameters())
                                      if self.zero_stage == 3 else None)
         gcfg = GaspConfig(trainable=cfg.model.trainable, freeze_vision=cfg.model.freeze_vision,
-                          gradient_checkpointing=cfg.model.gradient_checkpointing, head_dim=cfg.loss.head_dim,
+                          train_projector=cfg.model.train_projector, gradient_checkpointing=cfg.model.gradient_checkpointing, head_dim=cfg.loss.head_dim,
                           tau=cfg.loss.tau, lambda_depth=cfg.loss.lambda_depth, lambda_corr=cfg.loss.lambda_corr,
                           lambda_lm=cfg.loss.lambda_lm, head=cfg.loss.head,
                           depth_loss=cfg.loss.depth_loss, lora_r=cfg.model.lora_r, lora_alpha=cfg.model.lora_alpha)

@@ -41,7 +41,7 @@ from losses.metrics import RAW_TAU, match_stats
 from model.head import FusedCorrespondenceHead, head_dim_for
 
 log = logging.getLogger(__name__)
-TRAINABLE = ("heads", "lora", "full")
+TRAINABLE = ("heads", "lora", "full", "projector")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -57,6 +57,9 @@ class GaspConfig:
     """heads | lora | full"""
     freeze_vision: bool = True
     """Keep the vision tower (and projector) frozen."""
+    train_projector: bool = False
+    """Train the vision-language projector (LLaVA: multi_modal_projector + image_newline; Qwen: the
+    tower's merger) even with the tower frozen. `trainable="projector"` trains it alone (+ heads)."""
     gradient_checkpointing: bool = False
     """Activation checkpointing of the language model (lora / full)."""
     head_dim: int = 256
@@ -85,6 +88,9 @@ class GaspConfig:
         for name in ("lambda_depth", "lambda_corr", "lambda_lm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
+        if self.trainable == "projector" and not self.freeze_vision:
+            raise ValueError("--trainable projector trains the projector alone; --no-freeze-vision would train "
+                             "the tower too: drop one of them")
         if self.lambda_lm > 0 and self.trainable == "heads":
             raise ValueError("--trainable heads trains the correspondence heads only and runs the model without "
                              "autograd: L_LM (--lambda-lm > 0) needs --trainable lora or full")
@@ -102,6 +108,26 @@ def find_lm_layers(vlm: nn.Module) -> nn.ModuleList:
         if isinstance(obj, nn.ModuleList) and len(obj) and hasattr(obj[0], "self_attn"):
             return obj
     raise WrapperError(f"cannot find the language model's decoder layers in {type(vlm).__name__}")
+
+
+def find_projector_params(vlm: nn.Module) -> list[nn.Parameter]:
+    """The vision-language projector's parameters: LLaVA's multi_modal_projector and image_newline,
+    Qwen's patch merger (the last stage of its tower)."""
+    base = getattr(vlm, "model", vlm)
+    out: list[nn.Parameter] = []
+    for name in ("multi_modal_projector",):
+        m = getattr(base, name, None)
+        if isinstance(m, nn.Module):
+            out += list(m.parameters())
+    newline = getattr(base, "image_newline", None)
+    if isinstance(newline, nn.Parameter):
+        out.append(newline)
+    merger = getattr(getattr(base, "visual", None), "merger", None)
+    if isinstance(merger, nn.Module):
+        out += list(merger.parameters())
+    if not out:
+        raise WrapperError(f"cannot find the vision-language projector of {type(vlm).__name__}")
+    return out
 
 
 def find_vision_modules(vlm: nn.Module) -> list[nn.Module]:
@@ -179,6 +205,12 @@ class GaspVLM(nn.Module):
                     p.requires_grad_(True)
                 for p in self.layers[-1].input_layernorm.parameters():
                     p.requires_grad_(True)
+        if mode == "projector":
+            for p in base.parameters():
+                p.requires_grad_(False)
+        if mode == "projector" or self.cfg.train_projector:
+            for p in find_projector_params(base):
+                p.requires_grad_(True)
         if not self.cfg.freeze_vision:
             for m in find_vision_modules(base):
                 for p in m.parameters():
