@@ -341,7 +341,7 @@ def _rope_params(cls: type) -> frozenset:
 
 
 def rope_position_ids(vlm: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
-    """The 3-D (M-RoPE) position ids (3, B, S) of a Qwen2-VL / Qwen2.5-VL batch, or None for other models.
+    """The 3-D (M-RoPE) position ids (3, B, S) of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL batch, or None for other models.
 
     Computed by the model's own `get_rope_index`, on the device the inputs live on. Callers
     run it on the CPU batch and pass the result as `position_ids`: the model then skips its

@@ -5,6 +5,7 @@ ZeRO-3 vision dummy beside DeepStack; a Thinking template refused; 2-rank ZeRO-3
 launch/train.py and a joint step equal to one process on the union batch (tiny-qwen3-vl and -moe)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -287,3 +288,113 @@ def test_thinking_template_refuses_conversations_in_one_line_and_clips_still_enc
         assistant_spans(ad.render_chat, to_messages(CASES["images"][2], 2))
     item = ad.encode_clip(_frames(2, size=(64, 64)))
     assert [len(p) for p in item["cell_pos"]] == [4, 4]
+
+
+# ----------------------------------------------------------------------------- launch/train.py recipes
+
+def test_train_presets_name_model_presets_and_qwen3_vl_gets_the_gpu_recipe():
+    """Every launch/config.py preset parses and names a model preset of its own name; qwen3-vl-4b / -8b get the
+    GPU recipe of qwen2.5-vl-7b (bf16 where available, LoRA + heads, activation checkpointing), tiny-qwen3-vl the
+    tiny one."""
+    from launch import train
+    from launch.config import PRESETS
+    from model.presets import PRESETS as MODEL_PRESETS
+
+    for name in PRESETS:
+        cfg, _ = train.parse_config(["--preset", name])
+        assert cfg.model.preset == name and name in MODEL_PRESETS
+    gpu, _ = train.parse_config(["--preset", "qwen2.5-vl-7b"])
+    tiny, _ = train.parse_config(["--preset", "tiny"])
+    for name, ref in (("qwen3-vl-4b", gpu), ("qwen3-vl-8b", gpu), ("tiny-qwen3-vl", tiny)):
+        cfg, _ = train.parse_config(["--preset", name])
+        assert (cfg.data, cfg.optim, cfg.loss) == (ref.data, ref.optim, ref.loss), name
+        assert cfg.model == dataclasses.replace(ref.model, preset=name), name
+    assert (gpu.model.trainable, gpu.model.gradient_checkpointing, gpu.model.precision) == ("lora", True, "auto")
+
+
+# ----------------------------------------------------------------------------- ZeRO-3, 2 ranks
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,trainable", [("tiny-qwen3-vl", "full"), ("tiny-qwen3-vl-moe", "lora")])
+def test_joint_training_on_two_zero3_ranks(tiny_shards, tiny_instruct_shards, tmp_path, preset, trainable):
+    """launch/train.py, 2 ZeRO-3 ranks, clips and conversations (images, videos with their frame times, text
+    only) mixed 1:1, L_LM beside the geometry losses: every step trains on both kinds (anchors and LM
+    tokens), nothing is skipped, and the run ends with its LM-retention validation and export."""
+    out = tmp_path / "run"
+    run = Launch(["--ds_config", ZERO3_JSON, "--preset", preset, "--shards", tiny_shards + ":1",
+                  tiny_instruct_shards + ":1", "--lambda-lm", "1", "--trainable", trainable, "--steps", "3",
+                  "--batch-size", "2", "--video-frames", "4", "--val-every", "0", "--val-batches", "1",
+                  "--num-workers", "0", "--no-mlflow", "--output-dir", str(out)], str(tmp_path / "train.log"),
+                 cwd=str(tmp_path))
+    assert run.wait(timeout=900) == 0, run.tail()
+    log = read_jsonl(str(out / "train_log.jsonl"))
+    assert [r["step"] for r in log] == [1, 2, 3] and not any(r["skipped"] for r in log)
+    for r in log:
+        assert r["anchors"] > 0 and r["lm_tokens"] > 0 and r["lm"] > 0 and r["grad_norm"] > 0, r
+        assert r["bad_samples"] == 0
+        per_source = [v for k, v in r.items() if k.startswith("samples/")]
+        assert len(per_source) == 2 and all(v > 0 for v in per_source), r
+    meta = json.load(open(out / "export" / "export.json"))
+    assert meta["step"] == 3 and meta["trainable"] == trainable
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", TINY3)
+def test_zero3_joint_step_equals_one_process_on_the_union(tiny_shards, tiny_instruct_shards, tmp_path, preset):
+    """tests/train_worker_joint.py on Qwen3-VL: two ZeRO-3 ranks x GAS 2, L_LM + L_corr + L_depth, one rank's
+    micro-batches without clips and the other's without conversations, a text-only micro-batch (a vision dummy
+    beside DeepStack) and unequal tower calls: counts, loss, gradients and SGD updates equal one process on each
+    step's union batch (as tests/test_joint.py checks for the tiny Qwen2-VL)."""
+    import sys
+
+    from data.stream import collate_clips
+    from model.loading import build_model_and_processor
+    from model.wrapper import GaspConfig, GaspVLM
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import train_worker_joint as W
+
+    out = str(tmp_path / "out")
+    launch = Launch(["--clips", tiny_shards, "--sft", tiny_instruct_shards, "--out", out, "--preset", preset],
+                    str(tmp_path / "log.txt"), cwd=str(tmp_path), script=WORKER_JOINT)
+    assert launch.wait(timeout=900) == 0, launch.tail()
+    res = torch.load(os.path.join(out, "result.pt"), weights_only=False)
+    assert res["steps"][1]["vision_calls"] == [1, 2]  # rank 0 ran a dummy in both micro-batches of step 2
+
+    vlm, _, adapter = build_model_and_processor(preset)
+    model = GaspVLM(vlm, GaspConfig(trainable="full", head="mlp", lambda_lm=0.7, lambda_corr=1.0, lambda_depth=0.5))
+    params = dict(model.named_parameters())
+    assert sorted(params) == sorted(res["init"])
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(res["init"][n])
+    trainable = res["trainable"]
+    assert sorted(trainable) == sorted(n for n, p in params.items() if p.requires_grad)
+    items = W.prepared_items(tiny_shards, tiny_instruct_shards, adapter)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    def flat(d):
+        return torch.cat([d[n].flatten() for n in trainable])
+
+    try:
+        for s, step in enumerate(res["steps"]):
+            union = collate_clips([it for per_rank in W.PLAN[s] for mb in W.micro_batches(items, per_rank)
+                                   for it in mb], adapter)
+            model.zero_grad(set_to_none=True)
+            loss, parts = model(union, _inputs(vlm, adapter, union))
+            loss.backward()
+            assert [parts["n_ab"], parts["n_ba"], parts["n_depth"], parts["n_lm"]] == step["counts"]
+            assert step["counts"][0] > 0 and step["counts"][3] > 0
+            assert step["loss"] == pytest.approx(loss.item(), rel=1e-5)
+            g_ref, g_ds = flat({n: params[n].grad for n in trainable}), flat(step["grads"])
+            assert rel(g_ds, g_ref) < 1e-5, f"step {s + 1}: ZeRO-3 gradient differs by {rel(g_ds, g_ref):.2e}"
+            with torch.no_grad():
+                before = flat(params).clone()
+                for n in trainable:
+                    params[n].sub_(step["lr"][0 if n.startswith("head.") else -1] * params[n].grad)
+                d_ref, d_ds = flat(params) - before, flat(step["after"]) - before
+            assert rel(d_ds, d_ref) < 1e-5, f"step {s + 1}: update differs by {rel(d_ds, d_ref):.2e}"
+    finally:
+        _unhook(model)
