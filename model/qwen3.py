@@ -171,7 +171,9 @@ class Qwen3Adapter(QwenAdapter):
     """Family adapter for Qwen3-VL and Qwen3-VL-MoE: 32x32-pixel cells, row-major (module docstring).
 
     Everything a clip needs is `QwenAdapter`'s (its cell size is the processor's patch x merge); what
-    differs is the video text, which carries each frame's time: `video_kwargs`.
+    differs is the video text, which carries each frame's time (`video_kwargs`, which
+    `QwenAdapter.encode_media_text` passes), and so how a video conversation's labels reach the
+    expanded sequence (`encode_conversation`, `video_labels`).
     """
 
     def __init__(self, processor, *, family: str = "qwen3_vl", min_pixels: int | None = None,
@@ -179,6 +181,7 @@ class Qwen3Adapter(QwenAdapter):
         if family not in QWEN3_FAMILIES:
             raise ValueError(f"Qwen3Adapter serves {', '.join(QWEN3_FAMILIES)}, not {family!r}")
         super().__init__(processor, family=family, min_pixels=min_pixels, max_pixels=max_pixels, prompt=prompt)
+        self._thinking: bool | None = None
 
     def video_kwargs(self, timestamps: Sequence[float]) -> dict[str, Any]:
         """Processor arguments of ONE video whose frames lie at `timestamps` (seconds), beside `videos=[frames]`:
@@ -191,7 +194,7 @@ class Qwen3Adapter(QwenAdapter):
     def thinking_template(self) -> bool:
         """Whether the chat template writes `<think>` blocks (a Qwen3-VL Thinking checkpoint's): probed by
         rendering a one-turn exchange and a generation prompt."""
-        if not hasattr(self, "_thinking"):
+        if self._thinking is None:
             probe = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
                      {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
             self._thinking = any("<think>" in self.render_chat(m, g) for m, g in ((probe, False), (probe[:1], True)))
