@@ -155,7 +155,7 @@ class QwenAdapter(FamilyAdapter):
         """
         ip = processor.image_processor
         self.family = family
-        if family == "qwen2_vl":  # its forward and M-RoPE take no video timing
+        if family != "qwen2_5_vl":  # only Qwen2.5-VL's forward and M-RoPE take a video's timing as a tensor
             self.model_input_names = tuple(k for k in self.model_input_names if k != "second_per_grid_ts")
         self.processor = processor
         self.patch_size = int(ip.patch_size)
@@ -252,8 +252,9 @@ class QwenAdapter(FamilyAdapter):
                           video_frames: int) -> dict[str, Any]:
         """The processor's encoding of a chat text: images resized by the clip rule (`resize`, the same
         pixel budget), a video as Qwen's video input (consecutive frames fill the two temporal slots of
-        a patch; at most `video_frames` frames, spread uniformly; `second_per_grid_ts` from the frames'
-        timestamps), no media: text only."""
+        a patch; at most `video_frames` frames, spread uniformly; the family's timing of the kept frames,
+        `video_kwargs`, from their timestamps: a video stored without them counts its kept frames 1 s
+        apart), no media: text only."""
         from data.chat import resample
 
         if media == "image":
@@ -262,12 +263,11 @@ class QwenAdapter(FamilyAdapter):
             item = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
         elif media == "video":
             keep = resample(len(frames), min(len(frames), video_frames or len(frames)))
-            ts = [float(timestamps[k]) for k in keep] if len(timestamps) == len(frames) else []
-            step = float(np.median(np.diff(ts))) if len(ts) > 1 else 1.0
+            ts = ([float(timestamps[k]) for k in keep] if len(timestamps) == len(frames)
+                  else [float(k) for k in range(len(keep))])
             out = self.processor(videos=[[self.resize(frames[k]) for k in keep]], text=[text], do_resize=False,
-                                 second_per_grid_ts=[self.temporal_patch_size * max(step, 1e-3)], return_tensors="pt")
-            item = {"pixel_values_videos": out["pixel_values_videos"], "video_grid_thw": out["video_grid_thw"],
-                    "second_per_grid_ts": out["second_per_grid_ts"]}
+                                 return_tensors="pt", **self.video_kwargs(ts))
+            item = {k: out[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in out}
         else:
             out = self.processor.tokenizer([text], return_tensors="pt")
             out["mm_token_type_ids"] = torch.zeros_like(out["input_ids"])
@@ -275,6 +275,16 @@ class QwenAdapter(FamilyAdapter):
         item.update(input_ids=out["input_ids"][0], attention_mask=out["attention_mask"][0],
                     mm_token_type_ids=out["mm_token_type_ids"][0])
         return item
+
+    def video_kwargs(self, timestamps: Sequence[float]) -> dict[str, Any]:
+        """Processor arguments of ONE video whose frames lie at `timestamps` (seconds), beside `videos=[frames]`:
+        Qwen2.5-VL's `second_per_grid_ts` (temporal patch size x the median frame step, 1 s for one frame);
+        Qwen2-VL takes no timing (Qwen3-VL: its `<t seconds>` text, `Qwen3Adapter.video_kwargs`)."""
+        if self.family != "qwen2_5_vl":
+            return {}
+        ts = [float(t) for t in timestamps]
+        step = float(np.median(np.diff(ts))) if len(ts) > 1 else 1.0
+        return {"second_per_grid_ts": [self.temporal_patch_size * max(step, 1e-3)]}
 
     def dummy_vision_inputs(self) -> tuple[str, dict[str, Any]]:
         """One 2x2-patch image (one merged token): the tower's smallest real input."""
@@ -331,7 +341,7 @@ def _rope_params(cls: type) -> frozenset:
 
 
 def rope_position_ids(vlm: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor | None:
-    """The 3-D (M-RoPE) position ids (3, B, S) of a Qwen2-VL / Qwen2.5-VL batch, or None for other models.
+    """The 3-D (M-RoPE) position ids (3, B, S) of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL batch, or None for other models.
 
     Computed by the model's own `get_rope_index`, on the device the inputs live on. Callers
     run it on the CPU batch and pass the result as `position_ids`: the model then skips its

@@ -18,7 +18,16 @@ Where Qwen3-VL differs from Qwen2-VL / Qwen2.5-VL, and what that means here:
   positions after each of the first LM layers. The hook on layer l's `q_proj` (model/wrapper.py)
   therefore reads what layer l's attention reads, DeepStack's addition included.
 - Chat template: Qwen3-VL-Instruct's has no default system turn (`QWEN3_CHAT_TEMPLATE` is its
-  structure for the tiny presets; a checkpoint brings its own).
+  structure for the tiny presets; a checkpoint brings its own). LM labels are data/chat.py's
+  (DESIGN §5: each assistant turn's content + `<|im_end|>`); no system turn is added when the
+  conversation has none.
+- Thinking checkpoints (Qwen3-VL-*-Thinking): their template opens the last answer with a
+  `<think>` block (empty for data without reasoning, as LLaVA-Video-178K's answers are) and drops
+  the block from earlier answers, so a multi-turn conversation's text is not the concatenation of
+  its turns and the think scaffolding has no place in "content + end of turn". Instruction
+  samples are refused for such a template (`ConversationError` 'template', one line: use the
+  Instruct checkpoint, or give the checkpoint a template without `<think>`), never labelled
+  half-way; clips need no template answer and train as usual.
 - Video: each temporal patch (two frames) is its own block `<t seconds><|vision_start|>
   <|video_pad|> x cells<|vision_end|>`, t the mean time of its two frames, and the model's
   `get_rope_index` gives every block its own temporal position (it splits `video_grid_thw` per
@@ -28,14 +37,20 @@ Where Qwen3-VL differs from Qwen2-VL / Qwen2.5-VL, and what that means here:
   `<|vision_start|><|video_pad|><|vision_end|>`, as transformers 4.57 (the release Qwen3-VL came
   with) does; transformers 5.x's generic replacement substitutes only the pad and so nests one
   vision span inside another, which is not what the release processor writes.
+  In a conversation the LM labels carry over that expansion as one unit: the template's
+  `<|vision_start|><|video_pad|><|vision_end|>` (a user-turn span, never labelled) becomes the
+  whole run of timestamp texts and vision spans, and every other token maps one to one
+  (`Qwen3Adapter.encode_conversation`).
 """
 from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from transformers import BatchFeature
 
+from data import chat
 from model.presets import QWEN3_FAMILIES
 from model.qwen import PROMPT, QwenAdapter, QwenVLProcessor, video_patches
 
@@ -156,7 +171,9 @@ class Qwen3Adapter(QwenAdapter):
     """Family adapter for Qwen3-VL and Qwen3-VL-MoE: 32x32-pixel cells, row-major (module docstring).
 
     Everything a clip needs is `QwenAdapter`'s (its cell size is the processor's patch x merge); what
-    differs is the video text, which carries each frame's time: `video_kwargs`.
+    differs is the video text, which carries each frame's time (`video_kwargs`, which
+    `QwenAdapter.encode_media_text` passes), and so how a video conversation's labels reach the
+    expanded sequence (`encode_conversation`, `video_labels`).
     """
 
     def __init__(self, processor, *, family: str = "qwen3_vl", min_pixels: int | None = None,
@@ -164,9 +181,72 @@ class Qwen3Adapter(QwenAdapter):
         if family not in QWEN3_FAMILIES:
             raise ValueError(f"Qwen3Adapter serves {', '.join(QWEN3_FAMILIES)}, not {family!r}")
         super().__init__(processor, family=family, min_pixels=min_pixels, max_pixels=max_pixels, prompt=prompt)
+        self._thinking: bool | None = None
 
     def video_kwargs(self, timestamps: Sequence[float]) -> dict[str, Any]:
         """Processor arguments of ONE video whose frames lie at `timestamps` (seconds), beside `videos=[frames]`:
         Qwen3-VL writes `<t seconds>` before each temporal patch (Qwen2.5-VL instead takes
         `second_per_grid_ts`, Qwen2-VL nothing)."""
         return {"timestamps": [[float(t) for t in timestamps]]}
+
+    # ------------------------------------------------------------ conversations
+    @property
+    def thinking_template(self) -> bool:
+        """Whether the chat template writes `<think>` blocks (a Qwen3-VL Thinking checkpoint's): probed by
+        rendering a one-turn exchange and a generation prompt."""
+        if self._thinking is None:
+            probe = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
+            self._thinking = any("<think>" in self.render_chat(m, g) for m, g in ((probe, False), (probe[:1], True)))
+        return self._thinking
+
+    def encode_conversation(self, frames: Sequence[np.ndarray], media: str, conversation: Sequence[dict],
+                            timestamps: Sequence[float] = (), *, max_len: int = 0,
+                            video_frames: int = 16) -> dict[str, Any]:
+        """`FamilyAdapter.encode_conversation` for Qwen3-VL: images and text as every family; a video's labels
+        carried over its timestamped expansion (`video_labels`). Refuses a Thinking template (module docstring)."""
+        if self.thinking_template:
+            raise chat.ConversationError("template", "the chat template writes <think> blocks (a Qwen3-VL Thinking "
+                                         "checkpoint): LM labels for answers without reasoning are not defined on "
+                                         "it; fine-tune the Instruct checkpoint, or give the model directory a "
+                                         "chat_template without <think>")
+        if media != "video":
+            return super().encode_conversation(frames, media, conversation, timestamps, max_len=max_len,
+                                               video_frames=video_frames)
+        messages = chat.to_messages(conversation, 0, 1)
+        text, spans = chat.assistant_spans(self.render_chat, messages, self.end_of_turn)
+        item = self.encode_media_text(text, frames, media, timestamps, video_frames)
+        ids, labels = chat.token_labels(self.processor.tokenizer, text, spans)
+        item["labels"] = self.video_labels(item["input_ids"], ids, labels)
+        item = chat.truncate(item, max_len, self.media_token_ids)
+        item["cell_pos"] = []
+        return item
+
+    def video_labels(self, expanded: torch.Tensor, ids: Sequence[int], labels: Sequence[int]) -> torch.Tensor:
+        """Labels (S,) of the processor's `expanded` ids of a one-video text from the labels of its unexpanded
+        `ids`: the template's `<|vision_start|><|video_pad|><|vision_end|>` became, per temporal patch,
+        `<t seconds><|vision_start|><|video_pad|> x cells<|vision_end|>`; that whole run (from the first
+        timestamp to the last `<|vision_end|>`) is matched as one media unit by `chat.expand_labels`, which
+        checks that every other token maps one to one (a special token ends a text piece, so the text on
+        either side tokenizes alike). Raises ConversationError when the text is not of that form."""
+        tok = self.processor.tokenizer
+        vs, ve = (int(tok.convert_tokens_to_ids(t)) for t in (self.processor.vision_start_token,
+                                                             self.processor.vision_end_token))
+        vp = self.video_token_id
+        ids, exp = [int(t) for t in ids], expanded.tolist()
+        if ids.count(vp) != 1:
+            raise chat.ConversationError("tokenization", f"{ids.count(vp)} video placeholders in the chat text "
+                                         "of a one-video conversation")
+        i = ids.index(vp)
+        if ids[i - 1:i + 2] != [vs, vp, ve]:
+            raise chat.ConversationError("tokenization", "the chat template does not wrap the video in "
+                                         "<|vision_start|><|video_pad|><|vision_end|>: labels cannot be placed")
+        a = i - 1  # where the expansion starts in both sequences (the tokens before it are the same)
+        b = max(k for k, t in enumerate(exp) if t == vp) + 2  # after the last block's <|vision_end|>
+        if b > len(exp) or exp[b - 1] != ve:
+            raise chat.ConversationError("tokenization", "the processor's video text does not end in "
+                                         "<|vision_end|>: labels cannot be placed")
+        one = [vp]  # the video, one media unit on either side
+        got = chat.expand_labels(torch.tensor(exp[:a] + one + exp[b:]), ids[:a] + one + ids[i + 2:],
+                                 list(labels[:a]) + [chat.IGNORE] + list(labels[i + 2:]), one)
+        return torch.cat([got[:a], torch.full((b - a,), chat.IGNORE, dtype=torch.long), got[a + 1:]])

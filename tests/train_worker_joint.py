@@ -1,11 +1,12 @@
 """One rank of the ZeRO-3 joint-training test (started by the `deepspeed` launcher).
 
-    deepspeed --num_gpus 2 tests/train_worker_joint.py --clips DIR --sft DIR --out DIR
+    deepspeed --num_gpus 2 tests/train_worker_joint.py --clips DIR --sft DIR --out DIR [--preset NAME]
 
-Builds the trainer of `launch/trainer.py` (tiny preset, the whole LM + heads trained, L_LM +
-L_corr + L_depth, ZeRO-3 from launch/zero3.json, gradient accumulation 2) with plain SGD and
-no clipping, so one step's update is exactly -lr * gradient. Two steps run through the
-trainer's own `step_counts` / `train_step` on fixed micro-batches (`PLAN`) where
+Builds the trainer of `launch/trainer.py` (the tiny preset unless --preset names another, the
+whole LM + heads trained, L_LM + L_corr + L_depth, ZeRO-3 from launch/zero3.json, gradient
+accumulation 2) with plain SGD and no clipping, so one step's update is exactly -lr * gradient.
+Two steps run through the trainer's own `step_counts` / `train_step` on fixed micro-batches
+(`PLAN`) where
 
 - step 1: rank 0's micro-batches hold no clip (a conversation with images, one with a video),
   rank 1's no conversation (clips only);
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clips", required=True)
     ap.add_argument("--sft", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="tiny", help="the model preset (tiny, tiny-qwen3-vl, ...)")
     ap.add_argument("--local_rank", type=int, default=0, help="added by the deepspeed launcher")
     args = ap.parse_args(argv)
 
@@ -93,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     assert world == 2, "run with --num_gpus 2"
     cfg = TrainConfig(data=DataConfig(shards=[args.clips + ":1", args.sft + ":1"], batch_size=2, grad_accum=2,
                                       num_workers=0, video_frames=4),
-                      model=ModelConfig(preset="tiny", trainable="full"),
+                      model=ModelConfig(preset=args.preset, trainable="full"),
                       loss=LossConfig(lambda_lm=0.7, lambda_corr=1.0, lambda_depth=0.5),
                       optim=OptimConfig(steps=2, lr=LR, warmup_steps=0, grad_clip=0.0),
                       run=RunConfig(output_dir=os.path.join(args.out, "run"), run_name="joint", mlflow=False,
                                     resume="never"))
+    from model.presets import get_preset
+
     ds = fill_ds_config(load_ds_config(os.path.join(ROOT, "launch", "zero3.json")), cfg, bf16=False,
-                        on_cuda=False, hidden=64)
+                        on_cuda=False, hidden=int(get_preset(args.preset).text["hidden_size"]))
     ds["optimizer"] = {"type": "SGD", "params": {"lr": LR}}  # update = -lr * grad, exactly
     ds["zero_allow_untested_optimizer"] = True  # torch.optim.SGD under ZeRO-3
     trainer = Trainer(cfg, rank, world, device)
