@@ -245,7 +245,7 @@ def make_plan(scans: list[dict[str, Any]], cfg: JobConfig) -> dict[str, Any]:
 
     Each shard mixes many scenes. The plan also keeps each scene's scan summary (frames,
     skipped frames by reason, clip yield) for the manifest of this and later runs. Every clip
-    is built once, in its final order (a seeded permutation of the split's clips).
+    is built once, in scene order, then placed by a seeded permutation of the split's clips.
     """
     scans = sorted(scans, key=lambda s: s["scene"])
     ok = [s for s in scans if s.get("ok")]
@@ -254,14 +254,13 @@ def make_plan(scans: list[dict[str, Any]], cfg: JobConfig) -> dict[str, Any]:
     n = cfg.samples_per_shard
     for which in SPLITS:
         members = [s for s in ok if split[s["scene"]] == which]
-        refs = [(si, ci) for si, s in enumerate(members) for ci in range(len(s["clips"]))]
-        order = np.random.default_rng(derive_seed(cfg.seed, "plan", which)).permutation(len(refs))
-        items = []
-        for k in order.tolist():
-            si, ci = refs[k]
-            s, c = members[si], members[si]["clips"][ci]
-            items.append({"scene": s["scene"], "indices": [int(i) for i in c["indices"]], "overlap": c["overlap"],
-                          "median_depth": s["median_depth"]})
+        # built in scene order (a sequential read of the scans), then permuted as references: reading the
+        # scans in the permuted order missed the CPU caches at 10,000 scenes (make_plan 13x the 1,000's)
+        built = [{"scene": s["scene"], "indices": [int(i) for i in c["indices"]], "overlap": c["overlap"],
+                  "median_depth": s["median_depth"]} for s in members for c in s["clips"]]
+        order = np.random.default_rng(derive_seed(cfg.seed, "plan", which)).permutation(len(built))
+        items = [built[k] for k in order.tolist()]
+        del built
         for k in range(0, len(items), n):
             shards.append({"split": which, "shard": k // n, "name": shardformat.shard_name(which, k // n),
                            "clips": items[k:k + n]})

@@ -174,7 +174,7 @@ def test_shard_job_on_a_two_node_ray_cluster(tiny_corpus, tmp_path, shard_checks
         with open(log, "w") as f:  # a plain driver joining through RAY_ADDRESS (data/ and pipeline/ shipped)
             job = subprocess.Popen([sys.executable, SHARD, "--input", tiny_corpus, "--output", out, *TINY],
                                    cwd=str(tmp_path),
-                                   env={**env, "RAY_ADDRESS": address, "GASP_TEST_WRITE_DELAY": "0.1"},
+                                   env={**env, "RAY_ADDRESS": address, "GASP_TEST_WRITE_DELAY": "0.3"},
                                    stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         sessions.append(job.pid)
         bad: list[tuple] = []
@@ -200,18 +200,20 @@ def test_shard_job_on_a_two_node_ray_cluster(tiny_corpus, tmp_path, shard_checks
     assert not any(session_procs(sid) for sid in sessions), "processes of the test's cluster are still running"
 
     assert f"[ray] cluster at {address} (2 CPUs)" in text, text[-3000:]
-    # the write tasks (6 of >= 0.3 s for 2 CPUs, one a node) ran on both nodes; the 3 short scan tasks
-    # on one or both, as Ray's scheduler placed them
-    m = re.search(r"\[write\] 6 tasks ran on 2 node\(s\): (\w+) (\d+), (\w+) (\d+)", text)
+    # the write tasks (5 shards of 1-2 clips, >= 0.3 s each for 2 CPUs, one a node) ran on both nodes; the
+    # 3 short scan tasks on one or both, as Ray's scheduler placed them
+    m = re.search(r"\[write\] 5 tasks ran on 2 node\(s\): (\w+) (\d+), (\w+) (\d+)", text)
     assert m, text[-3000:]
-    assert {m.group(1), m.group(3)} == {n[:12] for n in nodes} and int(m.group(2)) + int(m.group(4)) == 6
+    assert {m.group(1), m.group(3)} == {n[:12] for n in nodes} and int(m.group(2)) + int(m.group(4)) == 5
     m = re.search(r"\[scan\] 3 tasks ran on [12] node\(s\): (.*)", text)
     assert m and {x.split()[0] for x in m.group(1).split(", ")} <= {n[:12] for n in nodes}, text[-3000:]
     manifest, _ = verify_output(out, shard_checks)
-    assert manifest["complete"] and manifest["counts"]["pairs"] == 18
+    c = manifest["counts"]  # 3 clips of 4 frames in each of the 3 scenes (one of them val), 6 pairs a clip
+    assert manifest["complete"] and (c["clips"], c["clips_train"], c["clips_val"], c["pairs"],
+                                     c["frames_stored"], c["shards"]) == (9, 6, 3, 54, 36, 5), c
     alone = str(tmp_path / "alone")  # the same shards as scan -> plan -> write in one process, no Ray
-    build_shards(tiny_corpus, alone, pairs_per_scene=6, samples_per_shard=3, max_side=160, val_fraction=0.34,
-                 max_gap=20, gap_buckets=(1, 5, 15))
+    build_shards(tiny_corpus, alone, clip_frames=4, clip_window=16, clips_per_scene=3, samples_per_shard=2,
+                 max_side=160, val_fraction=0.34)
     assert shard_hashes(out) == shard_hashes(alone)
 
 

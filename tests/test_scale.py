@@ -182,7 +182,7 @@ def test_rerun_write_task_opens_each_scene_of_its_shard_once(counting_s3, tmp_pa
     scan's shells."""
     import s3fs
 
-    from data.pairs import PairConfig
+    from data.pairs import ClipConfig
     from data.scenes import list_scenes, open_scene
     from pipeline import stages
 
@@ -192,16 +192,18 @@ def test_rerun_write_task_opens_each_scene_of_its_shard_once(counting_s3, tmp_pa
     fs.mkdir("gasp-scale")
     fs.put(root + "/", "gasp-scale/corpus/", recursive=True)
     cfg = stages.JobConfig(input="s3://gasp-scale/corpus", format="synthetic", output="s3://gasp-scale/out",
-                           pairs=PairConfig(pairs_per_scene=3, max_gap=5, gap_buckets=(1, 3)),
+                           clips=ClipConfig(clip_frames=3, clip_window=4, clips_per_scene=3),
                            samples_per_shard=60, max_side=48, val_fraction=0.0)
     local = dataclasses.replace(cfg, input=root)  # the same scenes and keys, scanned from disk (faster)
     scans = [stages.scan_scene(u, local) for u in list_scenes(root, cfg.format)]
     shells = {s["scene"]: s.pop("shell") for s in scans}
     plan = stages.make_plan(scans, cfg)
     entry = plan["shards"][0]
-    scenes = collections.Counter(it["scene"] for it in entry["pairs"])
-    frames = {(it["scene"], it[k]) for it in entry["pairs"] for k in ("index_a", "index_b")}
+    scenes = collections.Counter(it["scene"] for it in entry["clips"])
+    frames = {(it["scene"], i) for it in entry["clips"] for i in it["indices"]}
     assert len(scenes) > stages.SCENE_CACHE_SIZE and max(scenes.values()) > 1  # the case that reopened
+    # frames shared by clips of the shard (each still read once)
+    assert sum(len(it["indices"]) for it in entry["clips"]) > len(frames)
 
     def scene_of(path: str) -> str | None:
         m = re.search(r"corpus/(scene_\d+)(?:[/&]|$)", path.replace("%2F", "/"))
@@ -238,8 +240,10 @@ def test_plan_json_is_streamed_whole_or_not_at_all(counting_s3, tmp_path):
 
     from pipeline import stages
 
-    obj = {"shards": [{"pairs": [{"scene": f"1K/{i:064x}", "index_a": i, "overlap_ab": i / 7} for i in range(50)],
-                       "name": f"train-{k:06d}.tar"} for k in range(20)], "plan_version": 2, "é": "ü"}
+    obj = {"shards": [{"clips": [{"scene": f"1K/{i:064x}", "indices": [i, i + 3, i + 7],
+                                  "overlap": [[1.0, i / 7, 0.5], [0.25, 1.0, i / 9], [0.125, 0.375, 1.0]]}
+                                 for i in range(50)], "name": f"train-{k:06d}.tar"} for k in range(20)],
+           "plan_version": 4, "é": "ü"}
     want = json.dumps(obj, indent=1, sort_keys=True)
     stages.write_json(str(tmp_path / "plan.json"), obj)
     assert (tmp_path / "plan.json").read_text(encoding="utf-8") == want
@@ -259,6 +263,7 @@ def test_plan_json_is_streamed_whole_or_not_at_all(counting_s3, tmp_path):
 # ----------------------------------------------------------------------------- driver
 
 def test_run_tasks_collects_many_tasks_and_retries_the_failed(ray_local, tmp_path, capsys):
+    from data.progress import Progress
     from pipeline import ray_tasks
 
     def flaky(i: int, marker_dir: str) -> dict:  # nested: shipped to the workers by value
@@ -270,7 +275,7 @@ def test_run_tasks_collects_many_tasks_and_retries_the_failed(ray_local, tmp_pat
         return {"ok": True, "name": str(i), "value": i * i}
 
     n = 400
-    prog = ray_tasks.Progress("flaky", n, "tasks", quiet=True)
+    prog = Progress("flaky", n, "tasks", quiet=True)
     out = ray_tasks.run_tasks(flaky, list(range(n)), lambda i: (i, str(tmp_path)), prog, retries=1,
                               label=str, name="flaky")
     assert sorted(it for it, _, _ in out) == list(range(n))
