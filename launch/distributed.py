@@ -86,10 +86,46 @@ def init_distributed(timeout_min: float = 30.0) -> tuple[int, int, "torch.device
                 os.environ["MASTER_PORT"] = str(s.getsockname()[1])
         import deepspeed
 
+        if device.type == "cpu":
+            clear_stale_build_lock()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    timeout=datetime.timedelta(minutes=timeout_min), verbose=False)
         release_shm_buffer_at_exit()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+SHM_OP = "deepspeed_shm_comm"
+"""The C++ op DeepSpeed JIT-builds on CPU at `init_distributed` (its CPU all-reduce), cached under
+torch's extensions folder (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)."""
+STALE_LOCK_S = 600.0
+
+
+def clear_stale_build_lock(name: str = SHM_OP, max_age_s: float = STALE_LOCK_S) -> str | None:
+    """Remove the JIT build's `lock` file when it is older than `max_age_s`; returns its path if removed.
+
+    torch builds an extension under a lock file that every other process waits on until it disappears.
+    A process killed during the ~30 s build (a timeout, a preemption, Ctrl-C) leaves the lock behind and
+    every later run then waits in `init_distributed` forever, silently. A build takes well under
+    `max_age_s`, so an older lock has no owner.
+    """
+    import time
+
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+        age = time.time() - os.path.getmtime(lock)
+    except (ImportError, OSError):
+        return None
+    if age < max_age_s:
+        return None
+    try:
+        os.unlink(lock)
+    except FileNotFoundError:
+        return None
+    print(f"[dist] removed a stale build lock {lock} ({age / 60:.0f} min old, left by a process killed while "
+          f"building DeepSpeed's {name} op); the op is rebuilt", file=sys.stderr)
+    return lock
 
 
 SHM_BUFFER = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"

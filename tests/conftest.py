@@ -355,8 +355,32 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+_DS_OP_READY = False
+
+
+def prebuild_deepspeed_op() -> None:
+    """Build DeepSpeed's CPU comm op once, in the pytest process, before the first training subprocess.
+
+    Its first build takes ~30-60 s on 2 cores; done inside a test's ranks, a test timeout that kills them
+    mid-build left torch's build lock behind and every later DeepSpeed test then waited on it forever
+    (a clean CI machine ran past its limit that way). A lock left by an earlier killed session is
+    removed first (launch.distributed.clear_stale_build_lock).
+    """
+    global _DS_OP_READY
+    if _DS_OP_READY:
+        return
+    _DS_OP_READY = True
+    from launch.distributed import clear_stale_build_lock
+
+    clear_stale_build_lock()
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def train_env(extra: dict | None = None) -> dict:
     """The environment of a training subprocess: no inherited rank variables, offline, quiet."""
+    prebuild_deepspeed_op()
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI",
                         "GASP_FAULT_NONFINITE", "GASP_DEBUG_PARTITION")}

@@ -9,12 +9,13 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import free_port
+from tests.conftest import free_port, prebuild_deepspeed_op
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(args: list[str], tmp_path, timeout: float = 300) -> dict:
+    prebuild_deepspeed_op()
     out = tmp_path / "result.json"
     env = {**os.environ, "MASTER_PORT": str(free_port()), "PYTHONPATH": ROOT}
     proc = subprocess.run([sys.executable, *args, "--json", str(out)], cwd=ROOT, env=env, capture_output=True,

@@ -401,3 +401,24 @@ def test_no_flags_trains_the_tiny_preset_on_the_embedded_shards_it_builds(tmp_pa
     assert (run / "export" / "heads.safetensors").is_file()
     assert (run / "export" / "model" / "gasp_training.json").is_file()
     assert (tmp_path / "runs" / "mlflow.db").is_file()  # tracked in the default local store
+
+
+def test_a_stale_deepspeed_build_lock_is_removed_and_a_live_one_kept(tmp_path, monkeypatch, capsys):
+    """A rank killed while JIT-building DeepSpeed's CPU comm op leaves torch's lock file; every later run then
+    waited in init_distributed forever. A lock older than any build is removed with one line; a fresh one
+    (a build in progress) is left alone."""
+    import time
+
+    from launch.distributed import SHM_OP, STALE_LOCK_S, clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / SHM_OP / "lock"
+    lock.parent.mkdir(parents=True)
+    assert clear_stale_build_lock() is None  # no lock: nothing to do
+    lock.touch()
+    assert clear_stale_build_lock() is None and lock.exists()  # a build in progress
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    assert clear_stale_build_lock() == str(lock) and not lock.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stale build lock" in err[0] and "min old" in err[0], err

@@ -11,13 +11,13 @@ the real training command on CPU with 2 cores in all (OMP threads per rank = 2 /
     deepspeed --num_gpus R launch/train.py --ds_config launch/zero3.json --model DIR --trainable T
               --batch-size 1 --steps N --val-every 0 --no-mlflow --no-export --resume never
 
-one clip (today: one pair, 2 frames) per micro-batch per rank, on a small synthetic shard
+one 2-frame clip per micro-batch per rank, on a small synthetic shard
 set (no Ray). It reports the median step time after --warmup steps (the trainer's own
 `train_log.jsonl`), seconds per clip, and the steps and clips that fit in an hour.
 
 --tower-layers adds a table: raw PCK@0 / PCK@1 (cosine argmax over B's cells, DESIGN §6) of
 the patch features of every DINOv2 block (the full 12-block tower at the model's input
-size) on the shard set's val pairs, with chance and the same-cell baseline: how
+size) on the pairs of the shard set's val clips, with chance and the same-cell baseline: how
 `--vision-layer`'s default was chosen. Run by hand; not a test.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ def build_data(root: str, scenes: int) -> str:
     corpus = write_tiny_corpus(os.path.join(root, "corpus"), n_scenes=scenes, n_frames=24)
     out = os.path.join(root, "shards")
     # correspondences every 2 px: at 224 px a 14 px cell is 10 stored pixels, so every cell can be an anchor
-    build_shards(corpus, out, pairs_per_scene=12, samples_per_shard=8, max_side=160, val_fraction=0.25,
-                 max_gap=20, gap_buckets=(1, 5, 15), stride=2)
+    build_shards(corpus, out, clip_frames=2, clip_window=20, clips_per_scene=12, samples_per_shard=8,
+                 max_side=160, val_fraction=0.25, stride=2)
     return out
 
 
@@ -89,11 +89,11 @@ def train(ranks: int, model: str, shards: str, root: str, args) -> dict:
 
 
 def tower_layers(model: str, shards: str, max_pairs: int) -> tuple[list[dict], dict]:
-    """PCK of each DINOv2 block's patch features (raw cosine) on the val pairs."""
+    """PCK of each DINOv2 block's patch features (raw cosine) on the val clips' pairs."""
     import torch
 
-    from data.stream import PairStream
-    from launch.probe_lib import same_cell_distance
+    from data.stream import SampleStream
+    from losses.gasp import pair_view
     from losses.metrics import match_stats, raw_similarities
     from model.loading import build_model_and_processor
     from model.pretrained import build_dinov2, require
@@ -101,31 +101,40 @@ def tower_layers(model: str, shards: str, max_pairs: int) -> tuple[list[dict], d
     _, _, adapter = build_model_and_processor(model)
     onnx_file, _ = require()
     tower = build_dinov2(onnx_file.path, image_size=adapter.image_size)  # all 12 blocks
-    B = 4
-    stream = PairStream([shards], adapter, batch_size=B, rank=0, world_size=1, num_workers=0, split="val",
-                        batches_per_epoch=max(1, max_pairs // B))
+    B = 2
+    stream = SampleStream([shards], adapter, batch_size=B, rank=0, world_size=1, num_workers=0, split="val",
+                          batches_per_epoch=max(1, max_pairs // B))
     dists, chance0, chance1, same = [], [], [], []
-    seen = set()
+    seen, n_pairs = set(), 0
     with torch.no_grad():
         for batch in stream:
-            keep = torch.tensor([k not in seen for k in batch["keys"]])
+            fresh = torch.tensor([k not in seen for k in batch["keys"]])
             seen.update(batch["keys"])
-            batch["anchor_mask"] = batch["anchor_mask"] & keep[:, None]
-            pv = batch["pixel_values"][:, 0]  # (2B, 3, S, S): a0, b0, a1, b1, ...
-            hidden = tower(pixel_values=pv, output_hidden_states=True).hidden_states  # 13 x (2B, 1 + N, D)
-            feats = torch.stack(hidden[1:])[:, :, 1:]  # (12, 2B, N, D), class token dropped
-            st = match_stats(raw_similarities(feats[:, 0::2], feats[:, 1::2]), batch)  # per anchor (12, K)
+            pairs = pair_view(batch)
+            pairs["anchor_mask"] = pairs["anchor_mask"] & fresh[batch["pair_clip"]][:, None]
+            n_pairs += int(fresh[batch["pair_clip"]].sum())
+            S = adapter.image_size
+            pv = batch["pixel_values"].reshape(-1, 3, S, S)  # (F, 3, S, S): the batch's frames in order
+            if pv.shape[0] != batch["frame_clip"].numel():
+                raise SystemExit(f"--tower-layers: {pv.shape[0]} images for {batch['frame_clip'].numel()} frames")
+            hidden = tower(pixel_values=pv, output_hidden_states=True).hidden_states  # 13 x (F, 1 + N, D)
+            feats = torch.stack(hidden[1:])[:, :, 1:]  # (12, F, N, D), class token dropped
+            pf = batch["pair_frames"]
+            st = match_stats(raw_similarities(feats[:, pf[:, 0]], feats[:, pf[:, 1]]), pairs)  # per anchor (12, K)
             dists.append(st.dist)
             chance0.append(st.chance0)
             chance1.append(st.chance1)
-            same.append(same_cell_distance(batch))
+            same.append(st.same_dist)
+            if n_pairs >= max_pairs:
+                break
     d = torch.cat(dists, dim=1)  # (12, K)
     rows = [{"block": l + 1, "pck0": float((d[l] == 0).double().mean()), "pck1": float((d[l] <= 1).double().mean())}
             for l in range(d.shape[0])]
     s = torch.cat(same)
-    base = {"pairs": len(seen), "anchors": int(d.shape[1]), "chance0": float(torch.cat(chance0).mean()),
-            "chance1": float(torch.cat(chance1).mean()), "same0": float((s == 0).double().mean()),
-            "same1": float((s <= 1).double().mean()), "size": adapter.image_size, "cells": adapter.side}
+    base = {"pairs": n_pairs, "clips": len(seen), "anchors": int(d.shape[1]),
+            "chance0": float(torch.cat(chance0).mean()), "chance1": float(torch.cat(chance1).mean()),
+            "same0": float((s == 0).double().mean()), "same1": float((s <= 1).double().mean()),
+            "size": adapter.image_size, "cells": adapter.side}
     return rows, base
 
 
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tower_layers:
         rows, base = tower_layers(model, shards, args.tower_pairs)
         print(f"\nDINOv2 blocks, raw patch features at {base['size']} px ({base['cells']}x{base['cells']} cells), "
-              f"{base['pairs']} val pairs, {base['anchors']} anchors (synthetic rooms)\n")
+              f"{base['pairs']} pairs of {base['clips']} val clips, {base['anchors']} anchors (synthetic rooms)\n")
         print("| block | PCK@0 | PCK@1 |")
         print("|---:|---:|---:|")
         for r in rows:

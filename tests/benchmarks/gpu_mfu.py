@@ -128,8 +128,11 @@ def main(argv=None) -> int:
         peak = matmul_peak()
         print(f"card: {torch.cuda.get_device_name(0)}; measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s",
               flush=True)
+    from launch.distributed import clear_stale_build_lock, release_shm_buffer_at_exit
+
+    if smoke:
+        clear_stale_build_lock()
     deepspeed.init_distributed(dist_backend="gloo" if smoke else "nccl", verbose=False)
-    from launch.distributed import release_shm_buffer_at_exit
 
     release_shm_buffer_at_exit()  # DeepSpeed's CPU shm workspace (the --smoke run makes one)
     ds = {"train_micro_batch_size_per_gpu": args.clips, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
