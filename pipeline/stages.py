@@ -44,7 +44,7 @@ MIN_PAIRS_FOR_SHARE = 8
 # Correct synthetic scenes yield ~0.9; world2cam-as-cam2world or OpenGL axes ~0.1.
 MIN_PAIR_YIELD = 0.25
 MIN_TESTED_FOR_YIELD = 8  # fewer tested candidates say nothing about the yield
-# Test-only fault injection: seconds each write task sleeps per pair (lets tests kill
+# Test-only fault injection: seconds each write task sleeps per clip (lets tests kill
 # a worker or the whole job mid-shard reliably). Never set in production.
 TEST_DELAY_ENV = "GASP_TEST_WRITE_DELAY"
 PART_SUFFIX = ".part"
