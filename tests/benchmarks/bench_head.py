@@ -8,6 +8,10 @@ batched product). Forward + backward time, peak memory and supervised pairs per 
   (a) the VLM alone (its LM forward; backward of a plain loss on the vision-token states),
   (b) the VLM with the fused all-layer head and both GASP losses (what trains),
   (c) the same with the per-layer `nn.Linear` loop (the reference).
+and, with --joint (issue [6 of 12]),
+  (d) (b) plus L_LM (`--lambda-lm 1`) on every text position of the same sequences: the joint step
+      against the geometry-only step (b) at the same token count (the LM head runs on the labelled
+      positions; with `--trainable full` the last layer, final norm and LM head then train too).
 Goal: (b) <= 1.10 x (a) in time and memory, (b) no slower than (c).
 Self-contained: needs only torch, transformers and peft plus this repository (no network,
 random weights built from config classes). Prints a table; `--json PATH` writes it.
@@ -88,7 +92,7 @@ def make_batch(adapter, size, n_clips: int, device, dtype, clip_frames: int = 2,
     return batch, inputs
 
 
-def variant_fn(name: str, gasp, loop, batch, inputs):
+def variant_fn(name: str, gasp, loop, batch, inputs, media_ids: tuple[int, ...] = ()):
     fused = gasp.head
 
     def vlm_alone():
@@ -108,7 +112,21 @@ def variant_fn(name: str, gasp, loop, batch, inputs):
             return loss
         return f
 
-    return {"a_vlm": vlm_alone, "b_fused": with_head(fused), "c_loop": with_head(loop)}[name]
+    def joint():
+        cfg = gasp.cfg
+        media = torch.tensor(sorted(media_ids), device=batch["input_ids"].device)
+        labels = batch["input_ids"].masked_fill(torch.isin(batch["input_ids"], media) | ~batch["attention_mask"].bool(),
+                                                -100)
+        gasp.cfg = dataclasses.replace(cfg, lambda_lm=1.0)
+        gasp._set_trainable()
+        try:
+            loss, _ = gasp({**batch, "labels": labels}, inputs)
+        finally:
+            gasp.cfg = cfg
+            gasp._set_trainable()
+        return loss
+
+    return {"a_vlm": vlm_alone, "b_fused": with_head(fused), "c_loop": with_head(loop), "d_joint": joint}[name]
 
 
 def time_variant(fn, device, warmup: int, iters: int, params) -> tuple[float, float]:
@@ -164,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=3, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the three variants")
     ap.add_argument("--trainable", default=None, help="default: full on CPU small, lora on 7b")
+    ap.add_argument("--joint", action="store_true", help="add (d): the joint step, L_LM on the text positions too")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -174,7 +193,8 @@ def main(argv=None) -> int:
     gasp, adapter, loop, size = build(shape, device, dtype, trainable)
     gasp.train()
     L = gasp.num_layers
-    labels = {"a_vlm": "(a) VLM alone", "b_fused": "(b) + fused head + losses", "c_loop": "(c) + per-layer loop"}
+    labels = {"a_vlm": "(a) VLM alone", "b_fused": "(b) + fused head + losses", "c_loop": "(c) + per-layer loop",
+              "d_joint": "(d) (b) + L_LM, same tokens"}
     print(f"\nGASP head cost: {shape} shape ({L} layers, D={gasp.hidden_size}, d={gasp.head.head_dim}, "
           f"{gasp.head.kind} head), {args.clips} clip(s) of K frames of {size[0]}x{size[1]}, {dtype}, "
           f"trainable={trainable}, {device}")
@@ -183,9 +203,9 @@ def main(argv=None) -> int:
     out = {}
     for K in [int(k) for k in args.clip_frames.split(",") if k]:
         batch, inputs = make_batch(adapter, size, args.clips, device, dtype, clip_frames=K)
-        params = [p for p in list(gasp.parameters()) + list(loop.parameters()) if p.requires_grad]
-        names = ("a_vlm", "b_fused", "c_loop")
-        fns = {n: variant_fn(n, gasp, loop, batch, inputs) for n in names}
+        params = list(gasp.parameters()) + list(loop.parameters())  # (d) trains the LM head too
+        names = ("a_vlm", "b_fused", "c_loop") + (("d_joint",) if args.joint else ())
+        fns = {n: variant_fn(n, gasp, loop, batch, inputs, adapter.media_token_ids()) for n in names}
         # interleaved rounds (a, b, c, a, b, c, ...) so drift in machine load hits every variant alike
         rounds = {n: [] for n in names}
         peaks = {}
@@ -205,6 +225,9 @@ def main(argv=None) -> int:
         print(f"     goal: (b) <= 1.10 x (a) time [{'met' if b_t <= 1.10 * a_t else 'NOT met'}] and memory "
               f"[{'met' if rows['b_fused'][1] <= 1.10 * a_m else 'NOT met'}]; (b) no slower than (c) "
               f"[{'met' if b_t <= c_t * 1.02 else 'NOT met'}]")
+        if args.joint:
+            print(f"     joint (d) / geometry-only (b): {rows['d_joint'][0] / b_t:.3f} x time, "
+                  f"{rows['d_joint'][1] / max(rows['b_fused'][1], 1e-9):.3f} x memory")
         out[K] = {"pairs": P, "seq": seq, "rows": {k: {"ms": 1e3 * t, "peak_gib": m} for k, (t, m) in rows.items()},
                   "pairs_per_s": P / b_t}
     if args.json:

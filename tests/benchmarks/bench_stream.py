@@ -11,7 +11,11 @@ presets' budget) it reports, per frame of the clips:
   - the floor: JPEG decode plus one resize to the processor's size of the same frames, in the
     same run (what any loader must pay), and the loader's ratio to it (goal: at most 1.5x);
   - the end-to-end SampleStream rate with num_workers=0 (= clips/s of one worker) and with
-    --workers DataLoader workers (aggregate).
+    --workers DataLoader workers (aggregate);
+  - with --mix (issue [6 of 12]): SampleStream samples/s of one worker reading a 1:1 mixture of
+    these clips and the conversations of the synthetic instruction set (data/synthetic_instruct.py
+    rendered at --width x --height: images, 16-frame videos, text-only records), with the share of
+    each kind drawn and the per-sample rate of each set read alone in the same run.
 Needs only this repository (no network, no weights: the adapters come from the presets' local
 processors). Prints a table; `--json PATH` writes it.
 """
@@ -142,6 +146,46 @@ def stream_rate(folder: str, adapter, n_clips: int, batch_size: int, workers: in
     return got / (time.perf_counter() - t0)
 
 
+def build_sft(out: str, rooms: int, width: int, height: int) -> str:
+    """The synthetic instruction set rendered at width x height, sharded in this process (no Ray); cached."""
+    from data import synthetic_instruct
+    from pipeline import instruct, stages
+
+    if os.path.isfile(os.path.join(out, "manifest.json")):
+        return out
+    data = os.path.join(out, "_data")
+    info = synthetic_instruct.write_dataset(data, rooms=rooms, seed=0, width=width, height=height, video_frames=16)
+    cfg = instruct.InstructConfig(input=info["annotations"], media_root=data, output=out, frames=16,
+                                  samples_per_shard=4, val_fraction=0.0, seed=0)
+    plan = instruct.make_plan(instruct.load_annotations(cfg.input, cfg.output), cfg)
+    stats = {}
+    for entry in plan["shards"]:
+        st = instruct.write_shard(entry, cfg)
+        assert st["ok"], st
+        stats[st["name"]] = {k: v for k, v in st.items() if k != "ok"}
+    stages.write_json(os.path.join(out, "plan.json"), plan)
+    stages.write_json(os.path.join(out, "manifest.json"), instruct.build_manifest(plan, stats, cfg))
+    return out
+
+
+def mix_rate(sources: list[str], adapter, n_samples: int, batch_size: int) -> tuple[float, dict[str, int]]:
+    """Samples per second of one worker (num_workers=0) over `sources`, after the first batch; kinds drawn."""
+    import collections
+
+    from data.stream import SampleStream
+
+    n_batches = max(2, n_samples // batch_size)
+    stream = SampleStream(sources, adapter, batch_size=batch_size, num_workers=0, seed=0,
+                          batches_per_epoch=n_batches + 1, video_frames=16)
+    it = iter(stream)
+    next(it)
+    kinds: collections.Counter = collections.Counter()
+    t0 = time.perf_counter()
+    for b in it:
+        kinds.update(b["kinds"])
+    return sum(kinds.values()) / (time.perf_counter() - t0), dict(kinds)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", default="", help="a clip shard folder (default: synthetic 640x480 clips of K = 8, "
@@ -152,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the aggregate measurement")
     ap.add_argument("--configs", default="tiny,448,7b", help="which processor budgets to measure")
+    ap.add_argument("--mix", action="store_true", help="also time a 1:1 mixture of the clips and instruction "
+                                                        "shards (synthetic instruction set) per budget")
+    ap.add_argument("--mix-rooms", type=int, default=4, help="rooms of the synthetic instruction set (--mix)")
     ap.add_argument("--json", default="", help="also write the table as JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # as in a DataLoader worker
@@ -181,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
                      "ms_per_frame": {k: 1e3 * v for k, v in costs.items()}, "floor_ms_per_frame": 1e3 * floor,
                      "ratio_to_floor": per_frame / floor, "stream_clips_per_s_1_worker": one,
                      f"stream_clips_per_s_{args.workers}_workers": many})
+        if args.mix:
+            sft = build_sft(f"{DEFAULT_CACHE}_sft_{args.width}x{args.height}", args.mix_rooms, args.width, args.height)
+            n = 2 * args.clips
+            conv, _ = mix_rate([sft], adapter, n, args.batch_size)
+            clips_alone, _ = mix_rate([folder], adapter, n, args.batch_size)
+            both, kinds = mix_rate([f"{folder}:1", f"{sft}:1"], adapter, n, args.batch_size)
+            rows[-1]["mix"] = {"samples_per_s": both, "kinds": kinds, "conversations_alone_per_s": conv,
+                               "clips_alone_per_s": clips_alone}
 
     print(f"\nLoader cost per frame ({len(urls)} local shards in {folder}; {rows[0]['frames_per_clip']:.1f} frames a "
           f"clip; batch {args.batch_size}; torch threads 1; {os.cpu_count()} CPUs)")
@@ -199,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{r[f'stream_clips_per_s_{args.workers}_workers']:>7.2f}")
     print("(ms per frame and share of each step; floor = JPEG decode + one resize of the same frames; ratio = "
           "total / floor, goal <= 1.5; wkr = SampleStream clips/s end to end)")
+    if args.mix:
+        print(f"\n1:1 mixture, one worker (SampleStream samples/s; the instruction set at {args.width}x{args.height}, "
+              f"16-frame videos)")
+        print(f"{'config':<20} | {'clips alone':>11} | {'conversations alone':>19} | {'1:1 mixture':>11} | kinds drawn")
+        for r in rows:
+            m = r["mix"]
+            print(f"{r['config']:<20} | {m['clips_alone_per_s']:>11.2f} | {m['conversations_alone_per_s']:>19.2f} | "
+                  f"{m['samples_per_s']:>11.2f} | {m['kinds']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
