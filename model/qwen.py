@@ -57,6 +57,9 @@ class QwenVLProcessor(Qwen2VLProcessor):
     torchvision) loads the saved folder too.
     """
 
+    fast_images = True
+    """Whether images go through `fast_image_inputs` where it applies (False: always the image processor)."""
+
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
         self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
@@ -69,6 +72,14 @@ class QwenVLProcessor(Qwen2VLProcessor):
         out = super().to_dict()
         out["processor_class"] = self.hf_processor_class
         return out
+
+    def _process_images(self, images, **kwargs):
+        """The stock image step (patches + one `<|image_pad|>` run per image), by `fast_image_inputs` where it
+        applies (bit-identical output), else by the image processor itself."""
+        fast = fast_image_inputs(self.image_processor, images, **kwargs) if self.fast_images else None
+        if fast is None:
+            return super()._process_images(images, **kwargs)
+        return fast, [self.replace_image_token(fast, image_idx=i) for i in range(len(images))]
 
     def __call__(self, images=None, text=None, videos=None, **kwargs):
         """As the stock processor; `videos` (one list of frames per text, each text holding one
@@ -113,7 +124,7 @@ def video_patches(image_processor, frames: Sequence, **kwargs) -> tuple[torch.Te
     (temporal grid outermost), then in the image order, and each row holds channel, temporal
     slot, row, column. An odd frame count repeats the last frame.
     """
-    out = image_processor(images=list(frames), return_tensors="pt", **kwargs)
+    out = image_inputs(image_processor, list(frames), return_tensors="pt", **kwargs)
     pv, grid = out["pixel_values"], out["image_grid_thw"]
     if not bool((grid == grid[0]).all()):
         raise ValueError("the frames of one video must have one size")
@@ -125,6 +136,161 @@ def video_patches(image_processor, frames: Sequence, **kwargs) -> tuple[torch.Te
     tg = x.shape[0] // tps
     x = x.reshape(tg, tps, *x.shape[1:]).permute(0, 2, 3, 1, 4, 5)  # (tg, n, C, tps, p, p)
     return x.reshape(tg * n, -1), torch.tensor([[tg, int(grid[0, 1]), int(grid[0, 2])]])
+
+
+# ------------------------------------------------------------------ fast image path
+#
+# Qwen2VLImageProcessorPil (transformers 5.24, image_processing_pil_qwen2_vl.py `_preprocess` / `patchify`)
+# turns an RGB uint8 view into patches in four steps: optional resize (the adapter has already resized,
+# and calls it with do_resize=False), rescale (float64 multiply, cast to float32), normalize ((x - mean) /
+# std in float32, per channel) and patchify (reshape/transpose into (n_patches, C * T * P * P), grouped by
+# merge block, the image repeated in each temporal slot). The two arithmetic steps act on each value alone,
+# so for uint8 input they are a table of 256 float32 values per channel; building that table by calling
+# the processor's own `rescale` / `normalize` on the 256 values makes every entry bit-identical to what the
+# processor computes for that value. The fast path cuts the uint8 view into patches (a 1-byte copy) and
+# looks each value up in the table, writing both temporal slots of a preallocated output: one pass in
+# place of the processor's float64 / float32 copies. It applies only where that description holds
+# (`fast_path_reason`); anywhere else the image processor runs as before.
+
+_FAST_KWARGS = {"do_resize": (False,), "return_tensors": ("pt", "np", None)}
+"""Call arguments the fast path takes (with the values it takes); any other argument goes to the processor."""
+
+
+def _image_config(ip) -> tuple | None:
+    """The settings the fast path depends on, hashable (None when a mean / std is not 3 values)."""
+    def three(v):
+        vals = tuple(float(x) for x in v) if isinstance(v, (list, tuple, np.ndarray)) else (float(v),) * 3
+        return vals if len(vals) == 3 else None
+
+    mean, std = three(ip.image_mean), three(ip.image_std)
+    if mean is None or std is None:
+        return None
+    return (type(ip), bool(ip.do_rescale), float(ip.rescale_factor), bool(ip.do_normalize), mean, std,
+            int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size))
+
+
+@functools.lru_cache(maxsize=64)
+def _lookup_table(config: tuple, methods: tuple) -> tuple[np.ndarray | None, str]:
+    """(table (3, 256) float32 of the processor's rescale + normalize of each uint8 value per channel, "") or
+    (None, why not): the table is checked once against the processor on a view holding every value in every
+    channel (`_probe_view`), so a processor whose steps are not what the module comment says is never fast."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    cls, do_rescale, factor, do_normalize, mean, std, patch, merge, temporal = config
+    ip = Qwen2VLImageProcessorPil(do_rescale=do_rescale, rescale_factor=factor, do_normalize=do_normalize,
+                                  image_mean=list(mean), image_std=list(std), patch_size=patch, merge_size=merge,
+                                  temporal_patch_size=temporal)
+    x = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256))  # channel-first, as the processor's steps
+    if do_rescale:
+        x = ip.rescale(x, factor)
+    if do_normalize:
+        x = ip.normalize(x, list(mean), list(std))
+    table = np.ascontiguousarray(np.asarray(x, dtype=np.float32)[:, 0, :])
+    probe = _probe_view(patch * merge)
+    want = ip(images=[probe], do_resize=False, return_tensors="np")
+    got_pv, got_thw = _fast_patches([probe], table, patch, merge, temporal)
+    if not (np.array_equal(want["image_grid_thw"], got_thw) and want["pixel_values"].dtype == got_pv.dtype
+            and np.array_equal(want["pixel_values"], got_pv)):
+        return None, "the image processor's output on a probe view differs from the fast path's"
+    return table, ""
+
+
+def _probe_view(cell: int) -> np.ndarray:
+    """A (2 cells, 3 cells) RGB uint8 view holding each of the 256 values in every channel, shuffled."""
+    h, w = 2 * cell, 3 * cell
+    vals = np.arange(h * w * 3) % 256
+    return np.random.default_rng(0).permutation(vals).astype(np.uint8).reshape(h, w, 3)
+
+
+def _as_rgb_array(image) -> np.ndarray | None:
+    """A view as an RGB uint8 (H, W, 3) array the processor reads as channel-last, or None (then the processor
+    runs): a PIL image of mode RGB, or such an array whose first side is not 1, 3 or 4 (the processor reads
+    those as channel-first)."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image) if image.mode == "RGB" else None
+    if (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            and image.shape[0] not in (1, 3, 4)):
+        return image
+    return None
+
+
+def _fast_patches(views: Sequence[np.ndarray], table: np.ndarray, patch: int, merge: int,
+                  temporal: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel_values (sum n_k, 3 * T * P * P) float32, image_grid_thw (K, 3) int64) of RGB uint8 views whose
+    sides are multiples of patch * merge: rows grouped by merge block, blocks row-major; a row holds channel,
+    temporal slot (the view in each), patch row, patch column; values `table[c, v]`."""
+    grids = [(v.shape[0] // patch, v.shape[1] // patch) for v in views]
+    n = sum(gh * gw for gh, gw in grids)
+    out = np.empty((n, 3, temporal, patch * patch), dtype=np.float32)
+    first = 0
+    for v, (gh, gw) in zip(views, grids):
+        # (H, W, C) -> (blocks down, blocks across, merge row, merge col, C, patch row, patch col), uint8
+        cut = v.reshape(gh // merge, merge, patch, gw // merge, merge, patch, 3).transpose(0, 3, 1, 4, 6, 2, 5)
+        cut = np.ascontiguousarray(cut).reshape(gh * gw, 3, patch * patch)
+        rows = out[first:first + gh * gw]
+        for c in range(3):
+            vals = table[c].take(cut[:, c])
+            for t in range(temporal):
+                rows[:, c, t] = vals
+        first += gh * gw
+    return out.reshape(n, -1), np.array([[1, gh, gw] for gh, gw in grids], dtype=np.int64)
+
+
+def fast_path_reason(image_processor, images: Sequence | None = None, **kwargs) -> str:
+    """Why `fast_image_inputs` would hand `image_processor(images, **kwargs)` to the processor ("" when it
+    would not): a processor other than Qwen2VLImageProcessorPil, a call argument it does not take, a view
+    that is not RGB uint8 with sides in whole merge blocks, or a probe mismatch (`_lookup_table`)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if type(image_processor) is not Qwen2VLImageProcessorPil:
+        return f"image processor {type(image_processor).__name__} (the fast path mirrors Qwen2VLImageProcessorPil)"
+    for k, v in kwargs.items():
+        if k not in _FAST_KWARGS or v not in _FAST_KWARGS[k]:
+            return f"call argument {k}={v!r}"
+    if kwargs.get("do_resize", image_processor.do_resize):
+        return "do_resize is on (the fast path takes views already at their size)"
+    config = _image_config(image_processor)
+    if config is None:
+        return "image_mean / image_std are not 3 values"
+    cell = config[6] * config[7]
+    if images is not None:
+        if not isinstance(images, (list, tuple)) or not images:
+            return "images are not a non-empty flat list"
+        for i, im in enumerate(images):
+            a = _as_rgb_array(im)
+            if a is None:
+                return f"image {i} is not an RGB uint8 view"
+            if a.shape[0] % cell or a.shape[1] % cell:
+                return f"image {i} of {a.shape[1]}x{a.shape[0]} is not in whole {cell}x{cell} blocks"
+    _, why = _lookup_table(config, _methods(image_processor))
+    return why
+
+
+def _methods(ip) -> tuple:
+    """The processor class's functions the fast path mirrors (a patched one keys a new table and probe)."""
+    cls = type(ip)
+    return tuple(getattr(cls, m) for m in ("rescale", "normalize", "patchify", "_preprocess", "preprocess",
+                                              "process_image", "convert_to_rgb", "__call__"))
+
+
+def fast_image_inputs(image_processor, images, **kwargs):
+    """`image_processor(images, **kwargs)` (pixel_values, image_grid_thw) computed by the fast path (module
+    comment above), bit-identical; None where it does not apply (`fast_path_reason`: then call the processor)."""
+    if fast_path_reason(image_processor, images, **kwargs):
+        return None
+    from transformers.image_processing_utils import BatchFeature
+
+    table, _ = _lookup_table(_image_config(image_processor), _methods(image_processor))
+    ip = image_processor
+    pv, thw = _fast_patches([_as_rgb_array(im) for im in images], table, int(ip.patch_size), int(ip.merge_size),
+                            int(ip.temporal_patch_size))
+    return BatchFeature(data={"pixel_values": pv, "image_grid_thw": thw}, tensor_type=kwargs.get("return_tensors"))
+
+
+def image_inputs(image_processor, images, **kwargs):
+    """`image_processor(images=images, **kwargs)`, by `fast_image_inputs` where it applies."""
+    fast = fast_image_inputs(image_processor, images, **kwargs)
+    return fast if fast is not None else image_processor(images=images, **kwargs)
 
 
 def make_processor(image_processor, tokenizer, chat_template: str, family: str) -> QwenVLProcessor:
