@@ -99,7 +99,7 @@ class QwenVLProcessor(Qwen2VLProcessor):
         for t, frames in zip(texts, videos):
             if t.count(self.video_token) != 1:
                 raise ValueError(f"each text needs exactly one {self.video_token} (got {t.count(self.video_token)})")
-            pv, grid = video_patches(self.image_processor, frames, **ip_kwargs)
+            pv, grid = video_patches(self.image_processor, frames, self.fast_images, **ip_kwargs)
             patches.append(pv)
             grids.append(grid)
             expanded.append(t.replace(self.video_token, self.video_token * (int(grid.prod()) // merge)))
@@ -115,16 +115,19 @@ class QwenVLProcessor(Qwen2VLProcessor):
         return BatchFeature(data)
 
 
-def video_patches(image_processor, frames: Sequence, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def video_patches(image_processor, frames: Sequence, fast: bool = True, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen video input of `frames` (PIL or uint8 arrays of one size): (patches, video_grid_thw (1, 3)).
 
     The image processor resizes, normalizes and cuts each frame as it does an image (an image
     fills both temporal slots of a patch with itself); here consecutive frames fill the two
     slots instead, as the stock video processor does: patch rows run frame pair by frame pair
     (temporal grid outermost), then in the image order, and each row holds channel, temporal
-    slot, row, column. An odd frame count repeats the last frame.
+    slot, row, column. An odd frame count repeats the last frame. fast: by `image_inputs` (else always the
+    image processor).
     """
-    out = image_inputs(image_processor, list(frames), return_tensors="pt", **kwargs)
+    frames = list(frames)
+    out = (image_inputs(image_processor, frames, return_tensors="pt", **kwargs) if fast
+           else image_processor(images=frames, return_tensors="pt", **kwargs))
     pv, grid = out["pixel_values"], out["image_grid_thw"]
     if not bool((grid == grid[0]).all()):
         raise ValueError("the frames of one video must have one size")

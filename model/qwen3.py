@@ -139,7 +139,7 @@ class Qwen3VLProcessor(QwenVLProcessor):
                 raise ValueError(f"each text needs exactly one {self.video_token} (got {t.count(self.video_token)})")
             if len(ts) != len(frames):
                 raise ValueError(f"{len(ts)} frame times for a video of {len(frames)} frames")
-            pv, grid = video_patches(self.image_processor, frames, **ip_kwargs)
+            pv, grid = video_patches(self.image_processor, frames, self.fast_images, **ip_kwargs)
             patches.append(pv)
             grids.append(grid)
             span = wrapped if wrapped in t else self.video_token
