@@ -150,9 +150,9 @@ def video_patches(image_processor, frames: Sequence, fast: bool = True, **kwargs
 # merge block, the image repeated in each temporal slot). The two arithmetic steps act on each value alone,
 # so for uint8 input they are a table of 256 float32 values per channel; building that table by calling
 # the processor's own `rescale` / `normalize` on the 256 values makes every entry bit-identical to what the
-# processor computes for that value. The fast path cuts the uint8 view into patches (a 1-byte copy) and
-# looks each value up in the table, writing both temporal slots of a preallocated output: one pass in
-# place of the processor's float64 / float32 copies. It applies only where that description holds
+# processor computes for that value. The fast path looks each channel's values up in the table and copies
+# the plane into both temporal slots of a preallocated output, already in patch order: two passes in
+# place of the processor's float64 / float32 copies, transposes and concatenation. It applies only where that description holds
 # (`fast_path_reason`); anywhere else the image processor runs as before.
 
 _FAST_KWARGS = {"do_resize": (False,), "return_tensors": ("pt", "np", None)}
@@ -227,14 +227,13 @@ def _fast_patches(views: Sequence[np.ndarray], table: np.ndarray, patch: int, me
     out = np.empty((n, 3, temporal, patch * patch), dtype=np.float32)
     first = 0
     for v, (gh, gw) in zip(views, grids):
-        # (H, W, C) -> (blocks down, blocks across, merge row, merge col, C, patch row, patch col), uint8
-        cut = v.reshape(gh // merge, merge, patch, gw // merge, merge, patch, 3).transpose(0, 3, 1, 4, 6, 2, 5)
-        cut = np.ascontiguousarray(cut).reshape(gh * gw, 3, patch * patch)
-        rows = out[first:first + gh * gw]
+        # out rows of this view as (blocks down, blocks across, merge row, merge col, C, T, patch row, patch col)
+        rows = out[first:first + gh * gw].reshape(gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch)
         for c in range(3):
-            vals = table[c].take(cut[:, c])
+            plane = table[c].take(v[..., c])  # (H, W) float32
+            cut = plane.reshape(gh // merge, merge, patch, gw // merge, merge, patch).transpose(0, 3, 1, 4, 2, 5)
             for t in range(temporal):
-                rows[:, c, t] = vals
+                rows[:, :, :, :, c, t] = cut
         first += gh * gw
     return out.reshape(n, -1), np.array([[1, gh, gw] for gh, gw in grids], dtype=np.int64)
 
