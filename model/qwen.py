@@ -151,9 +151,9 @@ def video_patches(image_processor, frames: Sequence, fast: bool = True, **kwargs
 # so for uint8 input they are a table of 256 float32 values per channel; building that table by calling
 # the processor's own `rescale` / `normalize` on the 256 values makes every entry bit-identical to what the
 # processor computes for that value. The fast path looks each channel's values up in the table and copies
-# the plane into both temporal slots of a preallocated output, already in patch order: two passes in
-# place of the processor's float64 / float32 copies, transposes and concatenation. It applies only where that description holds
-# (`fast_path_reason`); anywhere else the image processor runs as before.
+# the plane into both temporal slots of a preallocated output, already in patch order: two passes in place
+# of the processor's float64 / float32 copies, transposes and concatenation. It applies only where that
+# description holds (`fast_path_reason`); anywhere else the image processor runs as before.
 
 _FAST_KWARGS = {"do_resize": (False,), "return_tensors": ("pt", "np", None)}
 """Call arguments the fast path takes (with the values it takes); any other argument goes to the processor."""
@@ -165,10 +165,14 @@ def _image_config(ip) -> tuple | None:
         vals = tuple(float(x) for x in v) if isinstance(v, (list, tuple, np.ndarray)) else (float(v),) * 3
         return vals if len(vals) == 3 else None
 
-    mean, std = three(ip.image_mean), three(ip.image_std)
+    try:
+        mean, std = three(ip.image_mean), three(ip.image_std)
+        factor = float(ip.rescale_factor)
+    except (TypeError, ValueError):
+        return None
     if mean is None or std is None:
         return None
-    return (type(ip), bool(ip.do_rescale), float(ip.rescale_factor), bool(ip.do_normalize), mean, std,
+    return (type(ip), bool(ip.do_rescale), factor, bool(ip.do_normalize), mean, std,
             int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size))
 
 
@@ -238,34 +242,43 @@ def _fast_patches(views: Sequence[np.ndarray], table: np.ndarray, patch: int, me
     return out.reshape(n, -1), np.array([[1, gh, gw] for gh, gw in grids], dtype=np.int64)
 
 
+def _fast_plan(image_processor, images, kwargs) -> tuple[tuple | None, list[np.ndarray], str]:
+    """(table lookup key, the views as RGB uint8 arrays, "") where the fast path applies, else (None, [], why)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if type(image_processor) is not Qwen2VLImageProcessorPil:
+        return None, [], (f"image processor {type(image_processor).__name__} (the fast path mirrors "
+                          "Qwen2VLImageProcessorPil)")
+    for k, v in kwargs.items():
+        if k not in _FAST_KWARGS or v not in _FAST_KWARGS[k]:
+            return None, [], f"call argument {k}={v!r}"
+    if kwargs.get("do_resize", image_processor.do_resize):
+        return None, [], "do_resize is on (the fast path takes views already at their size)"
+    config = _image_config(image_processor)
+    if config is None:
+        return None, [], "image_mean / image_std are not 3 values, or rescale_factor is not a number"
+    cell = config[6] * config[7]
+    views = []
+    if images is not None:
+        if not isinstance(images, (list, tuple)) or not images:
+            return None, [], "images are not a non-empty flat list"
+        for i, im in enumerate(images):
+            a = _as_rgb_array(im)
+            if a is None:
+                return None, [], f"image {i} is not an RGB uint8 view"
+            if a.shape[0] % cell or a.shape[1] % cell:
+                return None, [], f"image {i} of {a.shape[1]}x{a.shape[0]} is not in whole {cell}x{cell} blocks"
+            views.append(a)
+    key = (config, _methods(image_processor))
+    _, why = _lookup_table(*key)
+    return (None, [], why) if why else (key, views, "")
+
+
 def fast_path_reason(image_processor, images: Sequence | None = None, **kwargs) -> str:
     """Why `fast_image_inputs` would hand `image_processor(images, **kwargs)` to the processor ("" when it
     would not): a processor other than Qwen2VLImageProcessorPil, a call argument it does not take, a view
     that is not RGB uint8 with sides in whole merge blocks, or a probe mismatch (`_lookup_table`)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    if type(image_processor) is not Qwen2VLImageProcessorPil:
-        return f"image processor {type(image_processor).__name__} (the fast path mirrors Qwen2VLImageProcessorPil)"
-    for k, v in kwargs.items():
-        if k not in _FAST_KWARGS or v not in _FAST_KWARGS[k]:
-            return f"call argument {k}={v!r}"
-    if kwargs.get("do_resize", image_processor.do_resize):
-        return "do_resize is on (the fast path takes views already at their size)"
-    config = _image_config(image_processor)
-    if config is None:
-        return "image_mean / image_std are not 3 values"
-    cell = config[6] * config[7]
-    if images is not None:
-        if not isinstance(images, (list, tuple)) or not images:
-            return "images are not a non-empty flat list"
-        for i, im in enumerate(images):
-            a = _as_rgb_array(im)
-            if a is None:
-                return f"image {i} is not an RGB uint8 view"
-            if a.shape[0] % cell or a.shape[1] % cell:
-                return f"image {i} of {a.shape[1]}x{a.shape[0]} is not in whole {cell}x{cell} blocks"
-    _, why = _lookup_table(config, _methods(image_processor))
-    return why
+    return _fast_plan(image_processor, images, kwargs)[2]
 
 
 def _methods(ip) -> tuple:
@@ -278,14 +291,14 @@ def _methods(ip) -> tuple:
 def fast_image_inputs(image_processor, images, **kwargs):
     """`image_processor(images, **kwargs)` (pixel_values, image_grid_thw) computed by the fast path (module
     comment above), bit-identical; None where it does not apply (`fast_path_reason`: then call the processor)."""
-    if fast_path_reason(image_processor, images, **kwargs):
+    key, views, why = _fast_plan(image_processor, images, kwargs)
+    if why:
         return None
     from transformers.image_processing_utils import BatchFeature
 
-    table, _ = _lookup_table(_image_config(image_processor), _methods(image_processor))
+    table, _ = _lookup_table(*key)
     ip = image_processor
-    pv, thw = _fast_patches([_as_rgb_array(im) for im in images], table, int(ip.patch_size), int(ip.merge_size),
-                            int(ip.temporal_patch_size))
+    pv, thw = _fast_patches(views, table, int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size))
     return BatchFeature(data={"pixel_values": pv, "image_grid_thw": thw}, tensor_type=kwargs.get("return_tensors"))
 
 

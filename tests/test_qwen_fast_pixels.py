@@ -129,7 +129,8 @@ def test_adapter_encodings_are_the_same_with_and_without_the_fast_path(name, cou
         return (adapter.encode_clip(frames), adapter.encode_conversation(frames[:2], "image", images),
                 adapter.encode_conversation([np.asarray(f) for f in small], "video", video, ts, video_frames=5))
 
-    assert fast_path_reason(adapter.processor.image_processor, do_resize=False) == ""  # builds the table: the probe runs it once
+    # building the table runs the processor once (the probe)
+    assert fast_path_reason(adapter.processor.image_processor, do_resize=False) == ""
     count_hf.clear()
     fast = encode()
     assert count_hf == [], "the fast path should not run the processor's own step"
@@ -237,7 +238,10 @@ def test_what_the_fast_path_does_not_take_goes_to_the_processor(case, kw, images
     assert count_hf == [1]
 
 
-def test_four_channel_constants_fall_back():
+@pytest.mark.parametrize("attr, value", [("image_mean", [0.5] * 4), ("image_std", [0.5] * 2), ("rescale_factor", None)])
+def test_settings_the_fast_path_cannot_read_fall_back(attr, value):
     ip = _ip("qwen2 (CLIP)", 14)
-    ip.image_mean = [0.5] * 4
-    assert "3 values" in fast_path_reason(ip, _views([(1, 1)], 28), do_resize=False)
+    setattr(ip, attr, value)
+    views = _views([(1, 1)], 28)
+    assert "3 values" in fast_path_reason(ip, views, do_resize=False)
+    assert fast_image_inputs(ip, views, do_resize=False) is None
