@@ -35,7 +35,8 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def train(name: str, root: str, args: list[str]) -> str:
-    run = os.path.join(root, name)
+    run = os.path.join(root, "runs", name)
+    os.makedirs(os.path.dirname(run), exist_ok=True)
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "1",
            os.path.join(ROOT, "launch", "train.py"), "--ds_config", os.path.join(ROOT, "launch", "zero3.json"),
            "--output-dir", run, "--run-name", name, "--no-mlflow", "--num-workers", "0", "--resume", "never",
@@ -74,7 +75,7 @@ def main() -> int:
     a = ap.parse_args()
     from conftest import build_instruct_shards, build_shards, write_tiny_corpus
 
-    root = a.root or tempfile.mkdtemp(prefix="retention-")
+    root = os.path.abspath(a.root or tempfile.mkdtemp(prefix="retention-"))
     os.makedirs(root, exist_ok=True)
     clips, sft = os.path.join(root, "clips"), os.path.join(root, "sft")
     if not os.path.isfile(os.path.join(clips, "plan.json")):
