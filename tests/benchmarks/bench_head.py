@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         batch, inputs = make_batch(adapter, size, args.clips, device, dtype, clip_frames=K)
         params = list(gasp.parameters()) + list(loop.parameters())  # (d) trains the LM head too
         names = ("a_vlm", "b_fused", "c_loop") + (("d_joint",) if args.joint else ())
-        fns = {n: variant_fn(n, gasp, loop, batch, inputs, adapter.media_token_ids()) for n in names}
+        fns = {n: variant_fn(n, gasp, loop, batch, inputs, adapter.media_token_ids) for n in names}
         # interleaved rounds (a, b, c, a, b, c, ...) so drift in machine load hits every variant alike
         rounds = {n: [] for n in names}
         peaks = {}
