@@ -313,17 +313,21 @@ def test_probe_of_the_two_layer_model(small_model, tiny_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_step_training_of_the_assembled_model(small_model, tiny_shards, tmp_path):
-    """launch/train.py --model DIR, LoRA on the LM + heads, ZeRO-3 on 2 CPU ranks, 2 steps."""
+def test_two_step_training_of_the_assembled_model(small_model, tiny_shards, tiny_instruct_shards, tmp_path):
+    """launch/train.py --model DIR, LoRA on the LM + heads, ZeRO-3 on 2 CPU ranks, 2 steps of joint training:
+    clips and conversations mixed 1:1, L_LM beside the geometry losses (issue [8 of 12])."""
     out = tmp_path / "run"
-    run = Launch(["--ds_config", ZERO3_JSON, "--model", small_model, "--trainable", "lora", "--shards", tiny_shards,
-                  "--steps", "2", "--batch-size", "1", "--lr", "2e-4", "--val-every", "0", "--val-batches", "1",
-                  "--num-workers", "0", "--no-mlflow", "--no-export", "--output-dir", str(out)],
+    run = Launch(["--ds_config", ZERO3_JSON, "--model", small_model, "--trainable", "lora",
+                  "--shards", tiny_shards + ":1", tiny_instruct_shards + ":1", "--lambda-lm", "1",
+                  "--video-frames", "4", "--steps", "2", "--batch-size", "2", "--lr", "2e-4", "--val-every", "0",
+                  "--val-batches", "1", "--num-workers", "0", "--no-mlflow", "--no-export", "--output-dir", str(out)],
                  str(tmp_path / "train.log"), cwd=str(tmp_path))
     assert run.wait(timeout=900) == 0, run.tail()
     log = read_jsonl(str(out / "train_log.jsonl"))
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in log)
     assert not any(r["skipped"] for r in log)
+    assert sum(r["anchors"] for r in log) > 0 and sum(r["lm_tokens"] for r in log) > 0, log
+    assert all(r["lm"] is None or np.isfinite(r["lm"]) for r in log) and all(r["bad_samples"] == 0 for r in log)
 
 
 @pytest.mark.slow
