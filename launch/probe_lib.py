@@ -76,6 +76,13 @@ class ProbeArgs:
     shards: list[str] = opt(default_factory=list, help="shard sets: shard job folders, manifest.json, .tar, "
                                                         "brace patterns, s3:// (required)", metavar="URL")
     split: str = opt("val", "which split of folders / manifests to read", choices=["val", "test", "train"])
+    lm_shards: list[str] = opt(default_factory=list, help="instruction shard sets (pipeline/shard.py --format "
+                                                           "llava-json) whose --split measures LM retention: mean "
+                                                           "LM loss and next-token accuracy on the answer tokens, "
+                                                           "as training validation's val/lm", metavar="URL")
+    lm_batches: int = opt(0, "LM retention: at most N batches of --batch-size conversations (0: the whole split)")
+    video_frames: int = opt(16, "LM retention: frames of a conversation's video given to the model (as training's "
+                                "--video-frames)")
     max_clips: int = opt(0, "score at most N clips (0: every clip of the split)")
     pairs_per_clip: int = opt(0, "score at most this many pairs i < j per clip (a seeded subset; 0: every pair)")
     batch_size: int = opt(4, "clips per forward")
@@ -158,6 +165,8 @@ class Plan:
     layer_from: dict[str, Any] | None
     compare: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    lm_sources: list[str] = field(default_factory=list)
+    """--lm-shards locations, checked to hold instruction samples in --split."""
 
 
 def _model_dims(plan_source: str, kind: str) -> tuple[str | None, int | None, int | None]:
@@ -220,6 +229,31 @@ def _check_sources(args: ProbeArgs) -> list[SourceInfo]:
         rec = recorded(location)
         out.append(SourceInfo(spec, location, len(shard_set.urls), shard_set.n_samples, rec.manifest,
                               rec.manifest_sha256))
+    return out
+
+
+def _check_lm_sources(args: ProbeArgs) -> list[str]:
+    from data.shardformat import FormatError
+    from data.sources import parse_spec
+    from data.stream import resolve_source
+
+    out = []
+    for spec in args.lm_shards:
+        try:
+            location, weight = parse_spec(spec)
+            if weight is not None:
+                raise ProbeError(f"--lm-shards {spec}: mixing weights make no sense for a probe; drop ':{weight:g}'")
+            shard_set = resolve_source(location, args.split)
+        except ProbeError:
+            raise
+        except (FileNotFoundError, FormatError, ValueError, OSError) as e:
+            raise ProbeError(f"--lm-shards {spec}: {one_line(e)}") from None
+        if shard_set.kind != "instruction":
+            raise ProbeError(f"--lm-shards {spec}: holds {shard_set.kind} samples, not conversations (LM retention "
+                             f"reads instruction shards: pipeline/shard.py --format llava-json)")
+        if shard_set.n_samples == 0:
+            raise ProbeError(f"--lm-shards {spec}: no {args.split} conversations in it")
+        out.append(location)
     return out
 
 
@@ -287,6 +321,7 @@ def check_inputs(args: ProbeArgs) -> Plan:
                             f"check that this is the model they belong to)")
     # ---- shards, then the other runs' files
     sources = _check_sources(args)
+    lm_sources = _check_lm_sources(args)
     try:
         layer_from = read_probe(args.layer_from, "--layer-from") if args.layer_from else None
         compare = [read_probe(p, "--compare") for p in args.compare]
@@ -302,7 +337,7 @@ def check_inputs(args: ProbeArgs) -> Plan:
     name = args.run_name or _default_name(args)
     output = args.output or os.path.join("runs", "probe", name)
     return Plan(args, name, output, source, kind, family, L, D, device, dtype, heads_kind, head, heads_file,
-                heads_meta, heads_sha, sources, layer_from, compare, warnings)
+                heads_meta, heads_sha, sources, layer_from, compare, warnings, lm_sources)
 
 
 # ============================================================================ model
@@ -451,6 +486,34 @@ def score_sources(plan: Plan, loaded: Loaded, tau_head: float, emit: Callable[[s
     return Scored(raw_acc, head_acc, done, pairs, no_anchor, dupes, per_source, skipped, time.monotonic() - t0, total)
 
 
+def lm_retention(plan: Plan, loaded: Loaded, emit: Callable[[str], None]) -> dict[str, Any] | None:
+    """Mean LM loss and next-token accuracy over the answer tokens of --lm-shards' --split (DESIGN §6 LM
+    retention, as the trainer's validation computes it); None without --lm-shards."""
+    import torch
+
+    from data.stream import SampleStream
+
+    args = plan.args
+    if not plan.lm_sources:
+        return None
+    stream = SampleStream(plan.lm_sources, loaded.adapter, batch_size=args.batch_size, rank=0, world_size=1,
+                          num_workers=0, seed=0, split=args.split, batches_per_epoch=args.lm_batches or None,
+                          video_frames=args.video_frames)
+    total = n = correct = 0.0
+    samples = 0
+    t0 = time.monotonic()
+    with torch.no_grad():
+        for batch in stream:
+            samples += len(batch["keys"])
+            batch, inputs = loaded.gasp.batch_to_device(batch, loaded.adapter, loaded.device, loaded.torch_dtype)
+            t, k, c = loaded.gasp.lm_eval(batch, inputs)
+            total, n, correct = total + t, n + k, correct + c
+    emit(f"[probe] LM retention: {samples} {args.split} conversations, {int(n)} answer tokens, "
+         f"{time.monotonic() - t0:.1f} s")
+    return {"loss": total / n if n else None, "accuracy": correct / n if n else None, "tokens": int(n),
+            "samples": samples, "sources": list(args.lm_shards), "split": args.split}
+
+
 # ============================================================================ the run
 
 def run_probe(args: ProbeArgs, emit: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -485,6 +548,7 @@ def run_probe(args: ProbeArgs, emit: Callable[[str], None] | None = None) -> dic
                                     tags={"kind": "probe", "heads": plan.heads_kind, "model": plan.source,
                                           "family": loaded.family, "split": args.split})
         scored = score_sources(plan, loaded, tau_head, emit)
+        retention = lm_retention(plan, loaded, emit)
         raw = scored.raw.compute()
         head = scored.head.compute() if scored.head is not None else None
         result: dict[str, Any] = {
@@ -517,6 +581,7 @@ def run_probe(args: ProbeArgs, emit: Callable[[str], None] | None = None) -> dic
                         "positional feature would score"}},
             "raw": raw,
             "head": head,
+            "lm_retention": retention,
             "compare": [c["name"] for c in plan.compare],
             "timing": {"seconds_scoring": round(scored.seconds, 3),
                        "seconds_total": round(time.monotonic() - t_start, 3),

@@ -128,6 +128,10 @@ def track(tracker, result: dict[str, Any], paths: dict[str, str], json_path: str
                "probe/anchors": float(result["data"]["anchors"])}
     if result["timing"]["clips_per_s"] is not None:
         metrics["probe/clips_per_s"] = float(result["timing"]["clips_per_s"])
+    lm = result.get("lm_retention")
+    if lm and lm["tokens"]:
+        metrics.update({"probe/lm/loss": float(lm["loss"]), "probe/lm/accuracy": float(lm["accuracy"]),
+                        "probe/lm/tokens": float(lm["tokens"])})
     for name in ("raw", "head"):
         if result[name] is not None:
             metrics.update(flatten_metrics(result[name], f"probe/{name}"))
@@ -187,6 +191,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"shards ({sh['split']}): {', '.join(s['spec'] for s in sh['sources'])}: {d['clips']} clips, "
                  f"{d['pairs']} pairs, {d['anchors']} anchors" + (f" (--max-clips {d['max_clips']})"
                                                                   if d["max_clips"] else ""))
+    lm = result.get("lm_retention")
+    if lm:
+        lines.append(f"LM retention ({lm['split']}): {', '.join(lm['sources'])}: loss {_f(lm['loss'])}, next-token "
+                     f"accuracy {_f(lm['accuracy'])} over {lm['tokens']} answer tokens of {lm['samples']} conversations")
     lines.append("")
     cols = ["layer", "raw PCK@0", "raw PCK@1", "raw PCK@2p", "raw corr"]
     if head is not None:

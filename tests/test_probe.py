@@ -422,3 +422,38 @@ def test_mlflow_run_holds_metrics_and_plots(tiny_shards, tmp_path, monkeypatch):
     assert {"three_panels.png", "pck_by_layer.png", "conf_vs_acc.png"} <= plots
     top = {a.path for a in client.list_artifacts(run_id)}
     assert {"probe.json", "probe_table.txt"} <= top
+
+
+def test_lm_retention_on_held_out_conversations_equals_the_models_own_loss(tiny_shards, tiny_instruct_shards, tmp_path,
+                                                                          capsys):
+    """--lm-shards: mean LM loss and next-token accuracy over the answer tokens of the val conversations, as the
+    trainer's val/lm computes them; the loss equals the model's own `labels=` loss weighted by each batch's
+    labelled positions (an independent computation), and lands in probe.json and the table."""
+    from data.stream import SampleStream
+    from model.loading import build_model_and_processor
+
+    out = tmp_path / "out"
+    assert main(_flags(tiny_shards, out, "--no-head", "--max-clips", "2", "--batch-size", "2",
+                       "--lm-shards", tiny_instruct_shards)) == 0
+    lm = _load(out)["lm_retention"]
+    assert lm["tokens"] > 0 and lm["samples"] > 0 and 0.0 <= lm["accuracy"] <= 1.0 and lm["split"] == "val"
+    assert "LM retention (val)" in capsys.readouterr().out
+
+    model, _, adapter = build_model_and_processor("tiny")
+    model.eval()
+    total = n = samples = 0
+    with torch.no_grad():
+        for batch in SampleStream([tiny_instruct_shards], adapter, batch_size=2, rank=0, world_size=1, num_workers=0,
+                                  seed=0, split="val", video_frames=16):
+            samples += len(batch["keys"])
+            k = int((batch["labels"][:, 1:] != -100).sum())
+            loss = model(**adapter.model_inputs(batch), labels=batch["labels"]).loss
+            total, n = total + float(loss) * k, n + k
+    assert samples == lm["samples"] and n == lm["tokens"]
+    assert lm["loss"] == pytest.approx(total / n, rel=1e-5)
+
+
+def test_lm_shards_of_clips_fail_in_one_line(tiny_shards, tmp_path, capsys, no_model_build):
+    assert main(_flags(tiny_shards, tmp_path / "out", "--lm-shards", tiny_shards)) == 2
+    line = _one_line_error(capsys)
+    assert "--lm-shards" in line and "not conversations" in line
