@@ -81,10 +81,15 @@ def summarise(res: dict) -> dict:
         out[f"{kind}_best_layer"] = b.get("layer")
         out[f"{kind}_best_pck1"] = b.get("pck1")
         out[f"{kind}_best_corr"] = b.get("conf_acc_corr")
-        out[f"{kind}_best_robustness"] = b.get("temporal_robustness")
+        # probe.json of the pair era had a robustness and PCK@1 by frame-gap bucket; clips have a temporal
+        # curve per dataset (gasp-probe/2): its robustness at dt 24 of the first dataset stands in
+        temporal = b.get("temporal") or {}
+        first = next(iter(temporal.values()), {})
+        out[f"{kind}_best_robustness"] = b.get("temporal_robustness", first.get("robustness"))
         out[f"{kind}_best_pck1_by_gap"] = b.get("pck1_by_gap")
-    out["gap_labels"] = res["head"]["gap_buckets"]["labels"] if res.get("head") else None
-    out["gap_counts"] = res["head"]["gap_buckets"]["counts"] if res.get("head") else None
+    buckets = (res.get("head") or {}).get("gap_buckets") or {}
+    out["gap_labels"] = buckets.get("labels")
+    out["gap_counts"] = buckets.get("counts")
     return out
 
 
