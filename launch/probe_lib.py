@@ -112,9 +112,11 @@ class ProbeArgs:
                              "s3://...; make some with pipeline/shard.py)")
         if self.heads and not self.head:
             raise ValueError("--heads and --no-head contradict each other; drop one")
-        for flag in ("batch_size",):
+        for flag in ("batch_size", "video_frames"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(self, flag)})")
+        if self.lm_batches < 0:
+            raise ValueError(f"--lm-batches must be >= 0 (0: the whole split; got {self.lm_batches})")
         for flag in ("max_clips", "num_workers", "pairs_per_clip"):
             if getattr(self, flag) < 0:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (got {getattr(self, flag)})")
@@ -204,23 +206,32 @@ def _resolve_heads_path(path: str) -> str:
     return path
 
 
-def _check_sources(args: ProbeArgs) -> list[SourceInfo]:
+def _resolve(flag: str, spec: str, split: str, what: str):
+    """One shard set of a probe flag, resolved cheaply (manifest or listing); ProbeError (one line) when it cannot
+    be read or carries a mixing weight (`what`: the flag's unit of scoring, for the message)."""
     from data.shardformat import FormatError
-    from data.sources import parse_spec, recorded
+    from data.sources import parse_spec
     from data.stream import resolve_source
+
+    try:
+        location, weight = parse_spec(spec)
+        if weight is not None:
+            raise ProbeError(f"{flag} {spec}: mixing weights make no sense for a probe (every {what} is scored "
+                             f"once); drop ':{weight:g}'")
+        shard_set = resolve_source(location, split)
+    except ProbeError:
+        raise
+    except (FileNotFoundError, FormatError, ValueError, OSError) as e:
+        raise ProbeError(f"{flag} {spec}: {one_line(e)}") from None
+    return location, shard_set
+
+
+def _check_sources(args: ProbeArgs) -> list[SourceInfo]:
+    from data.sources import recorded
 
     out = []
     for spec in args.shards:
-        try:
-            location, weight = parse_spec(spec)
-            if weight is not None:
-                raise ProbeError(f"--shards {spec}: mixing weights make no sense for a probe (every clip is scored "
-                                 f"once); drop ':{weight:g}'")
-            shard_set = resolve_source(location, args.split)
-        except ProbeError:
-            raise
-        except (FileNotFoundError, FormatError, ValueError, OSError) as e:
-            raise ProbeError(f"--shards {spec}: {one_line(e)}") from None
+        location, shard_set = _resolve("--shards", spec, args.split, "clip")
         if shard_set.n_samples == 0:
             raise ProbeError(f"--shards {spec}: no {args.split} clips in it")
         if shard_set.kind != "clip":
@@ -233,21 +244,9 @@ def _check_sources(args: ProbeArgs) -> list[SourceInfo]:
 
 
 def _check_lm_sources(args: ProbeArgs) -> list[str]:
-    from data.shardformat import FormatError
-    from data.sources import parse_spec
-    from data.stream import resolve_source
-
     out = []
     for spec in args.lm_shards:
-        try:
-            location, weight = parse_spec(spec)
-            if weight is not None:
-                raise ProbeError(f"--lm-shards {spec}: mixing weights make no sense for a probe; drop ':{weight:g}'")
-            shard_set = resolve_source(location, args.split)
-        except ProbeError:
-            raise
-        except (FileNotFoundError, FormatError, ValueError, OSError) as e:
-            raise ProbeError(f"--lm-shards {spec}: {one_line(e)}") from None
+        location, shard_set = _resolve("--lm-shards", spec, args.split, "conversation")
         if shard_set.kind != "instruction":
             raise ProbeError(f"--lm-shards {spec}: holds {shard_set.kind} samples, not conversations (LM retention "
                              f"reads instruction shards: pipeline/shard.py --format llava-json)")

@@ -81,16 +81,22 @@ class QwenVLProcessor(Qwen2VLProcessor):
             return super()._process_images(images, **kwargs)
         return fast, [self.replace_image_token(fast, image_idx=i) for i in range(len(images))]
 
-    def __call__(self, images=None, text=None, videos=None, **kwargs):
-        """As the stock processor; `videos` (one list of frames per text, each text holding one
-        `<|video_pad|>`) goes through `video_patches` instead of a torchvision video processor."""
-        if videos is None:
-            return super().__call__(images=images, text=text, **kwargs)
+    @staticmethod
+    def _video_texts(images, text, videos) -> list[str]:
+        """The texts of a video call, one per video; ValueError for images beside videos or a count mismatch."""
         if images is not None:
             raise ValueError("this processor takes images or videos in one call, not both")
         texts = [text] if isinstance(text, str) else list(text)
         if len(texts) != len(videos):
             raise ValueError(f"{len(texts)} texts for {len(videos)} videos: give one video per text")
+        return texts
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        """As the stock processor; `videos` (one list of frames per text, each text holding one
+        `<|video_pad|>`) goes through `video_patches` instead of a torchvision video processor."""
+        if videos is None:
+            return super().__call__(images=images, text=text, **kwargs)
+        texts = self._video_texts(images, text, videos)
         second_per_grid_ts = kwargs.pop("second_per_grid_ts", None)
         return_tensors = kwargs.pop("return_tensors", "pt")
         ip_kwargs = {k: kwargs.pop(k) for k in ("do_resize", "min_pixels", "max_pixels") if k in kwargs}

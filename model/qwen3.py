@@ -53,23 +53,12 @@ from transformers import BatchFeature
 from data import chat
 from model.presets import QWEN3_FAMILIES
 from model.qwen import PROMPT, QwenAdapter, QwenVLProcessor, video_patches
+from model.tokenizer import chat_template
 
 HF_PROCESSOR_CLASS = "Qwen3VLProcessor"
 """The stock processor class both Qwen3-VL families save under (processor_config.json)."""
 
-QWEN3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+QWEN3_CHAT_TEMPLATE = chat_template(None)
 """Qwen3-VL-Instruct's chat template without tools: no default system turn (a system message is
 rendered when given), images as `<|vision_start|><|image_pad|><|vision_end|>`, videos as
 `<|vision_start|><|video_pad|><|vision_end|>` (the processor replaces that whole span)."""
@@ -122,11 +111,7 @@ class Qwen3VLProcessor(QwenVLProcessor):
             if timestamps is not None:
                 raise ValueError("timestamps= goes with videos=: give the frames of each video too")
             return super().__call__(images=images, text=text, **kwargs)
-        if images is not None:
-            raise ValueError("this processor takes images or videos in one call, not both")
-        texts = [text] if isinstance(text, str) else list(text)
-        if len(texts) != len(videos):
-            raise ValueError(f"{len(texts)} texts for {len(videos)} videos: give one video per text")
+        texts = self._video_texts(images, text, videos)
         if timestamps is None or len(timestamps) != len(videos):
             raise ValueError("Qwen3-VL writes each frame's time between the frames of a video: pass timestamps= "
                              "(one list of frame times in seconds per video)")

@@ -35,11 +35,17 @@ _SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
-    "{% endif %}"
+def chat_template(default_system: str | None) -> str:
+    """The Qwen-style chat template: each message as <|im_start|>role ... <|im_end|>, image / video parts as
+    their vision placeholders; with `default_system`, a system turn of that text first when the
+    conversation has none."""
+    system = ("{% if loop.first and message['role'] != 'system' %}"
+              "{{ '<|im_start|>system\\n" + default_system + "<|im_end|>\\n' }}"
+              "{% endif %}") if default_system is not None else ""
+    return "{% for message in messages %}" + system + _CHAT_TURN
+
+
+_CHAT_TURN = (
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
@@ -51,6 +57,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+CHAT_TEMPLATE = chat_template(DEFAULT_SYSTEM)
 """Qwen-style chat template: a default system turn, images as
 `<|vision_start|><|image_pad|><|vision_end|>` (the processor expands `<|image_pad|>`)."""
 

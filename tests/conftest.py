@@ -99,14 +99,15 @@ def tiny_shards(tiny_corpus, tmp_path_factory) -> str:
 
 
 def build_instruct_shards(output: str, rooms: int = 4, frames: int = 8, samples_per_shard: int = 3,
-                          val_fraction: float = 0.34, seed: int = 1) -> str:
-    """The synthetic instruction set (data/synthetic_instruct.py) sharded in this process (no Ray): the
-    instruction job's own plan and write stages, and its manifest. Returns the output folder."""
+                          val_fraction: float = 0.34, seed: int = 1, width: int = 160, height: int = 120) -> str:
+    """The synthetic instruction set (data/synthetic_instruct.py, rendered at width x height) sharded in this
+    process (no Ray): the instruction job's own plan and write stages, and its manifest. Returns the output
+    folder."""
     from data import synthetic_instruct
     from pipeline import instruct, stages
 
     data = os.path.join(output, "_data")
-    info = synthetic_instruct.write_dataset(data, rooms=rooms, seed=seed, video_frames=16)
+    info = synthetic_instruct.write_dataset(data, rooms=rooms, seed=seed, width=width, height=height, video_frames=16)
     cfg = instruct.InstructConfig(input=info["annotations"], media_root=data, output=output, frames=frames,
                                   samples_per_shard=samples_per_shard, val_fraction=val_fraction, seed=seed)
     loaded = instruct.load_annotations(cfg.input, cfg.output)

@@ -101,18 +101,10 @@ def _runs(labels: torch.Tensor) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("case", ["images", "video"])
-def test_labelled_positions_brute_force(family_models, family, case):
-    """Multi-turn conversations with images and with a video: the labelled positions are exactly each
-    assistant turn's content + <|im_end|>, found independently by tokenizing the template's text piece
-    by piece (a label equals the token at its position), and nothing else: no system / user turn, no
-    assistant header, no newline after the end token, no media token."""
-    _, proc, adapter = family_models[family]
-    tok = proc.tokenizer
-    item = _encode(adapter, case)
-    ids, labels = item["input_ids"], item["labels"]
-    answers = [t["value"] for t in CASES[case][2] if t["from"] == "gpt"]
+def check_answer_labels(tok, adapter, ids: torch.Tensor, labels: torch.Tensor, answers: list[str]) -> None:
+    """The labelled positions are exactly each answer's tokens + <|im_end|> (a label equals the token at its
+    position), found independently by tokenizing the answers; no header, no newline after the end token, no
+    media token is labelled."""
     runs = _runs(labels)
     assert len(runs) == len(answers)
     end_id = tok.convert_tokens_to_ids("<|im_end|>")
@@ -136,6 +128,20 @@ def test_labelled_positions_brute_force(family_models, family, case):
         expect[pos:pos + n] = ids[pos:pos + n]
         pos += n
     assert torch.equal(labels, expect)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", ["images", "video"])
+def test_labelled_positions_brute_force(family_models, family, case):
+    """Multi-turn conversations with images and with a video: the labelled positions are exactly each
+    assistant turn's content + <|im_end|>, found independently by tokenizing the template's text piece
+    by piece (a label equals the token at its position), and nothing else: no system / user turn, no
+    assistant header, no newline after the end token, no media token."""
+    _, proc, adapter = family_models[family]
+    tok = proc.tokenizer
+    item = _encode(adapter, case)
+    ids, labels = item["input_ids"], item["labels"]
+    check_answer_labels(tok, adapter, ids, labels, [t["value"] for t in CASES[case][2] if t["from"] == "gpt"])
 
 
 def test_malformed_conversations_are_refused_with_a_reason(family_models):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, ZERO3_JSON, Launch, read_jsonl
-from test_joint import CASES, _frames, _runs
+from test_joint import CASES, _frames, check_answer_labels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -96,29 +96,7 @@ def test_labelled_positions_brute_force(tiny3, case):
     has_system = any(t["from"] == "system" for t in CASES[case][2])
     assert text.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n" if has_system else "<|im_start|>user\n")
     assert text.count("<|im_start|>system") == int(has_system)
-    answers = [t["value"] for t in CASES[case][2] if t["from"] == "gpt"]
-    runs = _runs(labels)
-    assert len(runs) == len(answers)
-    end_id = tok.convert_tokens_to_ids("<|im_end|>")
-    for (a, b), answer in zip(runs, answers):
-        assert torch.equal(labels[a:b], ids[a:b])
-        assert int(ids[b - 1]) == end_id and end_id not in ids[a:b - 1].tolist()
-        assert tok.decode(ids[a:b - 1]) == answer
-        assert tok.decode(ids[max(0, a - 3):a]).endswith("assistant\n")
-        assert b == len(ids) or labels[b] == -100
-    media = set(adapter.media_token_ids)
-    assert not [i for i in range(len(ids)) if int(ids[i]) in media and labels[i] != -100]
-    expect = torch.full_like(labels, -100)
-    pos = 0
-    for answer in answers:
-        piece = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        n = len(piece)
-        while pos + n <= len(ids) and ids[pos:pos + n].tolist() != piece:
-            pos += 1
-        assert pos + n <= len(ids), f"answer {answer!r} not found as a token run"
-        expect[pos:pos + n] = ids[pos:pos + n]
-        pos += n
-    assert torch.equal(labels, expect)
+    check_answer_labels(tok, adapter, ids, labels, [t["value"] for t in CASES[case][2] if t["from"] == "gpt"])
 
 
 def test_video_conversation_carries_its_frame_times(tiny3):

@@ -148,24 +148,13 @@ def stream_rate(folder: str, adapter, n_clips: int, batch_size: int, workers: in
 
 def build_sft(out: str, rooms: int, width: int, height: int) -> str:
     """The synthetic instruction set rendered at width x height, sharded in this process (no Ray); cached."""
-    from data import synthetic_instruct
-    from pipeline import instruct, stages
-
     if os.path.isfile(os.path.join(out, "manifest.json")):
         return out
-    data = os.path.join(out, "_data")
-    info = synthetic_instruct.write_dataset(data, rooms=rooms, seed=0, width=width, height=height, video_frames=16)
-    cfg = instruct.InstructConfig(input=info["annotations"], media_root=data, output=out, frames=16,
-                                  samples_per_shard=4, val_fraction=0.0, seed=0)
-    plan = instruct.make_plan(instruct.load_annotations(cfg.input, cfg.output), cfg)
-    stats = {}
-    for entry in plan["shards"]:
-        st = instruct.write_shard(entry, cfg)
-        assert st["ok"], st
-        stats[st["name"]] = {k: v for k, v in st.items() if k != "ok"}
-    stages.write_json(os.path.join(out, "plan.json"), plan)
-    stages.write_json(os.path.join(out, "manifest.json"), instruct.build_manifest(plan, stats, cfg))
-    return out
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from conftest import build_instruct_shards
+
+    return build_instruct_shards(out, rooms=rooms, frames=16, samples_per_shard=4, val_fraction=0.0, seed=0,
+                                 width=width, height=height)
 
 
 def mix_rate(sources: list[str], adapter, n_samples: int, batch_size: int) -> tuple[float, dict[str, int]]:
