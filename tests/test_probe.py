@@ -457,3 +457,13 @@ def test_lm_shards_of_clips_fail_in_one_line(tiny_shards, tmp_path, capsys, no_m
     assert main(_flags(tiny_shards, tmp_path / "out", "--lm-shards", tiny_shards)) == 2
     line = _one_line_error(capsys)
     assert "--lm-shards" in line and "not conversations" in line
+
+
+@pytest.mark.parametrize("flag, value, want", [("--lm-batches", "-1", "--lm-batches must be >= 0"),
+                                               ("--video-frames", "0", "--video-frames must be >= 1")])
+def test_lm_retention_flags_are_checked_in_one_line(tiny_shards, tmp_path, capsys, flag, value, want):
+    with pytest.raises(SystemExit) as e:
+        main(_flags(tiny_shards, tmp_path / "out", "--lm-shards", tiny_shards, flag, value))
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and want in err[0], err
