@@ -315,7 +315,7 @@ def test_probe_of_the_two_layer_model(small_model, tiny_shards, tmp_path, capsys
     # LLaVA's projector is a module of its own: by default the probe also scores its output (the LM's input)
     proj = res["projector"]
     assert proj["n_anchors"] == res["raw"]["n_anchors"] > 0 and 0.0 <= proj["pck0"] <= proj["pck1"] <= proj["pck2patch"] <= 1.0
-    assert proj["what"].startswith("the language model's input") and set(proj["temporal"]) == set(res["raw"]["temporal"])
+    assert proj["what"].startswith("the language model's input") and set(proj["temporal"]) == set(res["raw"]["layers"][0]["temporal"])
     table = capsys.readouterr().out
     assert any(line.split()[:1] == ["proj"] for line in table.splitlines()), table
     off = tmp_path / "off"
