@@ -58,8 +58,8 @@ class GaspConfig:
     freeze_vision: bool = True
     """Keep the vision tower (and projector) frozen."""
     train_projector: bool = False
-    """Train the vision-language projector (LLaVA: multi_modal_projector + image_newline; Qwen: the
-    tower's merger) even with the tower frozen. `trainable="projector"` trains it alone (+ heads)."""
+    """Train the vision-language projector (LLaVA: multi_modal_projector + image_newline, which stays
+    frozen under ZeRO-3; Qwen: the tower's merger) even with the tower frozen. `trainable="projector"` trains it alone (+ heads)."""
     gradient_checkpointing: bool = False
     """Activation checkpointing of the language model (lora / full)."""
     head_dim: int = 256
@@ -220,6 +220,16 @@ class GaspVLM(nn.Module):
                 newline.requires_grad_(True)
         for p in self.head.parameters():
             p.requires_grad_(True)
+        newline = getattr(getattr(base, "model", base), "image_newline", None)
+        if isinstance(newline, nn.Parameter) and newline.requires_grad and hasattr(newline, "ds_id"):
+            # ZeRO-3 (DeepSpeed 0.19): LLaVA's image_newline is a bare parameter of the model body, used after
+            # the projector for every media input (and by the dummy tower call of a text-only micro-batch).
+            # Once a step repeats the previous step's module order, ZeRO-3 replays its trace and has released
+            # it before its gradient arrives ("The size of tensor a (0) must match the size of tensor b (D)",
+            # measured on two text-only steps in a row; marking it persistent did not help). It is one
+            # D-vector, a separator: it stays as loaded.
+            newline.requires_grad_(False)
+            log.info("ZeRO-3: image_newline stays frozen (a bare parameter ZeRO-3 releases before its gradient)")
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters() if p.requires_grad)
         n_all = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
         log.info("trainable: %s (%.2fM of %.2fM parameters)", mode, n_train / 1e6, n_all / 1e6)
