@@ -77,8 +77,9 @@ class ModelConfig:
                                   "(the LM), projector (the vision-language projector alone: LLaVA's stage-1 "
                                   "warm-up with --lambda-lm)", choices=["heads", "lora", "full", "projector"])
     freeze_vision: bool = opt(True, "keep the vision tower frozen")
-    train_projector: bool = opt(False, "also train the vision-language projector (LLaVA: multi_modal_projector and "
-                                       "image_newline; Qwen: the tower's merger) with the tower frozen")
+    train_projector: bool = opt(False, "also train the vision-language projector (LLaVA: multi_modal_projector, and "
+                                       "image_newline except under ZeRO-3; Qwen: the tower's merger) with the tower "
+                                       "frozen")
     gradient_checkpointing: bool = opt(False, "activation checkpointing of the language model")
     attn: str = opt("auto", "attention implementation", choices=["auto", "sdpa", "eager", "flash_attention_2"])
     precision: str = opt("auto", "auto = bf16 on GPU, fp32 on CPU", choices=["auto", "bf16", "fp32"])

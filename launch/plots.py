@@ -24,11 +24,36 @@ def _save(fig, ax, path: str, title: str, xlabel: str, ylabel: str) -> str:
     return path
 
 
+PROJ_X = -1
+"""Where the projector row (the LM's input at the vision tokens, the probe's `projector`) is drawn: left of layer 0."""
+
+
+def _layer_axis(ax, n_layers: int, with_projector: bool) -> None:
+    """Integer layer ticks; with the projector row, a tick 'proj' at PROJ_X."""
+    ticks = [int(t) for t in matplotlib.ticker.MaxNLocator(integer=True).tick_values(0, max(0, n_layers - 1))
+             if 0 <= t <= max(0, n_layers - 1)]
+    if with_projector:
+        ax.set_xticks([PROJ_X] + ticks, ["proj"] + [str(t) for t in ticks])
+    else:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+
+
+def _projector(run: dict[str, Any]) -> dict[str, Any] | None:
+    """A run's projector row when it has a scored one (probe.json `projector`)."""
+    p = run.get("projector")
+    return p if p and p.get("pck2patch") is not None else None
+
+
 def pck_by_layer(results: dict[str, dict[str, Any]], path: str, title: str = "PCK@2patch by layer") -> str:
-    """results: {"raw": MatchMetrics.compute(), "head": ...} (either may be missing) -> PNG at path:
-    PCK@2patch (solid) and PCK@1 (faint) of each kind by layer, chance and the same-cell baseline."""
+    """results: {"raw": MatchMetrics.compute(), "head": ..., "projector": the probe's projector row} (any
+    may be missing) -> PNG at path: PCK@2patch (solid) and PCK@1 (faint) of each kind by layer, the
+    projector row at x = PROJ_X ('proj'), chance and the same-cell baseline."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
     ref = None
+    proj = _projector(results)
+    if proj is not None:
+        ax.plot([PROJ_X], [proj["pck2patch"]], "D", color="tab:green", label="projector output PCK@2patch")
+        ax.plot([PROJ_X], [_nan(proj["pck1"])], "D", color="tab:green", alpha=0.35, label="projector output PCK@1")
     for name, style in (("raw", "o--"), ("head", "s-")):
         res = results.get(name)
         if not res or not res.get("layers"):
@@ -38,7 +63,7 @@ def pck_by_layer(results: dict[str, dict[str, Any]], path: str, title: str = "PC
         ax.plot(layers, [_nan(d["pck1"]) for d in res["layers"]], style, alpha=0.35, label=f"{name} PCK@1")
         ref = res
     _baselines(ax, ref)
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    _layer_axis(ax, len((ref or {}).get("layers") or []), proj is not None)
     return _save(fig, ax, path, title, "language-model layer", "fraction of anchors")
 
 
@@ -67,11 +92,12 @@ def three_panels(runs: dict[str, dict[str, Any]], path: str, title: str = "", la
                  robustness_dt: int | None = None) -> str:
     """The paper's three panels for one run or overlaid for several (DESIGN §6).
 
-    runs: {label: {"head": MatchMetrics.compute() | None, "raw": ...}} (drawn by the heads when a run
-    has them). (a) PCK@2patch by layer as bars, with chance and the same-cell baseline; (b) the
-    confidence-accuracy correlation by layer; (c) normalised PCK@2patch by frame distance, per
-    dataset, at each run's layer (`layer` {label: l}, default its best layer on these data), with a line
-    at `robustness_dt` (default: the metrics' ROBUSTNESS_DT).
+    runs: {label: {"head": MatchMetrics.compute() | None, "raw": ..., "projector": the probe's projector
+    row (optional)}} (drawn by the heads when a run has them). (a) PCK@2patch by layer as bars, with
+    chance and the same-cell baseline; (b) the confidence-accuracy correlation by layer; (c) normalised
+    PCK@2patch by frame distance, per dataset, at each run's layer (`layer` {label: l}, default its best
+    layer on these data), with a line at `robustness_dt` (default: the metrics' ROBUSTNESS_DT). A run's
+    projector row (raw, the LM's input) is drawn at x = PROJ_X ('proj') in (a) and (b), and dashed in (c).
     """
     import numpy as np
 
@@ -82,15 +108,28 @@ def three_panels(runs: dict[str, dict[str, Any]], path: str, title: str = "", la
     n = max(1, len(runs))
     width = 0.8 / n
     ref = None
+    any_proj = False
     for r, (label, run) in enumerate(runs.items()):
         kind, res = _primary(run)
         if not res or not res.get("layers"):
             continue
         ref = ref or res
+        proj = _projector(run)
+        if proj is not None:
+            any_proj = True
+            axes[0].bar([PROJ_X - 0.4 + width * (r + 0.5)], [proj["pck2patch"]], width, hatch="//", alpha=0.6,
+                        color=f"C{r}")
+            axes[1].plot([PROJ_X], [_nan(proj["conf_acc_corr"])], "D", color=f"C{r}")
+            for name, curve in proj["temporal"].items():
+                pts = [(d, v) for d, v in zip(curve["dt"], curve["normalised"]) if v is not None]
+                if pts:
+                    xs, ys = zip(*pts)
+                    axes[2].plot(xs, ys, "--", ms=3, color=f"C{r}", alpha=0.7, label=f"{label}, {name} (projector)")
         layers = np.array([d["layer"] for d in res["layers"]])
         axes[0].bar(layers - 0.4 + width * (r + 0.5), [_nan(d["pck2patch"]) for d in res["layers"]], width,
-                    label=f"{label} ({kind})")
-        axes[1].plot(layers, [_nan(d["conf_acc_corr"]) for d in res["layers"]], "o-", label=f"{label} ({kind})")
+                    label=f"{label} ({kind})", color=f"C{r}")
+        axes[1].plot(layers, [_nan(d["conf_acc_corr"]) for d in res["layers"]], "o-", label=f"{label} ({kind})",
+                     color=f"C{r}")
         chosen = (layer or {}).get(label, res.get("best_layer"))
         if chosen is None:
             continue
@@ -114,8 +153,9 @@ def three_panels(runs: dict[str, dict[str, Any]], path: str, title: str = "", la
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    axes[1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    n_layers = len((ref or {}).get("layers") or [])
+    _layer_axis(axes[0], n_layers, any_proj)
+    _layer_axis(axes[1], n_layers, any_proj)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

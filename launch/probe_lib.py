@@ -54,6 +54,10 @@ from losses.metrics import RAW_TAU
 
 log = logging.getLogger("gasp.probe")
 GENERIC_DIRS = {"model", "export", "hf", "checkpoint", "final", "merged"}
+LLAVA_FAMILIES = ("llava_onevision", "llava_next_video")
+"""Where `--projector-row auto` scores the projector output (a module of its own, LLaVA's stage-1 warm-up)."""
+PROJECTOR_WHAT = ("the language model's input at the vision tokens (inputs_embeds: the projector's output as the "
+                  "LM receives it, before any layer or norm); raw cosine, tau 0.07, no head")
 
 
 class ProbeError(Exception):
@@ -73,6 +77,10 @@ class ProbeArgs:
     head: bool = opt(True, "score through the heads as well as raw (--no-head: the raw features only)")
     head_kind: str = opt("mlp", "kind of the untrained SVD-initialised heads when no --heads is given",
                          choices=["mlp", "linear"])
+    projector_row: str = opt("auto", "also score the LM's input at the vision tokens (the projector's output, "
+                                     "before any LM layer; raw, no head) as row 'proj': on, off, or auto (on for "
+                                     "LLaVA-family models, whose projector is a module of its own)",
+                             choices=["auto", "on", "off"])
     shards: list[str] = opt(default_factory=list, help="shard sets: shard job folders, manifest.json, .tar, "
                                                         "brace patterns, s3:// (required)", metavar="URL")
     split: str = opt("val", "which split of folders / manifests to read", choices=["val", "test", "train"])
@@ -169,6 +177,8 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     lm_sources: list[str] = field(default_factory=list)
     """--lm-shards locations, checked to hold instruction samples in --split."""
+    projector_row: bool = False
+    """Score the LM's input at the vision tokens too (`--projector-row`, resolved)."""
 
 
 def _model_dims(plan_source: str, kind: str) -> tuple[str | None, int | None, int | None]:
@@ -335,8 +345,9 @@ def check_inputs(args: ProbeArgs) -> Plan:
                              f"this one has {L}")
     name = args.run_name or _default_name(args)
     output = args.output or os.path.join("runs", "probe", name)
+    projector_row = args.projector_row == "on" or (args.projector_row == "auto" and family in LLAVA_FAMILIES)
     return Plan(args, name, output, source, kind, family, L, D, device, dtype, heads_kind, head, heads_file,
-                heads_meta, heads_sha, sources, layer_from, compare, warnings, lm_sources)
+                heads_meta, heads_sha, sources, layer_from, compare, warnings, lm_sources, projector_row)
 
 
 # ============================================================================ model
@@ -403,6 +414,8 @@ class Scored:
     """MatchMetrics of the raw features."""
     head: Any
     """MatchMetrics through the heads (None without heads)."""
+    projector: Any
+    """MatchMetrics (one layer) of the LM's input at the vision tokens (None without --projector-row)."""
     clips: int
     pairs: int
     pairs_without_anchors: int
@@ -427,6 +440,7 @@ def score_sources(plan: Plan, loaded: Loaded, tau_head: float, emit: Callable[[s
     total = min(total, limit) if limit else total
     progress = Progress("probe", total, "clips", every=args.progress_every, emit=emit)
     raw_acc, head_acc = MatchMetrics(), (MatchMetrics() if plan.heads_kind != "none" else None)
+    proj_acc = MatchMetrics() if plan.projector_row else None
     done = pairs = no_anchor = dupes = 0
     per_source: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
@@ -467,7 +481,12 @@ def score_sources(plan: Plan, loaded: Loaded, tau_head: float, emit: Callable[[s
             pairs += int(keep_pair.sum())
             no_anchor += int(((batch["anchor_mask"].sum(1) == 0) & keep_pair).sum())
             batch, inputs = loaded.gasp.batch_to_device(batch, loaded.adapter, loaded.device, loaded.torch_dtype)
-            head, raw = loaded.gasp.match(batch, inputs, raw=True, head=head_acc is not None, tau_head=tau_head)
+            if proj_acc is not None:
+                head, raw, proj = loaded.gasp.match(batch, inputs, raw=True, head=head_acc is not None,
+                                                    tau_head=tau_head, lm_input=True)
+                proj_acc.update(proj)
+            else:
+                head, raw = loaded.gasp.match(batch, inputs, raw=True, head=head_acc is not None, tau_head=tau_head)
             raw_acc.update(raw)
             if head_acc is not None:
                 head_acc.update(head)
@@ -482,7 +501,8 @@ def score_sources(plan: Plan, loaded: Loaded, tau_head: float, emit: Callable[[s
         per_source.append({"spec": src.spec, "clips": len(seen), "clips_available": src.n_clips})
         del it, stream
     progress.update(done, final=True)
-    return Scored(raw_acc, head_acc, done, pairs, no_anchor, dupes, per_source, skipped, time.monotonic() - t0, total)
+    return Scored(raw_acc, head_acc, proj_acc, done, pairs, no_anchor, dupes, per_source, skipped,
+                  time.monotonic() - t0, total)
 
 
 def lm_retention(plan: Plan, loaded: Loaded, emit: Callable[[str], None]) -> dict[str, Any] | None:
@@ -533,7 +553,8 @@ def run_probe(args: ProbeArgs, emit: Callable[[str], None] | None = None) -> dic
     emit(f"[probe] {plan.source} ({loaded.family}, L={loaded.num_layers}, D={loaded.hidden_size}) on "
          f"{loaded.device} {plan.dtype}; heads: {plan.heads_kind}"
          + (f" ({plan.heads_file})" if plan.heads_file else "")
-         + f"; {sum(s.n_clips for s in plan.sources)} {args.split} clips in {len(plan.sources)} shard set(s)")
+         + f"; {sum(s.n_clips for s in plan.sources)} {args.split} clips in {len(plan.sources)} shard set(s)"
+         + ("; + the projector row (the LM's input)" if plan.projector_row else ""))
     if plan.heads_kind == "svd_init":
         emit(f"[probe] note: {SVD_NOTE}")
 
@@ -581,6 +602,7 @@ def run_probe(args: ProbeArgs, emit: Callable[[str], None] | None = None) -> dic
             "raw": raw,
             "head": head,
             "lm_retention": retention,
+            "projector": projector_result(scored.projector),
             "compare": [c["name"] for c in plan.compare],
             "timing": {"seconds_scoring": round(scored.seconds, 3),
                        "seconds_total": round(time.monotonic() - t_start, 3),
@@ -616,6 +638,19 @@ def run_probe(args: ProbeArgs, emit: Callable[[str], None] | None = None) -> dic
     finally:
         if tracker is not None:
             tracker.end(status)
+
+
+def projector_result(acc: Any) -> dict[str, Any] | None:
+    """probe.json's `projector`: the one layer of the LM-input metrics (pck0, pck1, pck2patch,
+    conf_acc_corr + its null reason, temporal) with `n_anchors` and what was measured; None when off."""
+    if acc is None:
+        return None
+    res = acc.compute()
+    from launch.probe_report import summary
+
+    row = summary(res, 0)
+    row.pop("layer")
+    return {"what": PROJECTOR_WHAT, "n_anchors": res["n_anchors"], **row}
 
 
 def _json_default(o: Any) -> Any:

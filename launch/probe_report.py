@@ -10,6 +10,7 @@ import math
 import os
 from typing import Any
 
+from data.tracking import mlflow_key
 from losses.metrics import NO_ANCHORS, ROBUSTNESS_DT, flatten_metrics, temporal_series, unscored_layer
 
 SCHEMA = "gasp-probe/2"
@@ -85,15 +86,17 @@ def make_plots(result: dict[str, Any], head_raw: dict[str, Any] | None, raw_raw:
         return paths
     kind = result["heads"]["kind"]
     label = {"trained": "trained heads", "svd_init": "heads: untrained SVD init", "none": "raw only"}[kind]
-    runs = {result["name"]: {"head": result["head"], "raw": result["raw"]}}
+    runs = {result["name"]: {"head": result["head"], "raw": result["raw"], "projector": result.get("projector")}}
     layers = {result["name"]: (result["selected"]["head"] or result["selected"]["raw"])["layer"]}
     for other in compare:
-        runs[other["name"]] = {"head": other.get("head"), "raw": other.get("raw")}
+        runs[other["name"]] = {"head": other.get("head"), "raw": other.get("raw"), "projector": other.get("projector")}
         sel = other.get("selected") or {}
         layers[other["name"]] = ((sel.get("head") or sel.get("raw")) or {}).get("layer")
     paths["three_panels"] = plots.three_panels(runs, os.path.join(out_dir, "three_panels.png"), layer=layers,
                                                title=f"GASP diagnostic: {', '.join(runs)}")
     curves = {"raw": result["raw"]} if result["head"] is None else {"raw": result["raw"], "head": result["head"]}
+    if result.get("projector"):
+        curves["projector"] = result["projector"]
     paths["pck_by_layer"] = plots.pck_by_layer(curves, os.path.join(out_dir, "pck_by_layer.png"),
                                                title=f"PCK by layer: {result['name']} ({label})")
     primary, stats = ("head", head_raw) if result["head"] is not None else ("raw", raw_raw)
@@ -132,6 +135,15 @@ def track(tracker, result: dict[str, Any], paths: dict[str, str], json_path: str
     if lm and lm["tokens"]:
         metrics.update({"probe/lm/loss": float(lm["loss"]), "probe/lm/accuracy": float(lm["accuracy"]),
                         "probe/lm/tokens": float(lm["tokens"])})
+    proj = result.get("projector")
+    if proj is not None:
+        metrics["probe/projector/n_anchors"] = float(proj["n_anchors"])
+        for key in ("pck0", "pck1", "pck2patch", "conf_acc_corr"):
+            if proj[key] is not None and math.isfinite(proj[key]):
+                metrics[f"probe/projector/{key}"] = float(proj[key])
+        for name, t in proj["temporal"].items():
+            if t["robustness"] is not None:
+                metrics[f"probe/projector/temporal_robustness/{mlflow_key(name)}"] = float(t["robustness"])
     for name in ("raw", "head"):
         if result[name] is not None:
             metrics.update(flatten_metrics(result[name], f"probe/{name}"))
@@ -203,6 +215,12 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     lines.append("  ".join("-" * w for w in widths))
     sel = {n: (result["selected"][n] or {}).get("layer") for n in ("raw", "head")}
+    proj = result.get("projector")
+    if proj is not None:
+        cells = ["proj", _f(proj["pck0"]), _f(proj["pck1"]), _f(proj["pck2patch"]), _fs(proj["conf_acc_corr"])]
+        if head is not None:
+            cells += ["-"] * 4  # no head reads the LM's input
+        lines.append("  ".join(c.rjust(w) for c, w in zip(cells, widths)))
     for l, r in enumerate(raw["layers"]):
         cells = [f"{l:d}", _f(r["pck0"]), _f(r["pck1"]), _f(r["pck2patch"]), _fs(r["conf_acc_corr"])]
         if head is not None:
@@ -213,6 +231,9 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(row + (f"   <- reported {' & '.join(marks)}" if marks else ""))
     if not raw["layers"]:
         lines.append(f"({NO_ANCHORS})")
+    if proj is not None:
+        lines.append("proj: the LM's input at the vision tokens (the projector's output, before layer 0's norm); "
+                     "raw only, no head")
     lines.append("")
     c = result["chance"]
     lines.append(f"chance:  PCK@0 {_f(c['pck0'])}   PCK@1 {_f(c['pck1'])}   PCK@2patch {_f(c['pck2patch'])}")

@@ -58,8 +58,8 @@ class GaspConfig:
     freeze_vision: bool = True
     """Keep the vision tower (and projector) frozen."""
     train_projector: bool = False
-    """Train the vision-language projector (LLaVA: multi_modal_projector + image_newline; Qwen: the
-    tower's merger) even with the tower frozen. `trainable="projector"` trains it alone (+ heads)."""
+    """Train the vision-language projector (LLaVA: multi_modal_projector + image_newline, which stays
+    frozen under ZeRO-3; Qwen: the tower's merger) even with the tower frozen. `trainable="projector"` trains it alone (+ heads)."""
     gradient_checkpointing: bool = False
     """Activation checkpointing of the language model (lora / full)."""
     head_dim: int = 256
@@ -220,6 +220,16 @@ class GaspVLM(nn.Module):
                 newline.requires_grad_(True)
         for p in self.head.parameters():
             p.requires_grad_(True)
+        newline = getattr(getattr(base, "model", base), "image_newline", None)
+        if isinstance(newline, nn.Parameter) and newline.requires_grad and hasattr(newline, "ds_id"):
+            # ZeRO-3 (DeepSpeed 0.19): LLaVA's image_newline is a bare parameter of the model body, used after
+            # the projector for every media input (and by the dummy tower call of a text-only micro-batch).
+            # Once a step repeats the previous step's module order, ZeRO-3 replays its trace and has released
+            # it before its gradient arrives ("The size of tensor a (0) must match the size of tensor b (D)",
+            # measured on two text-only steps in a row; marking it persistent did not help). It is one
+            # D-vector, a separator: it stays as loaded.
+            newline.requires_grad_(False)
+            log.info("ZeRO-3: image_newline stays frozen (a bare parameter ZeRO-3 releases before its gradient)")
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters() if p.requires_grad)
         n_all = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
         log.info("trainable: %s (%.2fM of %.2fM parameters)", mode, n_train / 1e6, n_all / 1e6)
@@ -240,6 +250,13 @@ class GaspVLM(nn.Module):
         if not isinstance(norm, nn.Module):
             raise WrapperError(f"cannot find the language model's final norm in {type(base).__name__}")
         return norm
+
+    def _lm_body(self) -> nn.Module:
+        """The language model's decoder stack (the module that holds the layers; its input is inputs_embeds)."""
+        for m in self._base_vlm().modules():
+            if getattr(m, "layers", None) is self.layers:
+                return m
+        raise WrapperError(f"cannot find the module holding the decoder layers in {type(self._base_vlm()).__name__}")
 
     def query_projections(self) -> list[nn.Module]:
         """Each layer's query projection (the LoRA base layer when wrapped)."""
@@ -274,14 +291,17 @@ class GaspVLM(nn.Module):
         return hook
 
     def capture(self, batch: dict[str, Any], model_inputs: dict[str, Any], vision_dummies: Sequence = (),
-                keep_hidden: bool = False):
+                keep_hidden: bool = False, lm_input: bool = False):
         """Run the VLM and return per-frame features (L, F, N, D) in the model dtype: what each layer's
         attention reads at the vision-token cells of every frame of the batch (padding cells point at
         position 0 of their row and are masked later). With `keep_hidden`, returns (features, the final
-        hidden states (B, S, D), the zero-valued sum of the dummy vision outputs)."""
+        hidden states (B, S, D), the zero-valued sum of the dummy vision outputs). With `lm_input`, the
+        language model's input at the same cells (its `inputs_embeds`: the projector's output as the LM
+        receives it, before any layer or norm) comes first: (1 + L, F, N, D). Optional, for the probe."""
         # positions stay set after the forward: a checkpoint recompute during backward needs them
         self._positions = (batch["frame_clip"].long(), batch["cell_pos"].long())  # (F,), (F, N)
         self._captured = {}
+        lm_in: list[torch.Tensor] = []
         grad = self.cfg.trainable != "heads" and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad):
             base = self._base_vlm()
@@ -298,15 +318,31 @@ class GaspVLM(nn.Module):
                     return None
 
                 hook = body.get_input_embeddings().register_forward_hook(after_embedding)
+            in_hook = None
+            if lm_input:
+                def before_lm(module, args, kwargs):
+                    x = kwargs.get("inputs_embeds")  # (B, S, D); every family hands the LM inputs_embeds
+                    if x is not None and not lm_in:
+                        rows, pos = self._positions
+                        lm_in.append(x[rows.to(x.device)[:, None], pos.to(x.device)])  # (F, N, D)
+                    return None
+
+                in_hook = self._lm_body().register_forward_pre_hook(before_lm, with_kwargs=True)
             try:
                 out = body(**model_inputs, use_cache=False)
             finally:
-                if hook is not None:
-                    hook.remove()
+                for h in (hook, in_hook):
+                    if h is not None:
+                        h.remove()
             zero = zero_box[0]
         if len(self._captured) != self.num_layers:
             raise WrapperError(f"captured {len(self._captured)} of {self.num_layers} layers: the hooks did not fire")
         feats = torch.stack([self._captured[l] for l in range(self.num_layers)])  # (L, F, N, D)
+        if lm_input:
+            if not lm_in:
+                raise WrapperError(f"{type(self._base_vlm()).__name__}'s language model was not called with "
+                                   f"inputs_embeds: its input at the vision tokens cannot be captured")
+            feats = torch.cat([lm_in[0][None], feats])  # (1 + L, F, N, D)
         if keep_hidden:
             return feats, out.last_hidden_state, zero
         return feats
@@ -406,12 +442,19 @@ class GaspVLM(nn.Module):
 
     @torch.no_grad()
     def match(self, batch: dict[str, Any], model_inputs: dict[str, Any], raw: bool = True, head: bool = True,
-              tau_head: float | None = None):
+              tau_head: float | None = None, lm_input: bool = False):
         """Per-anchor match statistics through the heads and of the raw features (tau 0.07 always):
-        (head_stats | None, raw_stats | None), one capture for both."""
-        feats = self.capture(batch, model_inputs)  # (L, F, N, D)
+        (head_stats | None, raw_stats | None), one capture for both. With `lm_input`, a third item: the raw
+        statistics (one layer) of the LM's input at the vision tokens, the projector output (no head)."""
+        feats = self.capture(batch, model_inputs, lm_input=True) if lm_input else \
+            self.capture(batch, model_inputs)  # (L, F, N, D), the LM input first with lm_input
         view = pair_view(batch)
         datasets = batch.get("datasets")
+        in_stats = None
+        if lm_input:
+            unit_in = torch.nn.functional.normalize(feats[:1].float(), dim=-1)  # (1, F, N, D)
+            in_stats = match_stats(pair_similarities(unit_in, batch["pair_frames"], RAW_TAU), view, datasets)
+            feats = feats[1:]
         head_stats = raw_stats = None
         if head:
             s_head = pair_similarities(self.head(feats), batch["pair_frames"], tau_head or self.cfg.tau)
@@ -419,6 +462,8 @@ class GaspVLM(nn.Module):
         if raw:
             unit = torch.nn.functional.normalize(feats.float(), dim=-1)
             raw_stats = match_stats(pair_similarities(unit, batch["pair_frames"], RAW_TAU), view, datasets)
+        if lm_input:
+            return head_stats, raw_stats, in_stats
         return head_stats, raw_stats
 
 

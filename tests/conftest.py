@@ -104,11 +104,21 @@ def build_instruct_shards(output: str, rooms: int = 4, frames: int = 8, samples_
     process (no Ray): the instruction job's own plan and write stages, and its manifest. Returns the output
     folder."""
     from data import synthetic_instruct
-    from pipeline import instruct, stages
 
     data = os.path.join(output, "_data")
     info = synthetic_instruct.write_dataset(data, rooms=rooms, seed=seed, width=width, height=height, video_frames=16)
-    cfg = instruct.InstructConfig(input=info["annotations"], media_root=data, output=output, frames=frames,
+    return shard_llava_json(info["annotations"], data, output, frames=frames, samples_per_shard=samples_per_shard,
+                            val_fraction=val_fraction, seed=seed)
+
+
+def shard_llava_json(annotations: str, media_root: str, output: str, frames: int = 8, samples_per_shard: int = 3,
+                     val_fraction: float = 0.34, seed: int = 1) -> str:
+    """A LLaVA-format annotation file sharded in this process (no Ray): the instruction job's own plan and
+    write stages, and its manifest. Returns the output folder."""
+    from pipeline import instruct, stages
+
+    os.makedirs(output, exist_ok=True)
+    cfg = instruct.InstructConfig(input=annotations, media_root=media_root, output=output, frames=frames,
                                   samples_per_shard=samples_per_shard, val_fraction=val_fraction, seed=seed)
     loaded = instruct.load_annotations(cfg.input, cfg.output)
     plan = instruct.make_plan(loaded, cfg)

@@ -302,7 +302,7 @@ def test_two_frame_forward_puts_each_cells_dinov2_patch_at_its_position(small_mo
 
 
 @pytest.mark.slow
-def test_probe_of_the_two_layer_model(small_model, tiny_shards, tmp_path):
+def test_probe_of_the_two_layer_model(small_model, tiny_shards, tmp_path, capsys):
     from launch.probe import main as probe_main
 
     rc = probe_main(["--model", small_model, "--shards", tiny_shards, "--no-mlflow", "--output", str(tmp_path),
@@ -312,6 +312,16 @@ def test_probe_of_the_two_layer_model(small_model, tiny_shards, tmp_path):
     assert res["model"]["family"] == "llava_onevision" and res["data"]["anchors"] > 0
     assert len(res["raw"]["layers"]) == 2 and len(res["head"]["layers"]) == 2
     assert all(0.0 <= d["pck0"] <= d["pck1"] <= 1.0 for d in res["raw"]["layers"])
+    # LLaVA's projector is a module of its own: by default the probe also scores its output (the LM's input)
+    proj = res["projector"]
+    assert proj["n_anchors"] == res["raw"]["n_anchors"] > 0 and 0.0 <= proj["pck0"] <= proj["pck1"] <= proj["pck2patch"] <= 1.0
+    assert proj["what"].startswith("the language model's input") and set(proj["temporal"]) == set(res["raw"]["layers"][0]["temporal"])
+    table = capsys.readouterr().out
+    assert any(line.split()[:1] == ["proj"] for line in table.splitlines()), table
+    off = tmp_path / "off"
+    assert probe_main(["--model", small_model, "--shards", tiny_shards, "--no-mlflow", "--output", str(off),
+                       "--num-workers", "0", "--projector-row", "off", "--no-head", "--max-clips", "2"]) == 0
+    assert json.load(open(off / "probe.json"))["projector"] is None
 
 
 @pytest.mark.slow

@@ -364,3 +364,35 @@ def test_a_checkpoint_whose_feature_strategy_breaks_the_grid_fails_in_one_line(t
         build_model_and_processor(str(path))
     msg = str(err.value)
     assert "\n" not in msg and "vision_feature_select_strategy" in msg and str(path) in msg
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_capture_with_lm_input_prepends_the_projector_output_at_each_cell(name):
+    """The probe's projector row (`--projector-row`): capture(lm_input=True) returns the LM's input
+    (inputs_embeds, the projector's output as the LM receives it) at every frame's cells first, then
+    the same per-layer features as without it; match() scores it as a third item."""
+    from conftest import clip_batch
+
+    vlm, _, adapter = build_model_and_processor(name)
+    g = GaspVLM(vlm, GaspConfig(trainable="heads"))
+    g.init_heads()
+    g.eval()
+    batch = clip_batch(adapter)
+    inputs = adapter.model_inputs(batch)
+    x = _lm_inputs_embeds(vlm, inputs)  # (B, S, D)
+    with torch.no_grad():
+        plain = g.capture(batch, inputs)
+        both = g.capture(batch, inputs, lm_input=True)
+    assert both.shape == (1 + plain.shape[0],) + tuple(plain.shape[1:])
+    torch.testing.assert_close(both[1:], plain, atol=0, rtol=0)
+    for f in range(both.shape[1]):
+        assert torch.equal(both[0, f], x[int(batch["frame_clip"][f]), batch["cell_pos"][f]])
+    # layer 0 reads RMSNorm(inputs_embeds): not the same features as the row before it
+    assert not torch.allclose(both[0], both[1])
+    head, raw, proj = g.match(batch, inputs, lm_input=True)
+    head2, raw2 = g.match(batch, inputs)
+    assert proj is not None and raw is not None and head is not None
+    torch.testing.assert_close(raw.dist, raw2.dist, atol=0, rtol=0)
+    torch.testing.assert_close(head.dist, head2.dist, atol=0, rtol=0)
+    assert proj.dist.shape == (1, raw.dist.shape[1])  # one row, the same anchors
+    torch.testing.assert_close(proj.chance0, raw.chance0, atol=0, rtol=0)
