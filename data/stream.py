@@ -101,7 +101,6 @@ The batch (B clips of K_b frames, F = sum K_b frames, P supervised pairs; `losse
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import json
 import logging

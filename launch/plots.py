@@ -24,7 +24,7 @@ def _save(fig, ax, path: str, title: str, xlabel: str, ylabel: str) -> str:
     return path
 
 
-PROJ_X = -1
+PROJ_X = -1.6
 """Where the projector row (the LM's input at the vision tokens, the probe's `projector`) is drawn: left of layer 0."""
 
 
@@ -52,8 +52,8 @@ def pck_by_layer(results: dict[str, dict[str, Any]], path: str, title: str = "PC
     ref = None
     proj = _projector(results)
     if proj is not None:
-        ax.plot([PROJ_X], [proj["pck2patch"]], "D", color="tab:green", label="projector output PCK@2patch")
-        ax.plot([PROJ_X], [_nan(proj["pck1"])], "D", color="tab:green", alpha=0.35, label="projector output PCK@1")
+        ax.plot([PROJ_X], [proj["pck2patch"]], "D", color="tab:purple", label="projector output PCK@2patch")
+        ax.plot([PROJ_X], [_nan(proj["pck1"])], "D", color="tab:purple", alpha=0.35, label="projector output PCK@1")
     for name, style in (("raw", "o--"), ("head", "s-")):
         res = results.get(name)
         if not res or not res.get("layers"):
@@ -118,8 +118,9 @@ def three_panels(runs: dict[str, dict[str, Any]], path: str, title: str = "", la
         if proj is not None:
             any_proj = True
             axes[0].bar([PROJ_X - 0.4 + width * (r + 0.5)], [proj["pck2patch"]], width, hatch="//", alpha=0.6,
-                        color=f"C{r}")
-            axes[1].plot([PROJ_X], [_nan(proj["conf_acc_corr"])], "D", color=f"C{r}")
+                        color=f"C{r}", label=f"{label} (projector output, raw)")
+            axes[1].plot([PROJ_X], [_nan(proj["conf_acc_corr"])], "D", color=f"C{r}",
+                         label=f"{label} (projector output, raw)")
             for name, curve in proj["temporal"].items():
                 pts = [(d, v) for d, v in zip(curve["dt"], curve["normalised"]) if v is not None]
                 if pts:
