@@ -481,12 +481,10 @@ def score_sources(plan: Plan, loaded: Loaded, tau_head: float, emit: Callable[[s
             pairs += int(keep_pair.sum())
             no_anchor += int(((batch["anchor_mask"].sum(1) == 0) & keep_pair).sum())
             batch, inputs = loaded.gasp.batch_to_device(batch, loaded.adapter, loaded.device, loaded.torch_dtype)
+            head, raw, *proj = loaded.gasp.match(batch, inputs, raw=True, head=head_acc is not None,
+                                                 tau_head=tau_head, lm_input=proj_acc is not None)
             if proj_acc is not None:
-                head, raw, proj = loaded.gasp.match(batch, inputs, raw=True, head=head_acc is not None,
-                                                    tau_head=tau_head, lm_input=True)
-                proj_acc.update(proj)
-            else:
-                head, raw = loaded.gasp.match(batch, inputs, raw=True, head=head_acc is not None, tau_head=tau_head)
+                proj_acc.update(proj[0])
             raw_acc.update(raw)
             if head_acc is not None:
                 head_acc.update(head)

@@ -59,7 +59,8 @@ class GaspConfig:
     """Keep the vision tower (and projector) frozen."""
     train_projector: bool = False
     """Train the vision-language projector (LLaVA: multi_modal_projector + image_newline, which stays
-    frozen under ZeRO-3; Qwen: the tower's merger) even with the tower frozen. `trainable="projector"` trains it alone (+ heads)."""
+    frozen under ZeRO-3; Qwen: the tower's merger) even with the tower frozen. `trainable="projector"`
+    trains it alone (+ heads)."""
     gradient_checkpointing: bool = False
     """Activation checkpointing of the language model (lora / full)."""
     head_dim: int = 256
@@ -110,17 +111,34 @@ def find_lm_layers(vlm: nn.Module) -> nn.ModuleList:
     raise WrapperError(f"cannot find the language model's decoder layers in {type(vlm).__name__}")
 
 
+def trainable_newline(vlm: nn.Module) -> nn.Parameter | None:
+    """LLaVA's image_newline (a bare parameter of the model body) when it may train; None otherwise.
+
+    Under ZeRO-3 (DeepSpeed 0.19) it stays as loaded. It is used after the projector for every media
+    input, and by the dummy tower call of a text-only micro-batch. Once a step repeats the previous
+    step's module order, ZeRO-3 replays its trace and releases the parameter before its gradient arrives
+    ("The size of tensor a (0) must match the size of tensor b (D)", measured on two text-only steps
+    in a row; marking it persistent did not help). It is one D-vector, a separator."""
+    newline = getattr(getattr(vlm, "model", vlm), "image_newline", None)
+    if not isinstance(newline, nn.Parameter):
+        return None
+    if hasattr(newline, "ds_id"):
+        log.info("ZeRO-3: image_newline stays frozen (a bare parameter ZeRO-3 releases before its gradient)")
+        return None
+    return newline
+
+
 def find_projector_params(vlm: nn.Module) -> list[nn.Parameter]:
-    """The vision-language projector's parameters: LLaVA's multi_modal_projector and image_newline,
-    Qwen's patch merger (the last stage of its tower)."""
+    """The vision-language projector's parameters: LLaVA's multi_modal_projector and image_newline
+    (`trainable_newline`: not under ZeRO-3), Qwen's patch merger (the last stage of its tower)."""
     base = getattr(vlm, "model", vlm)
     out: list[nn.Parameter] = []
     for name in ("multi_modal_projector",):
         m = getattr(base, name, None)
         if isinstance(m, nn.Module):
             out += list(m.parameters())
-    newline = getattr(base, "image_newline", None)
-    if isinstance(newline, nn.Parameter):
+    newline = trainable_newline(vlm)
+    if newline is not None:
         out.append(newline)
     merger = getattr(getattr(base, "visual", None), "merger", None)
     if isinstance(merger, nn.Module):
@@ -215,21 +233,11 @@ class GaspVLM(nn.Module):
             for m in find_vision_modules(base):
                 for p in m.parameters():
                     p.requires_grad_(True)
-            newline = getattr(getattr(base, "model", base), "image_newline", None)  # LLaVA: a bare parameter
-            if isinstance(newline, nn.Parameter):
+            newline = trainable_newline(base)  # LLaVA: a bare parameter, not in the modules above
+            if newline is not None:
                 newline.requires_grad_(True)
         for p in self.head.parameters():
             p.requires_grad_(True)
-        newline = getattr(getattr(base, "model", base), "image_newline", None)
-        if isinstance(newline, nn.Parameter) and newline.requires_grad and hasattr(newline, "ds_id"):
-            # ZeRO-3 (DeepSpeed 0.19): LLaVA's image_newline is a bare parameter of the model body, used after
-            # the projector for every media input (and by the dummy tower call of a text-only micro-batch).
-            # Once a step repeats the previous step's module order, ZeRO-3 replays its trace and has released
-            # it before its gradient arrives ("The size of tensor a (0) must match the size of tensor b (D)",
-            # measured on two text-only steps in a row; marking it persistent did not help). It is one
-            # D-vector, a separator: it stays as loaded.
-            newline.requires_grad_(False)
-            log.info("ZeRO-3: image_newline stays frozen (a bare parameter ZeRO-3 releases before its gradient)")
         n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters() if p.requires_grad)
         n_all = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
         log.info("trainable: %s (%.2fM of %.2fM parameters)", mode, n_train / 1e6, n_all / 1e6)
@@ -446,22 +454,24 @@ class GaspVLM(nn.Module):
         """Per-anchor match statistics through the heads and of the raw features (tau 0.07 always):
         (head_stats | None, raw_stats | None), one capture for both. With `lm_input`, a third item: the raw
         statistics (one layer) of the LM's input at the vision tokens, the projector output (no head)."""
-        feats = self.capture(batch, model_inputs, lm_input=True) if lm_input else \
-            self.capture(batch, model_inputs)  # (L, F, N, D), the LM input first with lm_input
+        # (L, F, N, D); (1 + L, ...) with lm_input (capture is called as before without it: probes patch it)
+        feats = self.capture(batch, model_inputs, lm_input=True) if lm_input else self.capture(batch, model_inputs)
         view = pair_view(batch)
         datasets = batch.get("datasets")
+
+        def raw_of(f: torch.Tensor):
+            unit = torch.nn.functional.normalize(f.float(), dim=-1)
+            return match_stats(pair_similarities(unit, batch["pair_frames"], RAW_TAU), view, datasets)
+
         in_stats = None
         if lm_input:
-            unit_in = torch.nn.functional.normalize(feats[:1].float(), dim=-1)  # (1, F, N, D)
-            in_stats = match_stats(pair_similarities(unit_in, batch["pair_frames"], RAW_TAU), view, datasets)
-            feats = feats[1:]
+            in_stats, feats = raw_of(feats[:1]), feats[1:]
         head_stats = raw_stats = None
         if head:
             s_head = pair_similarities(self.head(feats), batch["pair_frames"], tau_head or self.cfg.tau)
             head_stats = match_stats(s_head, view, datasets)
         if raw:
-            unit = torch.nn.functional.normalize(feats.float(), dim=-1)
-            raw_stats = match_stats(pair_similarities(unit, batch["pair_frames"], RAW_TAU), view, datasets)
+            raw_stats = raw_of(feats)
         if lm_input:
             return head_stats, raw_stats, in_stats
         return head_stats, raw_stats

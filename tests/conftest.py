@@ -350,6 +350,26 @@ TRAIN_FLAGS = ("--preset", "tiny", "--steps", "24", "--batch-size", "2", "--num-
 TRAIN_ENV = {"GASP_FAULT_NONFINITE": "3:1"}
 
 
+def run_logged(name: str, cmd: list[str], log_path: str, cwd: str) -> None:
+    """A benchmark's step (tests/benchmarks): `cmd` in `cwd` on this checkout, CPU threads = cores, no hub,
+    no inherited rank variables, stdout and stderr to `log_path`; prints the command and its seconds, and
+    stops with the log's tail when it fails."""
+    import subprocess
+    import sys
+    import time
+
+    print("$ " + " ".join(cmd), flush=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS=str(os.cpu_count() or 1), HF_HUB_OFFLINE="1")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "w") as f:
+        rc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        sys.exit(f"{name}: exit {rc}\n{log_tail(log_path, 30)}")
+    print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
+
+
 def log_tail(path: str, n: int = 60) -> str:
     try:
         with open(path, errors="replace") as f:

@@ -23,33 +23,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, os.path.dirname(HERE)]
 
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def run(name: str, root: str, cmd: list[str]) -> None:
-    print("$ " + " ".join(cmd), flush=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS=str(os.cpu_count() or 1), HF_HUB_OFFLINE="1")
-    log = os.path.join(root, "logs", name + ".log")
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    t0 = time.time()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise SystemExit(f"{name}: exit {rc}\n" + "\n".join(open(log).read().splitlines()[-30:]))
-    print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
+from conftest import read_jsonl, run_logged  # noqa: E402
 
 
 def train(name: str, root: str, args: list[str]) -> str:
@@ -58,16 +39,18 @@ def train(name: str, root: str, args: list[str]) -> str:
         print(f"  {name}: kept from an earlier run of this script ({out})", flush=True)
         return out
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    run(name, root, [deepspeed, "--num_gpus", "1", os.path.join(ROOT, "launch", "train.py"),
+    run_logged(name, [deepspeed, "--num_gpus", "1", os.path.join(ROOT, "launch", "train.py"),
                      "--ds_config", os.path.join(ROOT, "launch", "zero3.json"), "--output-dir", out,
-                     "--run-name", name, "--no-mlflow", "--num-workers", "0", "--resume", "never", *args])
+                     "--run-name", name, "--no-mlflow", "--num-workers", "0", "--resume", "never", *args],
+               os.path.join(root, "logs", name + ".log"), root)
     return out
 
 
 def probe(name: str, root: str, args: list[str]) -> dict:
     out = os.path.join(root, "probes", name)
-    run("probe-" + name, root, [sys.executable, os.path.join(ROOT, "launch", "probe.py"), "--output", out,
-                                "--no-mlflow", "--num-workers", "0", *args])
+    run_logged("probe-" + name, [sys.executable, os.path.join(ROOT, "launch", "probe.py"), "--output", out,
+                                "--no-mlflow", "--num-workers", "0", *args],
+               os.path.join(root, "logs", f"probe-{name}.log"), root)
     return json.load(open(os.path.join(out, "probe.json")))
 
 
@@ -99,8 +82,9 @@ def main() -> int:
     os.makedirs(root, exist_ok=True)
     model = os.path.join(root, "model")
     if not os.path.isfile(os.path.join(model, "config.json")):
-        run("assemble", root, [sys.executable, os.path.join(ROOT, "launch", "assemble.py"), "--out", model,
-                               "--image-size", str(a.image_size), "--lm-layers", str(a.lm_layers)])
+        run_logged("assemble", [sys.executable, os.path.join(ROOT, "launch", "assemble.py"), "--out", model,
+                               "--image-size", str(a.image_size), "--lm-layers", str(a.lm_layers)],
+                   os.path.join(root, "logs", "assemble.log"), root)
     clips, sft = os.path.join(root, "clips"), os.path.join(root, "sft")
     if not os.path.isfile(os.path.join(clips, "plan.json")):
         corpus = write_tiny_corpus(os.path.join(root, "corpus"), n_scenes=a.scenes, n_frames=32, width=224,

@@ -19,37 +19,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, os.path.dirname(HERE)]
 
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from conftest import read_jsonl, run_logged  # noqa: E402
 
 
 def train(name: str, root: str, args: list[str]) -> str:
     run = os.path.join(root, "runs", name)
-    os.makedirs(os.path.dirname(run), exist_ok=True)
     cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "1",
            os.path.join(ROOT, "launch", "train.py"), "--ds_config", os.path.join(ROOT, "launch", "zero3.json"),
            "--output-dir", run, "--run-name", name, "--no-mlflow", "--num-workers", "0", "--resume", "never",
            "--batch-size", "2", *args]
-    print("$ " + " ".join(cmd[3:]), flush=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS=str(os.cpu_count() or 1), HF_HUB_OFFLINE="1")
-    t0 = time.time()
-    with open(run + ".log", "w") as f:
-        rc = subprocess.run(cmd, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        raise SystemExit(f"{name}: exit {rc}\n" + "\n".join(open(run + ".log").read().splitlines()[-30:]))
-    print(f"  {name}: {time.time() - t0:.0f} s", flush=True)
+    run_logged(name, cmd, run + ".log", root)
     return run
 
 
