@@ -74,8 +74,19 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--rooms", type=int, default=8, help="rooms of the instruction set")
     ap.add_argument("--scenes", type=int, default=8, help="synthetic scenes of the clip shards")
-    ap.add_argument("--max-clips", type=int, default=24, help="val clips each probe scores")
+    ap.add_argument("--max-clips", type=int, default=24, help="val clips each probe scores (0: all)")
     a = ap.parse_args()
+    from launch.assemble import AssembleArgs
+
+    try:  # the assembly's own checks of --image-size and --lm-layers, before any work
+        AssembleArgs(out=a.root or ".", image_size=a.image_size, lm_layers=a.lm_layers)
+    except ValueError as e:
+        ap.error(str(e))
+    if a.max_clips < 0:
+        ap.error(f"--max-clips must be >= 0 (0: every val clip; got {a.max_clips})")
+    for flag in ("warmup_steps", "steps", "rooms", "scenes"):
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(a, flag)})")
     from conftest import build_instruct_shards, build_shards, write_tiny_corpus
 
     root = os.path.abspath(a.root or tempfile.mkdtemp(prefix="pretrained-gasp-"))
