@@ -36,7 +36,7 @@ from conftest import read_jsonl, run_logged  # noqa: E402
 def train(name: str, root: str, args: list[str]) -> str:
     out = os.path.join(root, "runs", name)
     if os.path.isfile(os.path.join(out, "export", "model", "config.json")):
-        print(f"  {name}: kept from an earlier run of this script ({out})", flush=True)
+        print(f"  {name}: kept from an earlier run of this script with the same flags ({out})", flush=True)
         return out
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     run_logged(name, [deepspeed, "--num_gpus", "1", os.path.join(ROOT, "launch", "train.py"),
@@ -91,6 +91,18 @@ def main() -> int:
 
     root = os.path.abspath(a.root or tempfile.mkdtemp(prefix="pretrained-gasp-"))
     os.makedirs(root, exist_ok=True)
+    # a rerun in the same --root keeps the model, the data and finished runs: only under the same flags
+    flags = {k: v for k, v in vars(a).items() if k != "root"}
+    flags_file = os.path.join(root, "flags.json")
+    if os.path.isfile(flags_file):
+        before = json.load(open(flags_file))
+        if before != flags:
+            differ = ", ".join(f"--{k.replace('_', '-')} {before.get(k)} -> {v}" for k, v in flags.items()
+                               if before.get(k) != v)
+            ap.error(f"--root {root} holds a run under other flags ({differ}): pass another --root or empty it")
+    else:
+        with open(flags_file, "w") as f:
+            json.dump(flags, f, indent=1)
     model = os.path.join(root, "model")
     if not os.path.isfile(os.path.join(model, "config.json")):
         run_logged("assemble", [sys.executable, os.path.join(ROOT, "launch", "assemble.py"), "--out", model,
