@@ -180,8 +180,8 @@ class RunConfig:
     experiment: str = opt("gasp", "MLflow experiment name")
     system_metrics: bool = opt(True, "log system metrics (CPU, memory, GPU) to MLflow")
     build_shards: bool = opt(True, "build the embedded default shards with the shard job when they are missing")
-    sim_memory_gib: float = opt(0.0, "memory the similarity tensors of one micro-batch may take, forward and "
-                                     "backward (0: a quarter of the GPU's memory, or of this rank's share of free "
+    sim_memory_gib: float = opt(0.0, "memory the GASP loss of one micro-batch may take at its peak, forward "
+                                     "and backward (0: a quarter of the GPU's memory, or of this rank's share of free "
                                      "RAM on CPU); a run that needs more is refused at start")
 
     def __post_init__(self) -> None:

@@ -214,21 +214,25 @@ def clip_frames_of(cfg) -> int:
 
 
 def check_similarity_memory(cfg, parser, num_layers: int, cells: int, on_cuda: bool) -> None:
-    """Refuse at start (one line) a micro-batch whose similarity tensors cannot fit (DESIGN §6).
+    """Refuse at start (one line) a micro-batch whose GASP loss cannot fit (DESIGN §6).
 
-    (L x pairs x N_a x N_b) float32 and what backward keeps of the loss over it, at the largest view
-    the resize allows and the most pairs a micro-batch can hold (--batch-size clips of the shards'
-    K frames, K(K-1)/2 pairs each or --pairs-per-clip); the budget is --sim-memory-gib, else a
-    quarter of the device's memory.
+    `losses.gasp.similarity_bytes`: one chunk of layers' similarity work (pairs x N_a x N_b float32 a
+    layer, with its softmaxes and gradient; backward recomputes it per chunk) plus the head features
+    kept for backward, at the largest view the resize allows and the most pairs a micro-batch can hold
+    (--batch-size clips of the shards' K frames, K(K-1)/2 pairs each or --pairs-per-clip); the budget
+    is --sim-memory-gib, else a quarter of the device's memory.
     """
     import torch
 
-    from losses.gasp import similarity_bytes
+    from losses.gasp import LOSS_CHUNK_BYTES, _layer_chunk, similarity_bytes
+    from model.head import head_dim_for
 
     k = clip_frames_of(cfg)
     per_clip = cfg.data.pairs_per_sample(k)
     pairs = cfg.data.batch_size * per_clip
-    need = similarity_bytes(num_layers, pairs, cells, cells) / 2 ** 30
+    dim = head_dim_for(_hidden_size(cfg) or cfg.loss.head_dim, cfg.loss.head_dim)
+    need = similarity_bytes(num_layers, pairs, cells, cells, dim=dim, frames=cfg.data.batch_size * k) / 2 ** 30
+    chunk = _layer_chunk(num_layers, pairs, cells, cells, dim, LOSS_CHUNK_BYTES)
     if cfg.run.sim_memory_gib:
         budget, why = cfg.run.sim_memory_gib, "--sim-memory-gib"
     elif on_cuda:
@@ -240,11 +244,12 @@ def check_similarity_memory(cfg, parser, num_layers: int, cells: int, on_cuda: b
         local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
         budget, why = psutil.virtual_memory().available / local / 4 / 2 ** 30, "a quarter of this rank's free RAM"
     if need > budget:
-        parser.error(f"the similarity tensors of one micro-batch would take ~{need:.1f} GiB (L={num_layers} layers "
-                     f"x {pairs} pairs ({cfg.data.batch_size} clips of {k} frames, {per_clip} pairs each) x "
-                     f"{cells}x{cells} cells, float32, with what backward keeps) but the budget is {budget:.1f} GiB "
-                     f"({why}); lower --max-pixels (now {cfg.data.max_pixels or 'the model default'}, {cells} cells "
-                     f"a view), --pairs-per-clip, --batch-size or the shards' --clip-frames, or raise --sim-memory-gib")
+        parser.error(f"the GASP loss of one micro-batch would take ~{need:.1f} GiB at its peak (L={num_layers} "
+                     f"layers, {chunk} at a time, x {pairs} pairs ({cfg.data.batch_size} clips of {k} frames, "
+                     f"{per_clip} pairs each) x {cells}x{cells} cells, float32, with its backward) but the budget "
+                     f"is {budget:.1f} GiB ({why}); lower --max-pixels (now {cfg.data.max_pixels or 'the model default'}, "
+                     f"{cells} cells a view), --pairs-per-clip, --batch-size or the shards' --clip-frames, or raise "
+                     f"--sim-memory-gib")
 
 
 def check_sources(cfg, parser) -> None:

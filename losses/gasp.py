@@ -75,25 +75,42 @@ def pair_view(batch: Batch) -> dict[str, torch.Tensor]:
     return out
 
 
-SAVED_PER_SIMILARITY = 3.0
-"""What autograd keeps of the loss terms, in units of one float32 similarity tensor s
-(L, B, Na, Nb), when no cell of A is an anchor ..."""
-SAVED_PER_ANCHOR_ROW = 10.6
-"""... plus this much per unit of anchors-per-cell-of-A (M / Na): measured with
-`saved_tensors_hooks` (tests/test_losses.py keeps the estimate above the measured bytes)."""
-BACKWARD_TRANSIENT = 2.0
-"""Gradient buffers of s-sized tensors alive at once during backward (the grad of s and one more)."""
+LOSS_CHUNK_BYTES = 16 * 2 ** 20
+"""`pair_loss_terms` takes the layers in chunks whose float32 work stays under this many bytes (at
+least one layer a chunk): the most the loss holds at a time beyond the head features it keeps."""
+WORK_PER_SIMILARITY = 2.0
+"""Similarity-sized float32 tensors of one layer alive at once in the loss (s and its gradient) ..."""
+WORK_PER_ANCHOR_ROW = 6.0
+"""... plus this many per unit of anchors-per-cell-of-A (M / N_a): the anchors' rows and columns of s
+and their softmaxes; tests/test_traps.py keeps the estimate above the measured peak."""
 
 
-def similarity_bytes(num_layers: int, pairs: int, cells_a: int, cells_b: int, anchors: int | None = None) -> int:
-    """Estimated peak bytes of the similarity tensors of one micro-batch, forward and backward.
-
-    (L, pairs, cells_a, cells_b) float32 and what backward keeps of the loss over it; `anchors`
-    per pair (default cells_a, the worst case: every cell of A an anchor).
-    """
+def _layer_work(pairs: int, cells_a: int, cells_b: int, dim: int, anchors: int | None = None) -> float:
+    """Float32 bytes one layer of the loss holds at its peak: similarity-sized work (above) plus the
+    features of A and B gathered per pair and their gradients (2 x pairs x (N_a + N_b) x dim)."""
     m = cells_a if anchors is None else min(anchors, cells_a)
-    s = 4 * num_layers * pairs * cells_a * cells_b
-    return int(s * (SAVED_PER_SIMILARITY + SAVED_PER_ANCHOR_ROW * m / max(cells_a, 1) + BACKWARD_TRANSIENT))
+    sim = (WORK_PER_SIMILARITY + WORK_PER_ANCHOR_ROW * m / max(cells_a, 1)) * cells_a * cells_b
+    return 4.0 * pairs * (sim + 2 * (cells_a + cells_b) * dim)
+
+
+def _layer_chunk(L: int, pairs: int, cells_a: int, cells_b: int, dim: int, chunk_bytes: int) -> int:
+    """Layers per chunk of `pair_loss_terms` (at least 1; every cell an anchor, the worst case)."""
+    return max(1, min(L, int(chunk_bytes // max(_layer_work(pairs, cells_a, cells_b, dim), 1.0))))
+
+
+def similarity_bytes(num_layers: int, pairs: int, cells_a: int, cells_b: int, anchors: int | None = None,
+                     dim: int = 256, frames: int | None = None, chunk_bytes: int = LOSS_CHUNK_BYTES) -> int:
+    """Estimated peak bytes of the GASP loss of one micro-batch (`pair_loss_terms`), forward and backward.
+
+    One chunk of layers' work (`_layer_work` x layers per chunk; `anchors` per pair, default cells_a,
+    the worst case: every cell of A an anchor) plus the per-frame head features it keeps for backward,
+    (L, frames, N, dim) float32 (`frames` default 2 x pairs, the most `pairs` pairs can name). The
+    similarities (L, pairs, N_a, N_b) are never all held at once: backward recomputes them per chunk.
+    """
+    chunk = _layer_chunk(num_layers, pairs, cells_a, cells_b, dim, chunk_bytes)
+    frames = 2 * pairs if frames is None else frames
+    kept = 4 * num_layers * frames * max(cells_a, cells_b) * dim
+    return int(chunk * _layer_work(pairs, cells_a, cells_b, dim, anchors) + kept)
 
 
 def _masked_lse(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -200,9 +217,10 @@ def gasp_loss_terms(s: torch.Tensor, batch: Batch, depth_loss: str = "relative")
         return _loss_terms(s.float(), pair_view(batch), depth_loss)
 
 
-def _loss_terms(s: torch.Tensor, batch: Batch, depth_loss: str = "relative") -> LossTerms:
+def _loss_terms(s: torch.Tensor, batch: Batch, depth_loss: str = "relative",
+                masks: ItemMasks | None = None) -> LossTerms:
     L, B, Na, Nb = s.shape
-    m = item_masks(batch)
+    m = item_masks(batch) if masks is None else masks
     M = m.anchor.shape[1]
     mask_a, mask_b = batch["cell_mask_a"].bool(), batch["cell_mask_b"].bool()
 
@@ -237,6 +255,124 @@ def _loss_terms(s: torch.Tensor, batch: Batch, depth_loss: str = "relative") -> 
 
     n = torch.stack([m.anchor.sum(), m.first_of_target.sum(), m.depth.sum()]).float()
     return LossTerms(nce_ab, nce_ba, depth, n[0], n[1], n[2])
+
+
+def _masked_softmax(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
+    """softmax of x over `dim` where `keep`, zeros elsewhere; an empty slice gives all zeros."""
+    lse = _masked_lse(x, keep, dim).unsqueeze(dim)
+    return torch.where(keep, (x - lse).exp(), 0.0)
+
+
+def _loss_grad(s: torch.Tensor, view: Batch, m: ItemMasks, g: torch.Tensor, depth_loss: str) -> torch.Tensor:
+    """d(g[0] . nce_ab + g[1] . nce_ba + g[2] . depth) / ds of `_loss_terms`, in closed form.
+
+    s (Lc, B, Na, Nb) float32, g (3, Lc) the upstream gradients of the three per-layer sums.
+    - A->B, anchor i -> j: softmax over B's real cells of s[i, :] minus one-hot j, on row i.
+    - B->A, target j: softmax over A's real cells of s[:, j] minus the softmax over P_j, on column j.
+    - depth: d per_item / d log z_hat times (softmax of s[i, :] + log D - softmax of s[i, :]) over valid cells.
+    Items that do not count (and empty slices) contribute nothing.
+    """
+    Lc, B, Na, Nb = s.shape
+    M = m.anchor.shape[1]
+    mask_a, mask_b = view["cell_mask_a"].bool(), view["cell_mask_b"].bool()
+    a_ix = m.a_idx[None, :, :, None].expand(Lc, B, M, Nb)
+    rows = s.gather(2, a_ix)  # (Lc, B, M, Nb)
+    w_ab = torch.where(m.anchor, g[0][:, None, None], 0.0)  # (Lc, B, M)
+    g_rows = _masked_softmax(rows, mask_b[None, :, None, :], -1)
+    g_rows.scatter_add_(3, m.t_idx[None, :, :, None].expand(Lc, B, M, 1), torch.full((Lc, B, M, 1), -1.0,
+                                                                                    device=s.device))
+    g_rows.mul_(w_ab[..., None])
+
+    keep = m.depth_cells[None, :, None, :]  # (1, B, 1, Nb)
+    depth_b = view["depth_b"].float()
+    log_d = torch.where(m.depth_cells, depth_b.clamp_min(1e-30).log(), 0.0)[None, :, None, :]
+    lse_p, lse_r = _masked_lse(rows, keep, -1), _masked_lse(rows + log_d, keep, -1)  # (Lc, B, M)
+    log_zhat = lse_r - lse_p
+    if depth_loss == "log":
+        log_zb = torch.where(m.depth, view["z_b"].float().clamp_min(1e-30).log(), 0.0)
+        d_log = torch.sign(log_zhat - log_zb)  # d |log z_hat - log z_b| / d log z_hat
+    else:
+        z_b = torch.where(m.depth, view["z_b"].float(), 1.0)[None]
+        z_hat = torch.where(m.depth[None], log_zhat, 0.0).exp()
+        u, v = z_b - z_hat, z_b + z_hat
+        d_log = z_hat * (-torch.sign(u) * v - u.abs()) / (v * v)  # d (|u| / v) / d log z_hat
+    w_dep = torch.where(m.depth, g[2][:, None, None] * d_log, 0.0)[..., None]  # (Lc, B, M, 1)
+    r = torch.where(keep, (rows + log_d - lse_r[..., None]).exp(), 0.0)
+    p = torch.where(keep, (rows - lse_p[..., None]).exp(), 0.0)
+    del rows
+    g_rows.add_(w_dep * (r - p))
+    del r, p
+    ds = torch.zeros_like(s)
+    ds.scatter_add_(2, a_ix, g_rows)
+    del g_rows
+
+    t_ix = m.t_idx[None, :, None, :].expand(Lc, B, Na, M)
+    cols = s.gather(3, t_ix)  # (Lc, B, Na, M)
+    onehot_a = torch.zeros(B, M, Na, dtype=s.dtype, device=s.device)
+    onehot_a.scatter_(2, m.a_idx[:, :, None], m.anchor[:, :, None].to(s.dtype))
+    pos = (torch.bmm(m.same_target.to(s.dtype), onehot_a) > 0).transpose(1, 2)[None]  # (1, B, Na, M)
+    w_ba = torch.where(m.first_of_target, g[1][:, None, None], 0.0)[:, :, None, :]  # (Lc, B, 1, M)
+    g_cols = (_masked_softmax(cols, mask_a[None, :, :, None], 2) - _masked_softmax(cols, pos, 2)).mul_(w_ba)
+    ds.scatter_add_(3, t_ix, g_cols)
+    return ds
+
+
+class _PairLoss(torch.autograd.Function):
+    """Loss sums of every pair of a batch from per-frame features, chunked over layers, with the
+    similarities recomputed in backward: autograd keeps only the features, never (L, P, N_a, N_b)."""
+
+    @staticmethod
+    def forward(ctx, f, pair_frames, view, m, tau, depth_loss, chunk):
+        L = f.shape[0]
+        sums = []
+        for l0 in range(0, L, chunk):
+            s = pair_similarities(f[l0:l0 + chunk], pair_frames, tau)
+            t = _loss_terms(s, view, depth_loss, m)
+            sums.append(torch.stack([t.nce_ab_sum, t.nce_ba_sum, t.depth_sum]))  # (3, Lc)
+            del s, t
+        ctx.save_for_backward(f, pair_frames)
+        ctx.view, ctx.masks, ctx.tau, ctx.depth_loss, ctx.chunk = view, m, tau, depth_loss, chunk
+        return torch.cat(sums, 1)  # (3, L)
+
+    @staticmethod
+    def backward(ctx, grad):
+        f, pf = ctx.saved_tensors
+        pf = pf.to(f.device).long()
+        a, b = pf[:, 0], pf[:, 1]
+        grad = grad.float()
+        out = torch.zeros(f.shape, dtype=torch.float32, device=f.device)
+        for l0 in range(0, f.shape[0], ctx.chunk):
+            fc = f[l0:l0 + ctx.chunk].float()
+            fa, fb = fc[:, a], fc[:, b]  # (Lc, P, N, d)
+            with torch.autocast(device_type=f.device.type, enabled=False):
+                s = torch.matmul(fa, fb.transpose(-1, -2)) / ctx.tau
+                ds = _loss_grad(s, ctx.view, ctx.masks, grad[:, l0:l0 + ctx.chunk], ctx.depth_loss).div_(ctx.tau)
+                del s
+                oc = out[l0:l0 + ctx.chunk]
+                oc.index_add_(1, a, torch.matmul(ds, fb))
+                oc.index_add_(1, b, torch.matmul(ds.transpose(-1, -2), fa))
+            del fa, fb, ds
+        return out.to(f.dtype), None, None, None, None, None, None
+
+
+def pair_loss_terms(f: torch.Tensor, batch: Batch, tau: float = 0.07, depth_loss: str = "relative",
+                    chunk_bytes: int = LOSS_CHUNK_BYTES) -> LossTerms:
+    """`gasp_loss_terms(pair_similarities(f, batch["pair_frames"], tau), batch)`, the same values and
+    gradients, in bounded memory: layers in chunks of at most `chunk_bytes` of work, every pair of a
+    chunk in one batched product, and backward in closed form from similarities recomputed per chunk
+    (DESIGN §6: chunking saves memory only with recomputation). f (L, F, N, d) per-frame head features.
+    """
+    if depth_loss not in DEPTH_LOSSES:
+        raise ValueError(f"depth_loss must be one of {', '.join(DEPTH_LOSSES)} (got {depth_loss!r})")
+    view = pair_view(batch)
+    pf = batch["pair_frames"].to(f.device).long()
+    L, _, N, d = f.shape
+    chunk = _layer_chunk(L, int(pf.shape[0]), N, N, d, chunk_bytes)
+    m = item_masks(view)
+    with torch.autocast(device_type=f.device.type, enabled=False):
+        sums = _PairLoss.apply(f, pf, view, m, tau, depth_loss, chunk)  # (3, L)
+    n = torch.stack([m.anchor.sum(), m.first_of_target.sum(), m.depth.sum()]).float()
+    return LossTerms(sums[0], sums[1], sums[2], n[0], n[1], n[2])
 
 
 def _per_count(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

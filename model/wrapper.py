@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from losses.gasp import combine, gasp_loss_terms, loss_to_backward, pair_similarities, pair_view
+from losses.gasp import combine, loss_to_backward, pair_loss_terms, pair_similarities, pair_view
 from losses.metrics import RAW_TAU, match_stats
 from model.head import FusedCorrespondenceHead, head_dim_for
 
@@ -421,8 +421,8 @@ class GaspVLM(nn.Module):
         cfg = self.cfg
         use_lm = cfg.lambda_lm > 0
         feats, hidden, zero = self.capture(batch, model_inputs, vision_dummies, keep_hidden=True)
-        s = pair_similarities(self.head(feats), batch["pair_frames"], cfg.tau)  # (L, P, N, N) float32
-        terms = gasp_loss_terms(s, batch, cfg.depth_loss)
+        f = self.head(feats)  # (L, F, N, d)
+        terms = pair_loss_terms(f, batch, cfg.tau, cfg.depth_loss)  # every pair, layers chunked, s never kept
         lm_sum = n_lm = correct = None
         if use_lm:
             lm_sum, n_lm, correct = self.lm_terms(hidden, batch.get("labels"))
@@ -438,6 +438,8 @@ class GaspVLM(nn.Module):
         parts["lm_sum"] = float(lm_sum.detach()) if lm_sum is not None else 0.0
         parts["lm_correct"] = float(correct) if correct is not None else 0.0
         if return_features:
+            with torch.no_grad():
+                s = pair_similarities(f, batch["pair_frames"], cfg.tau)  # (L, P, N, N) float32
             return loss, parts, s, feats
         return loss, parts
 

@@ -389,6 +389,23 @@ def read_jsonl(path: str) -> list[dict]:
 _DS_OP_READY = False
 
 
+def cpu_peak_bytes(fn) -> int:
+    """Peak bytes of CPU tensor memory that `fn()` allocates beyond what was live before it, from the torch
+    profiler's raw allocation and free records in time order (an op's own `self_cpu_memory_usage`
+    would count frees made inside a Python-level scope, such as an autograd Function, at its start)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    cur = peak = 0
+    for _, n in events:
+        cur += n
+        peak = max(peak, cur)
+    return peak
+
+
 def prebuild_deepspeed_op() -> None:
     """Build DeepSpeed's CPU comm op once, in the pytest process, before the first training subprocess.
 

@@ -323,3 +323,99 @@ def test_cuda_bf16_autocast_matches_cpu_float32():
     assert abs(loss.item() - ref.item()) / ref.item() < 2e-2
     loss.backward()
     assert head_gpu.weight.grad.dtype == torch.float32 and torch.isfinite(head_gpu.weight.grad).all()
+
+
+# ------------------------------------------------------------------ pair_loss_terms: the training path
+
+def clip_case(seed: int, L: int = 3, F: int = 4, N: int = 12, d: int = 8, M: int = 7):
+    """Per-frame features and a clip batch with every awkward label: padded cells, anchors out of range or
+    repeated, shared targets, a frame without valid depth (a pair's B), a pair with no anchor, z_b <= 0."""
+    g = torch.Generator().manual_seed(seed)
+    pf = torch.tensor([[0, 1], [0, 2], [1, 3], [2, 3], [0, 3]])
+    P = len(pf)
+    b = {"pair_frames": pf, "cell_mask": torch.rand(F, N, generator=g) > 0.15,
+         "depth": torch.rand(F, N, generator=g) * 3 + 0.5, "depth_valid": torch.rand(F, N, generator=g) > 0.3,
+         "anchor_a": torch.randint(-1, N + 1, (P, M), generator=g),
+         "target_b": torch.randint(0, N, (P, M), generator=g) % 5,  # few targets: shared ones
+         "anchor_mask": torch.rand(P, M, generator=g) > 0.2, "z_b": torch.rand(P, M, generator=g) * 3 - 0.3}
+    b["depth_valid"][3] = False
+    b["anchor_mask"][4] = False
+    f = torch.nn.functional.normalize(torch.randn(L, F, N, d, generator=g), dim=-1)
+    return f, b
+
+
+@pytest.mark.parametrize("form", ["relative", "log"])
+def test_pair_loss_terms_equal_the_reference_in_values_and_gradients(form):
+    """The chunked loss with its closed-form backward = autograd through gasp_loss_terms on all pairs'
+    similarities at once, for one layer a chunk and all layers in one chunk."""
+    from losses.gasp import pair_loss_terms, pair_similarities
+
+    for seed in range(4):
+        f0, batch = clip_case(seed)
+        w = torch.randn(3, f0.shape[0], generator=torch.Generator().manual_seed(seed))
+        f = f0.clone().requires_grad_()
+        ref = gasp_loss_terms(pair_similarities(f, batch["pair_frames"], 0.07), batch, form)
+        (grad_ref,) = torch.autograd.grad((w[0] * ref.nce_ab_sum + w[1] * ref.nce_ba_sum
+                                          + w[2] * ref.depth_sum).sum(), f)
+        assert grad_ref.abs().max() > 0
+        for chunk_bytes in (1, 2 ** 40):
+            got = pair_loss_terms(f, batch, 0.07, form, chunk_bytes=chunk_bytes)
+            for a, b in ((got.nce_ab_sum, ref.nce_ab_sum), (got.nce_ba_sum, ref.nce_ba_sum),
+                         (got.depth_sum, ref.depth_sum), (got.counts(), ref.counts())):
+                assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (seed, chunk_bytes)
+            (grad,) = torch.autograd.grad((w[0] * got.nce_ab_sum + w[1] * got.nce_ba_sum
+                                          + w[2] * got.depth_sum).sum(), f)
+            assert (grad - grad_ref).abs().max() <= 1e-5 * grad_ref.abs().max(), (seed, chunk_bytes)
+
+
+def test_pair_loss_terms_without_anchors_reach_the_features_with_zero_gradient():
+    from losses.gasp import pair_loss_terms
+
+    f0, batch = clip_case(0)
+    batch["anchor_mask"][:] = False
+    f = f0.clone().requires_grad_()
+    loss, parts = combine(pair_loss_terms(f, batch))
+    assert loss.item() == 0.0 and all(math.isfinite(v) for v in parts.values())
+    loss.backward()
+    assert f.grad is not None and f.grad.abs().max() == 0
+
+
+def test_pair_loss_terms_bf16_features_give_float32_terms_and_bf16_gradient():
+    from losses.gasp import pair_loss_terms
+
+    f0, batch = clip_case(1)
+    f = f0.bfloat16().requires_grad_()
+    t = pair_loss_terms(f, batch)
+    assert t.nce_ab_sum.dtype == torch.float32
+    ref = pair_loss_terms(f0, batch)
+    assert torch.allclose(t.nce_ab_sum, ref.nce_ab_sum, rtol=2e-2)
+    combine(t)[0].backward()
+    assert f.grad.dtype == torch.bfloat16 and f.grad.abs().max() > 0
+
+
+def test_pair_loss_terms_hold_a_fraction_of_what_autograd_keeps():
+    """The point of the chunked loss: at 8 layers its peak (forward + backward, beyond the features) is
+    under a third of autograd's through the whole (L, P, N, N) similarities, every cell an anchor."""
+    from conftest import cpu_peak_bytes
+    from losses.gasp import pair_loss_terms, pair_similarities
+
+    L, K, N, d = 8, 4, 40, 32
+    g = torch.Generator().manual_seed(0)
+    pf = torch.tensor([(i, j) for i in range(K) for j in range(i + 1, K)])
+    P = len(pf)
+    batch = {"pair_frames": pf, "cell_mask": torch.ones(K, N, dtype=torch.bool),
+             "depth": torch.rand(K, N, generator=g) + 1, "depth_valid": torch.ones(K, N, dtype=torch.bool),
+             "anchor_a": torch.stack([torch.randperm(N, generator=g) for _ in range(P)]),
+             "target_b": torch.randint(0, N, (P, N), generator=g), "anchor_mask": torch.ones(P, N, dtype=torch.bool),
+             "z_b": torch.rand(P, N, generator=g) + 1}
+    f = torch.nn.functional.normalize(torch.randn(L, K, N, d, generator=g), dim=-1).requires_grad_()
+
+    def chunked():
+        combine(pair_loss_terms(f, batch, chunk_bytes=1))[0].backward()
+
+    def whole():
+        combine(gasp_loss_terms(pair_similarities(f, pf), batch))[0].backward()
+
+    ours, ref = cpu_peak_bytes(chunked), cpu_peak_bytes(whole)
+    print(f"peak {ours} vs {ref} bytes")
+    assert 0 < ours < ref / 3, (ours, ref)

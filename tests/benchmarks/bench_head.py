@@ -26,6 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: conftest
 
 import numpy as np
 import torch
@@ -155,21 +156,17 @@ def time_variant(fn, device, warmup: int, iters: int, params) -> tuple[float, fl
 
 
 def _cpu_peak_gib(fn, params) -> float:
-    """Peak extra memory of one step on CPU, from the torch profiler's memory accounting."""
-    from torch.profiler import ProfilerActivity, profile
+    """Peak extra memory of one step on CPU (`conftest.cpu_peak_bytes`: the profiler's raw allocation
+    records in time order)."""
+    from conftest import cpu_peak_bytes
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    def step():
         fn().backward()
+
+    peak = cpu_peak_bytes(step)
     for p in params:
         p.grad = None
-    # running total of allocations (+) and frees (-), in event order: its maximum is the step's
-    # peak. `self_` values: an op's own allocations, so nested ops are not counted twice.
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
-    cur = peak = 0
-    for e in events:
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak / 2**30
+    return peak / 2 ** 30
 
 
 def main(argv=None) -> int:
