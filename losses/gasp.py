@@ -85,32 +85,45 @@ WORK_PER_ANCHOR_ROW = 6.0
 and their softmaxes; tests/test_traps.py keeps the estimate above the measured peak."""
 
 
-def _layer_work(pairs: int, cells_a: int, cells_b: int, dim: int, anchors: int | None = None) -> float:
+def _layer_work(pairs: int, cells_a: int, cells_b: int, dim: int, anchors: int | None = None,
+                frames: int | None = None, hidden: int | None = None) -> float:
     """Float32 bytes one layer of the loss holds at its peak: similarity-sized work (above) plus the
-    features of A and B gathered per pair and their gradients (2 x pairs x (N_a + N_b) x dim)."""
+    features of A and B gathered per pair and their gradients (2 x pairs x (N_a + N_b) x dim); with
+    the head inside the chunks (`hidden` = its input width D), also the head's recomputed work on the
+    layer's `frames` x N cells: its input in float32 and its gradient (2 D), and the hidden
+    activations, output and their gradients (12 d)."""
     m = cells_a if anchors is None else min(anchors, cells_a)
     sim = (WORK_PER_SIMILARITY + WORK_PER_ANCHOR_ROW * m / max(cells_a, 1)) * cells_a * cells_b
-    return 4.0 * pairs * (sim + 2 * (cells_a + cells_b) * dim)
+    work = 4.0 * pairs * (sim + 2 * (cells_a + cells_b) * dim)
+    if hidden:
+        frames = 2 * pairs if frames is None else frames
+        work += 4.0 * frames * max(cells_a, cells_b) * (2 * hidden + 12 * dim)
+    return work
 
 
-def _layer_chunk(L: int, pairs: int, cells_a: int, cells_b: int, dim: int, chunk_bytes: int) -> int:
-    """Layers per chunk of `pair_loss_terms` (at least 1; every cell an anchor, the worst case)."""
-    return max(1, min(L, int(chunk_bytes // max(_layer_work(pairs, cells_a, cells_b, dim), 1.0))))
+def _layer_chunk(L: int, pairs: int, cells_a: int, cells_b: int, dim: int, chunk_bytes: int,
+                 frames: int | None = None, hidden: int | None = None) -> int:
+    """Layers per chunk of the loss (at least 1; every cell an anchor, the worst case)."""
+    per_layer = _layer_work(pairs, cells_a, cells_b, dim, frames=frames, hidden=hidden)
+    return max(1, min(L, int(chunk_bytes // max(per_layer, 1.0))))
 
 
 def similarity_bytes(num_layers: int, pairs: int, cells_a: int, cells_b: int, anchors: int | None = None,
-                     dim: int = 256, frames: int | None = None, chunk_bytes: int = LOSS_CHUNK_BYTES) -> int:
-    """Estimated peak bytes of the GASP loss of one micro-batch (`pair_loss_terms`), forward and backward.
+                     dim: int = 256, frames: int | None = None, chunk_bytes: int = LOSS_CHUNK_BYTES,
+                     hidden: int | None = None) -> int:
+    """Estimated peak bytes of the GASP loss of one micro-batch, forward and backward, beyond its input.
 
     One chunk of layers' work (`_layer_work` x layers per chunk; `anchors` per pair, default cells_a,
-    the worst case: every cell of A an anchor) plus the per-frame head features it keeps for backward,
-    (L, frames, N, dim) float32 (`frames` default 2 x pairs, the most `pairs` pairs can name). The
-    similarities (L, pairs, N_a, N_b) are never all held at once: backward recomputes them per chunk.
+    the worst case: every cell of A an anchor). Without `hidden` (`pair_loss_terms`) also the per-frame
+    head features it keeps for backward, (L, frames, N, dim) float32 (`frames` default 2 x pairs, the
+    most `pairs` pairs can name); with `hidden` (`head_pair_loss_terms`, what training runs) nothing
+    more: the head is recomputed per chunk too. The similarities (L, pairs, N_a, N_b) are never all
+    held at once.
     """
-    chunk = _layer_chunk(num_layers, pairs, cells_a, cells_b, dim, chunk_bytes)
+    chunk = _layer_chunk(num_layers, pairs, cells_a, cells_b, dim, chunk_bytes, frames, hidden)
     frames = 2 * pairs if frames is None else frames
-    kept = 4 * num_layers * frames * max(cells_a, cells_b) * dim
-    return int(chunk * _layer_work(pairs, cells_a, cells_b, dim, anchors) + kept)
+    kept = 0 if hidden else 4 * num_layers * frames * max(cells_a, cells_b) * dim
+    return int(chunk * _layer_work(pairs, cells_a, cells_b, dim, anchors, frames, hidden) + kept)
 
 
 def _masked_lse(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -197,6 +210,11 @@ class LossTerms:
     def counts(self) -> torch.Tensor:
         """(3,) [n_ab, n_ba, n_depth]."""
         return torch.stack([self.n_ab, self.n_ba, self.n_depth])
+
+    @classmethod
+    def of(cls, sums: torch.Tensor, counts: torch.Tensor) -> "LossTerms":
+        """From sums (3, L) [nce_ab, nce_ba, depth] and counts (3,) [n_ab, n_ba, n_depth]."""
+        return cls(sums[0], sums[1], sums[2], counts[0], counts[1], counts[2])
 
 
 def gasp_loss_terms(s: torch.Tensor, batch: Batch, depth_loss: str = "relative") -> LossTerms:
@@ -317,42 +335,89 @@ def _loss_grad(s: torch.Tensor, view: Batch, m: ItemMasks, g: torch.Tensor, dept
     return ds
 
 
+def _feature_grad(fc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, view: Batch, m: ItemMasks, g: torch.Tensor,
+                  tau: float, depth_loss: str) -> torch.Tensor:
+    """d(g . loss sums) / d fc for one chunk of per-frame features fc (Lc, F, N, d) float32: the
+    similarities of every pair recomputed in one batched product, their gradient in closed form."""
+    fa, fb = fc[:, a], fc[:, b]  # (Lc, P, N, d)
+    s = torch.matmul(fa, fb.transpose(-1, -2)) / tau
+    ds = _loss_grad(s, view, m, g, depth_loss).div_(tau)
+    del s
+    out = torch.zeros_like(fc)
+    out.index_add_(1, a, torch.matmul(ds, fb))
+    out.index_add_(1, b, torch.matmul(ds.transpose(-1, -2), fa))
+    return out
+
+
 class _PairLoss(torch.autograd.Function):
-    """Loss sums of every pair of a batch from per-frame features, chunked over layers, with the
-    similarities recomputed in backward: autograd keeps only the features, never (L, P, N_a, N_b)."""
+    """Loss sums (3, L) of every pair of a batch, chunked over layers, with the similarities (and, given
+    `head_fn`, the head) recomputed per chunk in backward: autograd keeps only the function's inputs,
+    never (L, P, N_a, N_b). Without `head_fn`, x is the per-frame features f (L, F, N, d); with it, x is
+    the head's input (L, F, N, D) and `weights` its parameters (leading layer axis), f = head_fn(x, w)."""
 
     @staticmethod
-    def forward(ctx, f, pair_frames, view, m, tau, depth_loss, chunk):
-        L = f.shape[0]
+    def forward(ctx, x, pair_frames, view, m, tau, depth_loss, chunk, head_fn, *weights):
+        L = x.shape[0]
         sums = []
         for l0 in range(0, L, chunk):
-            s = pair_similarities(f[l0:l0 + chunk], pair_frames, tau)
-            t = _loss_terms(s, view, depth_loss, m)
+            f = x[l0:l0 + chunk] if head_fn is None else head_fn(x[l0:l0 + chunk], [w[l0:l0 + chunk] for w in weights])
+            t = _loss_terms(pair_similarities(f, pair_frames, tau), view, depth_loss, m)
             sums.append(torch.stack([t.nce_ab_sum, t.nce_ba_sum, t.depth_sum]))  # (3, Lc)
-            del s, t
-        ctx.save_for_backward(f, pair_frames)
-        ctx.view, ctx.masks, ctx.tau, ctx.depth_loss, ctx.chunk = view, m, tau, depth_loss, chunk
+            del f, t
+        ctx.save_for_backward(x, pair_frames, *weights)
+        ctx.view, ctx.masks, ctx.tau, ctx.depth_loss, ctx.chunk, ctx.head_fn = view, m, tau, depth_loss, chunk, head_fn
         return torch.cat(sums, 1)  # (3, L)
 
     @staticmethod
     def backward(ctx, grad):
-        f, pf = ctx.saved_tensors
-        pf = pf.to(f.device).long()
+        x, pf, *weights = ctx.saved_tensors
+        pf = pf.to(x.device).long()
         a, b = pf[:, 0], pf[:, 1]
         grad = grad.float()
-        out = torch.zeros(f.shape, dtype=torch.float32, device=f.device)
-        for l0 in range(0, f.shape[0], ctx.chunk):
-            fc = f[l0:l0 + ctx.chunk].float()
-            fa, fb = fc[:, a], fc[:, b]  # (Lc, P, N, d)
-            with torch.autocast(device_type=f.device.type, enabled=False):
-                s = torch.matmul(fa, fb.transpose(-1, -2)) / ctx.tau
-                ds = _loss_grad(s, ctx.view, ctx.masks, grad[:, l0:l0 + ctx.chunk], ctx.depth_loss).div_(ctx.tau)
-                del s
-                oc = out[l0:l0 + ctx.chunk]
-                oc.index_add_(1, a, torch.matmul(ds, fb))
-                oc.index_add_(1, b, torch.matmul(ds.transpose(-1, -2), fa))
-            del fa, fb, ds
-        return out.to(f.dtype), None, None, None, None, None, None
+        need_x = ctx.needs_input_grad[0]
+        gx = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None
+        gw = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+        for l0 in range(0, x.shape[0], ctx.chunk):
+            c = slice(l0, l0 + ctx.chunk)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                if ctx.head_fn is None:
+                    gf = _feature_grad(x[c].float(), a, b, ctx.view, ctx.masks, grad[:, c], ctx.tau, ctx.depth_loss)
+                    if need_x:
+                        gx[c] = gf
+                    continue
+                with torch.enable_grad():
+                    xc = x[c].detach().requires_grad_(need_x)
+                    wc = [w[c].detach().requires_grad_() for w in weights]
+                    f = ctx.head_fn(xc, wc)
+                    gf = _feature_grad(f.detach(), a, b, ctx.view, ctx.masks, grad[:, c], ctx.tau, ctx.depth_loss)
+                    grads = torch.autograd.grad(f, ([xc] if need_x else []) + wc, gf)
+                if need_x:
+                    gx[c], grads = grads[0], grads[1:]
+                for g_all, g_c in zip(gw, grads):
+                    g_all[c] = g_c
+            del gf
+        return (None if gx is None else gx.to(x.dtype), None, None, None, None, None, None, None,
+                *(g.to(w.dtype) for g, w in zip(gw, weights)))
+
+
+def _pair_loss(x: torch.Tensor, batch: Batch, tau: float, depth_loss: str, chunk_bytes: int, head_fn=None,
+               weights: Sequence[torch.Tensor] = (), hidden: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums (3, L) [nce_ab, nce_ba, depth] per layer, counts (3,) [n_ab, n_ba, n_depth])."""
+    if depth_loss not in DEPTH_LOSSES:
+        raise ValueError(f"depth_loss must be one of {', '.join(DEPTH_LOSSES)} (got {depth_loss!r})")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0; got {tau}")
+    view = pair_view(batch)
+    pf = batch["pair_frames"].to(x.device).long()
+    L, F_, N, _ = x.shape
+    d = x.shape[-1] if head_fn is None else int(weights[-1].shape[1])
+    chunk = _layer_chunk(L, int(pf.shape[0]), N, N, d, chunk_bytes, frames=F_, hidden=hidden)
+    m = item_masks(view)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        sums = _PairLoss.apply(x, pf, view, m, tau, depth_loss, chunk, head_fn, *weights)  # (3, L)
+    n = torch.stack([m.anchor.sum(), m.first_of_target.sum(), m.depth.sum()]).float()
+    return sums, n
 
 
 def pair_loss_terms(f: torch.Tensor, batch: Batch, tau: float = 0.07, depth_loss: str = "relative",
@@ -362,17 +427,21 @@ def pair_loss_terms(f: torch.Tensor, batch: Batch, tau: float = 0.07, depth_loss
     chunk in one batched product, and backward in closed form from similarities recomputed per chunk
     (DESIGN §6: chunking saves memory only with recomputation). f (L, F, N, d) per-frame head features.
     """
-    if depth_loss not in DEPTH_LOSSES:
-        raise ValueError(f"depth_loss must be one of {', '.join(DEPTH_LOSSES)} (got {depth_loss!r})")
-    view = pair_view(batch)
-    pf = batch["pair_frames"].to(f.device).long()
-    L, _, N, d = f.shape
-    chunk = _layer_chunk(L, int(pf.shape[0]), N, N, d, chunk_bytes)
-    m = item_masks(view)
-    with torch.autocast(device_type=f.device.type, enabled=False):
-        sums = _PairLoss.apply(f, pf, view, m, tau, depth_loss, chunk)  # (3, L)
-    n = torch.stack([m.anchor.sum(), m.first_of_target.sum(), m.depth.sum()]).float()
-    return LossTerms(sums[0], sums[1], sums[2], n[0], n[1], n[2])
+    return LossTerms.of(*_pair_loss(f, batch, tau, depth_loss, chunk_bytes))
+
+
+def head_pair_loss_sums(x: torch.Tensor, weights: Sequence[torch.Tensor], head_fn, batch: Batch, tau: float = 0.07,
+                        depth_loss: str = "relative", chunk_bytes: int = LOSS_CHUNK_BYTES
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of `pair_loss_terms(head_fn(x, weights), ...)` with the head inside the chunks too, as
+    (sums (3, L), counts (3,)) (`LossTerms.of` makes the terms): x (L, F, N, D) the head's input,
+    `weights` its parameters (leading layer axis L), head_fn(x_c, [w_c, ...]) -> f_c (Lc, F, N, d)
+    float32 for any chunk of layers. Backward recomputes the head per chunk, so nothing of the head or
+    the similarities is kept between forward and backward beyond x and the weights. Call it inside the
+    head module's forward and return its plain tensors from there (`FusedCorrespondenceHead.forward(x,
+    loss=...)`): an engine that gathers parameters around a module's forward and backward (ZeRO-3)
+    then sees it as the head's work and hooks its outputs."""
+    return _pair_loss(x, batch, tau, depth_loss, chunk_bytes, head_fn, weights, hidden=int(x.shape[-1]))
 
 
 def _per_count(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:

@@ -143,21 +143,44 @@ class FusedCorrespondenceHead(nn.Module):
     def hidden_size(self) -> int:
         return _shape(self._first)[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (L, ..., D), any float dtype -> f_l(x_l) (L, ..., d), unit vectors, float32."""
-        L, D, d = self.num_layers, self.hidden_size, self.head_dim
-        if x.dim() < 2 or x.shape[0] != L or x.shape[-1] != D:
-            raise ValueError(f"head expects input (L={L}, ..., D={D}); got {tuple(x.shape)}")
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """The parameters, each with the leading layer axis: [weight] (linear) or [w1, w2] (mlp)."""
+        return [self.weight] if self.kind == "linear" else [self.w1, self.w2]
+
+    def apply_chunk(self, x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The head of a chunk of layers: x (Lc, ..., D) any float dtype and the weights of those layers
+        (`weights` sliced on the layer axis) -> (Lc, ..., d) unit vectors, float32. The one place the
+        head's arithmetic is written: `forward` applies it to all layers, the chunked loss to chunks."""
+        Lc, D = x.shape[0], x.shape[-1]
         lead = x.shape[1:-1]
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x32 = x.float().reshape(L, -1, D)  # (L, T, D)
+            x32 = x.float().reshape(Lc, -1, D)  # (Lc, T, D)
             if self.kind == "linear":
-                y = torch.bmm(x32, self.weight.float().transpose(1, 2))  # (L, T, d)
+                y = torch.bmm(x32, weights[0].float().transpose(1, 2))  # (Lc, T, d)
             else:
-                h = F.gelu(torch.bmm(x32, self.w1.float().transpose(1, 2)))  # (L, T, 2d)
-                y = torch.bmm(h, self.w2.float().transpose(1, 2))  # (L, T, d)
+                h = F.gelu(torch.bmm(x32, weights[0].float().transpose(1, 2)))  # (Lc, T, 2d)
+                y = torch.bmm(h, weights[1].float().transpose(1, 2))  # (Lc, T, d)
             y = F.normalize(y, dim=-1)
-        return y.reshape(L, *lead, d)  # (L, ..., d)
+        return y.reshape(Lc, *lead, y.shape[-1])
+
+    def forward(self, x: torch.Tensor, loss: dict[str, Any] | None = None):
+        """x (L, ..., D), any float dtype -> f_l(x_l) (L, ..., d), unit vectors, float32.
+
+        With `loss` (keyword arguments of `losses.gasp.head_pair_loss_sums`: batch, tau, depth_loss,
+        chunk_bytes), x is per-frame (L, F, N, D) and the result is the GASP loss of the batch's pairs as
+        plain tensors (sums (3, L), counts (3,); `losses.gasp.LossTerms.of` makes the terms), the head
+        recomputed per chunk of layers in backward (memory: DESIGN §6). It runs here, in the head's own
+        forward, so ZeRO-3 gathers the weights for it, and for its backward, as for any forward of the head.
+        """
+        L, D = self.num_layers, self.hidden_size
+        if x.dim() < 2 or x.shape[0] != L or x.shape[-1] != D:
+            raise ValueError(f"head expects input (L={L}, ..., D={D}); got {tuple(x.shape)}")
+        if loss is not None:
+            from losses.gasp import head_pair_loss_sums  # losses/ imports only torch
+
+            return head_pair_loss_sums(x, self.weights, self.apply_chunk, **loss)
+        return self.apply_chunk(x, self.weights)
 
     @torch.no_grad()
     def init_from_query_weights(self, weights: Iterable[torch.Tensor]) -> None:

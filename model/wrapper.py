@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from losses.gasp import combine, loss_to_backward, pair_loss_terms, pair_similarities, pair_view
+from losses.gasp import LossTerms, combine, loss_to_backward, pair_loss_terms, pair_similarities, pair_view
 from losses.metrics import RAW_TAU, match_stats
 from model.head import FusedCorrespondenceHead, head_dim_for
 
@@ -346,6 +346,10 @@ class GaspVLM(nn.Module):
         if len(self._captured) != self.num_layers:
             raise WrapperError(f"captured {len(self._captured)} of {self.num_layers} layers: the hooks did not fire")
         feats = torch.stack([self._captured[l] for l in range(self.num_layers)])  # (L, F, N, D)
+        # the per-layer pieces are copied into feats: drop them (backward does not need them; holding
+        # them to the next forward cost a second copy of the features) but keep the keys, so a
+        # checkpoint recompute during backward still finds its layer captured and drops its repeat
+        self._captured = dict.fromkeys(self._captured)
         if lm_input:
             if not lm_in:
                 raise WrapperError(f"{type(self._base_vlm()).__name__}'s language model was not called with "
@@ -421,8 +425,10 @@ class GaspVLM(nn.Module):
         cfg = self.cfg
         use_lm = cfg.lambda_lm > 0
         feats, hidden, zero = self.capture(batch, model_inputs, vision_dummies, keep_hidden=True)
-        f = self.head(feats)  # (L, F, N, d)
-        terms = pair_loss_terms(f, batch, cfg.tau, cfg.depth_loss)  # every pair, layers chunked, s never kept
+        if isinstance(self.head, FusedCorrespondenceHead):  # head and loss per chunk of layers: DESIGN §6 memory
+            terms = LossTerms.of(*self.head(feats, loss=dict(batch=batch, tau=cfg.tau, depth_loss=cfg.depth_loss)))
+        else:  # the per-layer reference loop (tests, benchmarks)
+            terms = pair_loss_terms(self.head(feats), batch, cfg.tau, cfg.depth_loss)
         lm_sum = n_lm = correct = None
         if use_lm:
             lm_sum, n_lm, correct = self.lm_terms(hidden, batch.get("labels"))
@@ -439,7 +445,7 @@ class GaspVLM(nn.Module):
         parts["lm_correct"] = float(correct) if correct is not None else 0.0
         if return_features:
             with torch.no_grad():
-                s = pair_similarities(f, batch["pair_frames"], cfg.tau)  # (L, P, N, N) float32
+                s = pair_similarities(self.head(feats), batch["pair_frames"], cfg.tau)  # (L, P, N, N) float32
             return loss, parts, s, feats
         return loss, parts
 

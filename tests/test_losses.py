@@ -368,6 +368,43 @@ def test_pair_loss_terms_equal_the_reference_in_values_and_gradients(form):
             assert (grad - grad_ref).abs().max() <= 1e-5 * grad_ref.abs().max(), (seed, chunk_bytes)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_head_inside_the_chunks_equals_autograd_through_head_and_reference_loss(kind):
+    """FusedCorrespondenceHead.forward(x, loss=...): the head recomputed per chunk in backward gives the
+    reference loss's values and the gradients of x and of every head weight."""
+    from losses.gasp import pair_similarities
+
+    for seed in range(3):
+        f0, batch = clip_case(seed)
+        L, F, N, _ = f0.shape
+        torch.manual_seed(seed)
+        head = FusedCorrespondenceHead(L, 16, head_dim=8, kind=kind)
+        x = torch.randn(L, F, N, 16).requires_grad_()
+        w = torch.randn(3, L)
+        ref = gasp_loss_terms(pair_similarities(head(x), batch["pair_frames"], 0.07), batch)
+        want = torch.autograd.grad((w[0] * ref.nce_ab_sum + w[1] * ref.nce_ba_sum + w[2] * ref.depth_sum).sum(),
+                                   [x, *head.weights])
+        for chunk_bytes in (1, 2 ** 40):
+            got = LossTerms.of(*head(x, loss=dict(batch=batch, tau=0.07, chunk_bytes=chunk_bytes)))
+            assert torch.allclose(got.nce_ab_sum, ref.nce_ab_sum, rtol=1e-6, atol=1e-6)
+            assert torch.allclose(got.depth_sum, ref.depth_sum, rtol=1e-6, atol=1e-6)
+            assert torch.equal(got.counts(), ref.counts())
+            grads = torch.autograd.grad((w[0] * got.nce_ab_sum + w[1] * got.nce_ba_sum + w[2] * got.depth_sum).sum(),
+                                        [x, *head.weights])
+            for g, r in zip(grads, want):
+                assert r.abs().max() > 0 and (g - r).abs().max() <= 1e-5 * r.abs().max(), (seed, chunk_bytes)
+
+
+def test_head_inside_the_chunks_without_input_gradient():
+    """--trainable heads: the VLM's features need no gradient; only the head weights get one."""
+    f0, batch = clip_case(0)
+    L, F, N, _ = f0.shape
+    head = FusedCorrespondenceHead(L, 16, head_dim=8, kind="mlp")
+    x = torch.randn(L, F, N, 16)
+    combine(LossTerms.of(*head(x, loss=dict(batch=batch))))[0].backward()
+    assert head.w1.grad.abs().max() > 0 and head.w2.grad.abs().max() > 0
+
+
 def test_pair_loss_terms_without_anchors_reach_the_features_with_zero_gradient():
     from losses.gasp import pair_loss_terms
 

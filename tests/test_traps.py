@@ -345,7 +345,8 @@ def test_bf16_head_masters_hold_the_exact_svd_init(tiny_shards, tmp_path):
 def test_similarity_estimate_covers_the_loss_peak():
     """similarity_bytes >= the measured peak of the training loss (`pair_loss_terms`, forward and backward,
     beyond the features it is given: the profiler's allocation records), and not far above it, for one
-    layer a chunk and all layers in one chunk; the head's own input is not part of it.
+    layer a chunk and all layers in one chunk, from features and with the head inside the chunks (as
+    training runs it); the head's own input is not part of it.
 
     (Revised with the chunked loss: the estimate was of what autograd kept through the whole
     (L, P, N_a, N_b) similarities, measured with saved_tensors_hooks; the loss now keeps only the
@@ -353,9 +354,10 @@ def test_similarity_estimate_covers_the_loss_peak():
     import torch.nn.functional as F
 
     from conftest import cpu_peak_bytes
-    from losses.gasp import combine, pair_loss_terms, similarity_bytes
+    from losses.gasp import LossTerms, combine, pair_loss_terms, similarity_bytes
+    from model.head import FusedCorrespondenceHead
 
-    L, K, N, d = 3, 4, 96, 8
+    L, K, N, d, D = 3, 4, 96, 8, 32
     pf = torch.tensor([(i, j) for i in range(K) for j in range(i + 1, K)])
     P = len(pf)
     for M in (4, 48, 96):
@@ -376,6 +378,17 @@ def test_similarity_estimate_covers_the_loss_peak():
             assert peak <= est <= 2.0 * peak, (M, chunk_bytes, peak, est)
             # the default is the worst case (every cell an anchor)
             assert similarity_bytes(L, P, N, N, dim=d, frames=K, chunk_bytes=chunk_bytes) >= est
+
+            # what training runs: the head inside the chunks (its input x is not part of the estimate)
+            head = FusedCorrespondenceHead(L, D, head_dim=d, kind="mlp")
+            x = torch.randn(L, K, N, D, generator=g).requires_grad_()
+
+            def head_step():
+                combine(LossTerms.of(*head(x, loss=dict(batch=batch, chunk_bytes=chunk_bytes))))[0].backward()
+
+            peak = cpu_peak_bytes(head_step)
+            est = similarity_bytes(L, P, N, N, anchors=M, dim=d, frames=K, chunk_bytes=chunk_bytes, hidden=D)
+            assert peak <= est <= 2.0 * peak, ("head", M, chunk_bytes, peak, est)
 
 
 def test_memory_guard_refuses_at_start_naming_max_pixels(tiny_shards, capsys):
