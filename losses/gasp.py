@@ -26,6 +26,7 @@ GAS and averages over ranks: the step's gradient equals one process on the union
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -116,7 +117,7 @@ def similarity_bytes(num_layers: int, pairs: int, cells_a: int, cells_b: int, an
     One chunk of layers' work (`_layer_work` x layers per chunk; `anchors` per pair, default cells_a,
     the worst case: every cell of A an anchor). Without `hidden` (`pair_loss_terms`) also the per-frame
     head features it keeps for backward, (L, frames, N, dim) float32 (`frames` default 2 x pairs, the
-    most `pairs` pairs can name); with `hidden` (`head_pair_loss_terms`, what training runs) nothing
+    most `pairs` pairs can name); with `hidden` (`head_pair_loss_sums`, what training runs) nothing
     more: the head is recomputed per chunk too. The similarities (L, pairs, N_a, N_b) are never all
     held at once.
     """
@@ -149,6 +150,23 @@ class ItemMasks:
     """(B, Nb): real cells of B with valid depth > 0."""
     a_idx: torch.Tensor
     t_idx: torch.Tensor
+    log_depth: torch.Tensor
+    """(B, Nb) float32: log D_b on the valid-depth cells, 0 elsewhere."""
+    cells_a: int
+    """N_a."""
+
+    def counts(self) -> torch.Tensor:
+        """(3,) float32 [n_ab, n_ba, n_depth]."""
+        return torch.stack([self.anchor.sum(), self.first_of_target.sum(), self.depth.sum()]).float()
+
+    @functools.cached_property
+    def positives(self) -> torch.Tensor:
+        """(B, M, Na) bool: P_{target(m)}, the A cells of the counted anchors sharing anchor m's target
+        (computed once a batch, however many chunks of layers use it)."""
+        B, M = self.anchor.shape
+        onehot_a = torch.zeros(B, M, self.cells_a, device=self.anchor.device)
+        onehot_a.scatter_(2, self.a_idx[:, :, None], self.anchor[:, :, None].float())  # (B, M, Na)
+        return torch.bmm(self.same_target.float(), onehot_a) > 0
 
 
 def item_masks(batch: Batch) -> ItemMasks:
@@ -170,7 +188,8 @@ def item_masks(batch: Batch) -> ItemMasks:
     depth_cells = batch["depth_b_valid"].bool() & mask_b & (depth_b > 0) & torch.isfinite(depth_b)  # (B, Nb)
     z_b = batch["z_b"].float()
     depth = anchor & depth_cells.any(1, keepdim=True) & (z_b > 0) & torch.isfinite(z_b)
-    return ItemMasks(anchor, first, same, depth, depth_cells, a_idx, t_idx)
+    log_depth = torch.where(depth_cells, depth_b.clamp_min(1e-30).log(), 0.0)  # (B, Nb)
+    return ItemMasks(anchor, first, same, depth, depth_cells, a_idx, t_idx, log_depth, Na)
 
 
 def count_items(batch: Batch) -> torch.Tensor:
@@ -183,7 +202,7 @@ def count_items(batch: Batch) -> torch.Tensor:
         n_lm = (batch["labels"][:, 1:] != -100).sum()
     else:
         n_lm = torch.zeros((), dtype=torch.long)
-    return torch.stack([m.anchor.sum(), m.first_of_target.sum(), m.depth.sum(), n_lm.to(m.anchor.device)]).float()
+    return torch.cat([m.counts(), n_lm.to(m.anchor.device).float()[None]])
 
 
 def lm_sums(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,15 +270,11 @@ def _loss_terms(s: torch.Tensor, batch: Batch, depth_loss: str = "relative",
     # B->A: columns of the targets; positives = A cells of the anchors sharing the target (a set).
     cols = s.gather(3, m.t_idx[None, :, None, :].expand(L, B, Na, M))  # (L, B, Na, M)
     lse_col = _masked_lse(cols, mask_a[None, :, :, None], 2)  # (L, B, M)
-    onehot_a = torch.zeros(B, M, Na, dtype=s.dtype, device=s.device)
-    onehot_a.scatter_(2, m.a_idx[:, :, None], m.anchor[:, :, None].to(s.dtype))  # (B, M, Na)
-    pos = torch.bmm(m.same_target.to(s.dtype), onehot_a) > 0  # (B, M, Na): P_{target(m)}
-    lse_pos = _masked_lse(cols, pos.transpose(1, 2)[None], 2)  # (L, B, M)
+    lse_pos = _masked_lse(cols, m.positives.transpose(1, 2)[None], 2)  # (L, B, M)
     nce_ba = torch.where(m.first_of_target, lse_col - lse_pos, 0.0).sum((1, 2))  # (L,)
 
     # Depth: soft-argmax over B's valid-depth cells, in log space.
-    depth_b = batch["depth_b"].float()
-    log_d = torch.where(m.depth_cells, depth_b.clamp_min(1e-30).log(), 0.0)  # (B, Nb)
+    log_d = m.log_depth  # (B, Nb)
     keep = m.depth_cells[None, :, None, :]  # (1, B, 1, Nb)
     log_zhat = _masked_lse(rows + log_d[None, :, None, :], keep, -1) - _masked_lse(rows, keep, -1)  # (L, B, M)
     if depth_loss == "log":
@@ -271,8 +286,7 @@ def _loss_terms(s: torch.Tensor, batch: Batch, depth_loss: str = "relative",
         per_item = (z_b - z_hat).abs() / (z_b + z_hat)
     depth = torch.where(m.depth, per_item, 0.0).sum((1, 2))  # (L,)
 
-    n = torch.stack([m.anchor.sum(), m.first_of_target.sum(), m.depth.sum()]).float()
-    return LossTerms(nce_ab, nce_ba, depth, n[0], n[1], n[2])
+    return LossTerms.of(torch.stack([nce_ab, nce_ba, depth]), m.counts())
 
 
 def _masked_softmax(x: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -302,8 +316,7 @@ def _loss_grad(s: torch.Tensor, view: Batch, m: ItemMasks, g: torch.Tensor, dept
     g_rows.mul_(w_ab[..., None])
 
     keep = m.depth_cells[None, :, None, :]  # (1, B, 1, Nb)
-    depth_b = view["depth_b"].float()
-    log_d = torch.where(m.depth_cells, depth_b.clamp_min(1e-30).log(), 0.0)[None, :, None, :]
+    log_d = m.log_depth[None, :, None, :]
     lse_p, lse_r = _masked_lse(rows, keep, -1), _masked_lse(rows + log_d, keep, -1)  # (Lc, B, M)
     log_zhat = lse_r - lse_p
     if depth_loss == "log":
@@ -326,9 +339,7 @@ def _loss_grad(s: torch.Tensor, view: Batch, m: ItemMasks, g: torch.Tensor, dept
 
     t_ix = m.t_idx[None, :, None, :].expand(Lc, B, Na, M)
     cols = s.gather(3, t_ix)  # (Lc, B, Na, M)
-    onehot_a = torch.zeros(B, M, Na, dtype=s.dtype, device=s.device)
-    onehot_a.scatter_(2, m.a_idx[:, :, None], m.anchor[:, :, None].to(s.dtype))
-    pos = (torch.bmm(m.same_target.to(s.dtype), onehot_a) > 0).transpose(1, 2)[None]  # (1, B, Na, M)
+    pos = m.positives.transpose(1, 2)[None]  # (1, B, Na, M)
     w_ba = torch.where(m.first_of_target, g[1][:, None, None], 0.0)[:, :, None, :]  # (Lc, B, 1, M)
     g_cols = (_masked_softmax(cols, mask_a[None, :, :, None], 2) - _masked_softmax(cols, pos, 2)).mul_(w_ba)
     ds.scatter_add_(3, t_ix, g_cols)
@@ -416,8 +427,7 @@ def _pair_loss(x: torch.Tensor, batch: Batch, tau: float, depth_loss: str, chunk
     m = item_masks(view)
     with torch.autocast(device_type=x.device.type, enabled=False):
         sums = _PairLoss.apply(x, pf, view, m, tau, depth_loss, chunk, head_fn, *weights)  # (3, L)
-    n = torch.stack([m.anchor.sum(), m.first_of_target.sum(), m.depth.sum()]).float()
-    return sums, n
+    return sums, m.counts()
 
 
 def pair_loss_terms(f: torch.Tensor, batch: Batch, tau: float = 0.07, depth_loss: str = "relative",
