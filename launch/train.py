@@ -216,9 +216,9 @@ def clip_frames_of(cfg) -> int:
 def check_similarity_memory(cfg, parser, num_layers: int, cells: int, on_cuda: bool) -> None:
     """Refuse at start (one line) a micro-batch whose GASP loss cannot fit (DESIGN §6).
 
-    `losses.gasp.similarity_bytes`: one chunk of layers' similarity work (pairs x N_a x N_b float32 a
-    layer, with its softmaxes and gradient; backward recomputes it per chunk) plus the head features
-    kept for backward, at the largest view the resize allows and the most pairs a micro-batch can hold
+    `losses.gasp.similarity_bytes`: one chunk of layers' similarity and head work (pairs x N_a x N_b
+    float32 a layer, with its softmaxes and gradient, and the head on the chunk's cells; backward
+    recomputes both per chunk), at the largest view the resize allows and the most pairs a micro-batch can hold
     (--batch-size clips of the shards' K frames, K(K-1)/2 pairs each or --pairs-per-clip); the budget
     is --sim-memory-gib, else a quarter of the device's memory.
     """
@@ -230,9 +230,11 @@ def check_similarity_memory(cfg, parser, num_layers: int, cells: int, on_cuda: b
     k = clip_frames_of(cfg)
     per_clip = cfg.data.pairs_per_sample(k)
     pairs = cfg.data.batch_size * per_clip
-    dim = head_dim_for(_hidden_size(cfg) or cfg.loss.head_dim, cfg.loss.head_dim)
-    need = similarity_bytes(num_layers, pairs, cells, cells, dim=dim, frames=cfg.data.batch_size * k) / 2 ** 30
-    chunk = _layer_chunk(num_layers, pairs, cells, cells, dim, LOSS_CHUNK_BYTES)
+    hidden = _hidden_size(cfg) or cfg.loss.head_dim
+    dim, frames = head_dim_for(hidden, cfg.loss.head_dim), cfg.data.batch_size * k
+    # what training runs: the fused head inside the loss's chunks (`FusedCorrespondenceHead.forward(x, loss=)`)
+    need = similarity_bytes(num_layers, pairs, cells, cells, dim=dim, frames=frames, hidden=hidden) / 2 ** 30
+    chunk = _layer_chunk(num_layers, pairs, cells, cells, dim, LOSS_CHUNK_BYTES, frames=frames, hidden=hidden)
     if cfg.run.sim_memory_gib:
         budget, why = cfg.run.sim_memory_gib, "--sim-memory-gib"
     elif on_cuda:
