@@ -21,6 +21,8 @@ import pathlib
 import time
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 from PIL import Image
 
@@ -492,22 +494,36 @@ def pixel_rays(K: np.ndarray, width: int, height: int) -> np.ndarray:
     return _transform(np.linalg.inv(K), pix)
 
 
+def _norm3(v: np.ndarray) -> float:
+    """|v| of a 3-vector in a fixed order of operations (np.linalg.norm goes through the BLAS kernel the
+    CPU selects, whose last bit differs between machines)."""
+    return math.sqrt(float(v[0]) * float(v[0]) + float(v[1]) * float(v[1]) + float(v[2]) * float(v[2]))
+
+
 def look_at(eye: np.ndarray, forward: np.ndarray) -> np.ndarray:
     """cam2world (4, 4) at `eye` looking along `forward`, zero roll (camera x horizontal)."""
-    z = forward / np.linalg.norm(forward)
+    z = forward / _norm3(forward)
     x = np.cross(z, [0.0, 0.0, 1.0])
-    x /= np.linalg.norm(x)
+    x /= _norm3(x)
     T = np.eye(4)
     T[:3, :3] = np.stack([x, np.cross(z, x), z], axis=1)
     T[:3, 3] = eye
     return T
 
 
+# The camera path uses the C library's scalar sin / cos / atan2, not numpy's: numpy dispatches float64
+# sin / cos to SIMD code chosen by the CPU (AVX-512 or not), whose last bit differs between machines,
+# and the poses are written to the shards in full precision (tests/test_shard_job.py's golden bytes).
+_sin = np.vectorize(math.sin, otypes=[np.float64])
+_cos = np.vectorize(math.cos, otypes=[np.float64])
+_atan2 = np.vectorize(math.atan2, otypes=[np.float64])
+
+
 def _smooth_periodic(rng, theta: np.ndarray, amplitude: float, harmonics: int = 3) -> np.ndarray:
     """Random smooth periodic function of theta with max |value| <= amplitude."""
     w = rng.normal(size=(harmonics, 2)) / np.arange(1, harmonics + 1)[:, None]
     k = np.arange(1, harmonics + 1)[:, None]
-    f = (w[:, :1] * np.cos(k * theta) + w[:, 1:] * np.sin(k * theta)).sum(0)
+    f = (w[:, :1] * _cos(k * theta) + w[:, 1:] * _sin(k * theta)).sum(0)
     return amplitude * f / np.abs(w).sum()
 
 
@@ -525,24 +541,24 @@ def make_trajectory(room: Room, n_frames: int, seed: int, step: float | None = N
     step = rng.uniform(0.03, 0.05) if step is None else step
     theta = np.linspace(0.0, 2 * np.pi, 4097)
     corner = rng.choice([-1.0, 1.0], size=2) * room.size[:2] / 2       # face a random corner
-    psi0 = np.arctan2(corner[1], corner[0]) + np.deg2rad(rng.uniform(-10, 10))
+    psi0 = _atan2(corner[1], corner[0]) + np.deg2rad(rng.uniform(-10, 10))
     amp = np.deg2rad(rng.uniform(30, 60))
-    theta0 = np.arctan2(a * np.sin(psi0), b * np.cos(psi0))   # path point nearest the faced side
+    theta0 = _atan2(a * _sin(psi0), b * _cos(psi0))   # path point nearest the faced side
     for attempt in range(21):
         calm = attempt == 20                          # last resort: the plain ellipse
         scale = 1.0 + (0 if calm else _smooth_periodic(rng, theta, 0.9 * (_BAND[1] - 1)))
         height = 1.5 + (0 if calm else _smooth_periodic(rng, theta, 0.25))
         yaw_off = np.deg2rad(0 if calm else _smooth_periodic(rng, theta, 15.0))
         pitch = np.deg2rad(-12.0 + (0 if calm else _smooth_periodic(rng, theta, 8.0)))
-        curve = np.stack([cx + scale * a * np.cos(theta), cy + scale * b * np.sin(theta),
+        curve = np.stack([cx + scale * a * _cos(theta), cy + scale * b * _sin(theta),
                           np.broadcast_to(height, theta.shape)], -1)
         arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(curve, axis=0), axis=1))])
         s = (rng.uniform(0, arc[-1]) + (1 if rng.random() < 0.5 else -1) * step * np.arange(n_frames)) % arc[-1]
         th = np.interp(s, arc, theta)
         eye = np.stack([np.interp(th, theta, curve[:, i]) for i in range(3)], -1)
-        yaw = psi0 - amp * np.sin(th - theta0) + np.interp(th, theta, yaw_off)
+        yaw = psi0 - amp * _sin(th - theta0) + np.interp(th, theta, yaw_off)
         pt = np.interp(th, theta, pitch)
-        fwd = np.stack([np.cos(pt) * np.cos(yaw), np.cos(pt) * np.sin(yaw), np.sin(pt)], -1)
+        fwd = np.stack([_cos(pt) * _cos(yaw), _cos(pt) * _sin(yaw), _sin(pt)], -1)
         if distance_to_prims(room, eye).min() >= CAMERA_CLEARANCE:
             return [look_at(e, f) for e, f in zip(eye, fwd)]
     raise RuntimeError(f"room seed {room.seed}: no camera path keeps {CAMERA_CLEARANCE} m clearance")
