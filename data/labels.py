@@ -115,7 +115,8 @@ def cell_depth(depth: np.ndarray, grid: CellGrid) -> tuple[np.ndarray, np.ndarra
     v_idx = v0[:, None] + np.arange(bh)[None, :]  # (rows, bh)
     u_in = np.arange(bw)[None, :] < widths[:, None]  # (cols, bw) real pixel of the block
     v_in = np.arange(bh)[None, :] < heights[:, None]  # (rows, bh)
-    blocks = depth[np.minimum(v_idx, H - 1)[:, :, None, None], np.minimum(u_idx, W - 1)[None, None, :, :]]
+    blocks = (depth.take(np.minimum(v_idx, H - 1).ravel(), axis=0).take(np.minimum(u_idx, W - 1).ravel(), axis=1)
+              .reshape(grid.rows, bh, grid.cols, bw))  # (rows, bh, cols, bw), two 1-D gathers
     real = v_in[:, :, None, None] & u_in[None, None, :, :]  # (rows, bh, cols, bw)
     ok = real & (blocks > 0) & np.isfinite(blocks)
     vals = np.where(ok, blocks, np.inf)  # sorted in the stored dtype; the middle pair is averaged in float64
@@ -275,6 +276,10 @@ def clip_labels(sample, grids: list[CellGrid], pairs: list[tuple[int, int]] | No
     grids: the CellGrid of each frame (from the family adapter). D_b is computed once per
     frame that is some pair's B (the pairs share it); a frame that is no pair's B gets zeros
     (no cell valid), which no loss term reads.
+
+    The anchors of all pairs are found together, each pair's cells of A numbered apart
+    (pair slot x the most cells of a frame + cell), so one unique / lexsort / median serves
+    the clip: the same rule as `anchor_labels` on each pair alone (tests compare them).
     """
     n = sample.n_frames
     if len(grids) != n:
@@ -289,9 +294,70 @@ def clip_labels(sample, grids: list[CellGrid], pairs: list[tuple[int, int]] | No
             d, v = np.zeros(grids[k].n_cells, np.float32), np.zeros(grids[k].n_cells, bool)
         depth.append(d)
         valid.append(v)
+    P = len(todo)
+    slot_of = np.full(n * n, -1, dtype=np.int64)  # pair code i * n + j -> its slot in todo
+    for q, (i, j) in enumerate(todo):
+        if not (0 <= i < n and 0 <= j < n):
+            raise ValueError(f"pair ({i}, {j}) outside a clip of {n} frames")
+        slot_of[i * n + j] = q
+    corr = np.asarray(sample.corr, dtype=np.float64).reshape(-1, 6)
+    fi, fj = corr[:, 0].astype(np.int64), corr[:, 1].astype(np.int64)
+    in_clip = (fi >= 0) & (fi < n) & (fj >= 0) & (fj < n)
+    slot = np.full(len(corr), -1, dtype=np.int64)
+    slot[in_clip] = slot_of[fi[in_clip] * n + fj[in_clip]]
+    rows = slot >= 0
+    corr, fi, fj, slot = corr[rows], fi[rows], fj[rows], slot[rows]  # the supervised pairs' rows
+    ca = np.full(len(corr), -1, dtype=np.int64)
+    cb = np.full(len(corr), -1, dtype=np.int64)
+    for k in range(n):
+        a, b = fi == k, fj == k
+        if a.any():
+            ca[a] = point_cells(corr[a, 2:4], sample.size(k), grids[k])[0]
+        if b.any():
+            cb[b] = point_cells(corr[b, 4:6], sample.size(k), grids[k])[0]
+    keep = (ca >= 0) & (cb >= 0)
+    NA = NB = max(g.n_cells for g in grids)
+    group = slot * NA + ca  # (R,) the pair's cell of A, numbered apart per pair
+    codes, counts = np.unique(group[keep] * NB + cb[keep], return_counts=True)  # sorted by (pair, A, B)
+    g_a, g_b = codes // NB, codes % NB
+    total = np.bincount(group[keep], minlength=P * NA)  # correspondences per (pair, cell of A)
+    order = np.lexsort((counts, g_a))  # the most populated B cell of each (pair, A cell): its group's last
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = g_a[order][1:] != g_a[order][:-1]
+    best = order[last]
+    best_g, best_b, best_n = g_a[best], g_b[best], counts[best]
+    is_anchor = (total[best_g] >= min_corr) & (2 * best_n > total[best_g])
+    anc_g, anc_b = best_g[is_anchor], best_b[is_anchor]  # ascending: by pair, then cell of A
+    slot_of_g = np.full(P * NA, -1, dtype=np.int64)
+    slot_of_g[anc_g] = np.arange(len(anc_g))
+    idx = np.nonzero(keep)[0]
+    m = slot_of_g[group[idx]]
+    hit = m >= 0
+    hit[hit] = anc_b[m[hit]] == cb[idx[hit]]
+    maj, maj_slot = idx[hit], m[hit]  # rows of some anchor's majority, and that anchor
+    # z_b: A's pixel with A's stored depth, to the world by A's pose, into B's camera
+    z = np.zeros(len(maj))
+    has = np.zeros(len(maj), dtype=bool)
+    X_w = np.zeros((len(maj), 3))
+    for k in range(n):
+        a = fi[maj] == k
+        if a.any():
+            z_a, inside = geometry.sample_nearest(sample.depth[k], corr[maj[a], 2:4])
+            z_a = z_a.astype(np.float64)
+            ok = inside & (z_a > 0) & np.isfinite(z_a)
+            X_a = geometry.unproject(corr[maj[a], 2:4][ok], z_a[ok], sample.K(k))
+            has[np.nonzero(a)[0][ok]] = True
+            X_w[np.nonzero(a)[0][ok]] = geometry.transform(sample.T_w(k), X_a)
+    for k in range(n):
+        b = (fj[maj] == k) & has
+        if b.any():
+            z[b] = geometry.transform(geometry.invert_pose(sample.T_w(k)), X_w[b])[:, 2]
+    z_med, _ = _group_median(maj_slot[has], z[has], len(anc_g))
+    z_med = z_med.astype(np.float32)
+    bounds = np.searchsorted(anc_g // NA, np.arange(P + 1))  # anchors of pair q: bounds[q]:bounds[q + 1]
     out = []
-    for i, j in todo:
-        a, t, z = anchor_labels(sample.pair_corr(i, j), sample.depth[i], sample.K(i), sample.T_w(i), sample.T_w(j),
-                                sample.size(i), sample.size(j), grids[i], grids[j], min_corr)
-        out.append(ClipPairLabels(i, j, a, t, z, sample.index(j) - sample.index(i)))
+    for q, (i, j) in enumerate(todo):
+        s, e = bounds[q], bounds[q + 1]
+        out.append(ClipPairLabels(i, j, (anc_g[s:e] % NA).astype(np.int64), anc_b[s:e].astype(np.int64),
+                                  z_med[s:e], sample.index(j) - sample.index(i)))
     return ClipLabels([(g.rows, g.cols) for g in grids], depth, valid, out)

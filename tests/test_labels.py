@@ -176,6 +176,33 @@ def test_clip_labels_equal_each_pair_labelled_alone_for_each_family(tiny_shards)
     assert n_anchors > 100 and n_pairs >= 24  # the check saw real anchors
 
 
+def test_clip_labels_of_all_pairs_at_once_equal_each_pair_alone_with_mixed_grids_and_holes(tiny_shards):
+    """clip_labels finds the anchors of every pair together (one unique / lexsort / median a clip); with a
+    different grid per frame (other cell sizes, so other cell counts), depth holes and a subset of pairs
+    (out of order, one repeated frame pair dropped) each pair's labels equal `anchor_labels` on that pair
+    alone, which the brute-force tests above check."""
+    from data.labels import anchor_labels, clip_labels
+
+    clips = _shard_clips(tiny_shards)
+    n_anchors = 0
+    for c, clip in enumerate(clips[:4]):
+        holed = [_holes(pair_of(clip, k, k), c * 10 + k).depth_a for k in range(clip.n_frames)]
+        clip.depth = holed
+        grids = [GRIDS[(c + k) % len(GRIDS)] for k in range(clip.n_frames)]
+        for pairs in (None, [(1, 3), (0, 2), (0, 1)]):
+            lab = clip_labels(clip, grids, pairs)
+            want = pairs or [(i, j) for i in range(clip.n_frames) for j in range(i + 1, clip.n_frames)]
+            assert [(p.i, p.j) for p in lab.pairs] == want
+            for p in lab.pairs:
+                a, t, z = anchor_labels(clip.pair_corr(p.i, p.j), clip.depth[p.i], clip.K(p.i), clip.T_w(p.i),
+                                        clip.T_w(p.j), clip.size(p.i), clip.size(p.j), grids[p.i], grids[p.j])
+                assert np.array_equal(p.anchor_a, a) and np.array_equal(p.target_b, t), (clip.key, p.i, p.j)
+                assert p.anchor_a.dtype == p.target_b.dtype == np.int64 and p.z_b.dtype == np.float32
+                np.testing.assert_allclose(p.z_b, z, rtol=1e-6, atol=0)
+                n_anchors += p.n_anchors
+    assert n_anchors > 100
+
+
 def test_pairs_per_clip_subsamples_a_seeded_subset():
     from data.stream import choose_pairs
 
