@@ -485,6 +485,10 @@ def _pad(rows: list[np.ndarray | torch.Tensor], dtype: torch.dtype,
     return out, mask
 
 
+_MEDIA = ("pixel_values", "pixel_values_videos")
+"""The media keys of an encoded item that `pixel_dtype` casts."""
+
+
 def collate_clips(items: Sequence[PreparedClip | PreparedConversation], adapter: FamilyAdapter,
                   pixel_dtype: torch.dtype | None = None) -> dict[str, Any]:
     """A padded batch of clips and conversations (see the module docstring) from prepared items.
@@ -494,10 +498,11 @@ def collate_clips(items: Sequence[PreparedClip | PreparedConversation], adapter:
     from per-frame features in one op; a conversation adds no frame, only its LM labels.
     `pixel_dtype` casts the pixel values.
     """
-    batch = adapter.collate([it.encoded for it in items])
-    for key in ("pixel_values", "pixel_values_videos"):
-        if pixel_dtype is not None and batch.get(key) is not None and batch[key].is_floating_point():
-            batch[key] = batch[key].to(pixel_dtype)
+    encoded = [it.encoded for it in items]
+    if pixel_dtype is not None:  # cast each item's media, so the batch is concatenated once, already cast
+        encoded = [{k: (v.to(pixel_dtype) if k in _MEDIA and isinstance(v, torch.Tensor) and v.is_floating_point()
+                        else v) for k, v in e.items()} for e in encoded]
+    batch = adapter.collate(encoded)
     cell_pos = batch.pop("cell_pos")  # B lists of K LongTensors
     frame_clip, positions, grids, depth, valid = [], [], [], [], []
     pair_frames, pair_clip, dt, anchor_a, target_b, z_b = [], [], [], [], [], []

@@ -49,7 +49,7 @@ from PIL import Image
 from transformers import LlavaNextVideoProcessor, LlavaOnevisionProcessor
 from transformers.processing_utils import ProcessorMixin
 
-from data.adapter import CellGrid, FamilyAdapter
+from data.adapter import CellGrid, FamilyAdapter, batch_cat
 from model.qwen import PROMPT, clip_prompt
 
 FAMILIES = ("llava_onevision", "llava_next_video")
@@ -428,7 +428,7 @@ class LlavaAdapter(FamilyAdapter):
         with_images = [it for it in items if it.get("pixel_values") is not None]
         if with_images:
             P = max(int(it["pixel_values"].shape[1]) for it in with_images)
-            batch["pixel_values"] = torch.cat([_pad_patches(it["pixel_values"], P) for it in with_images], dim=0)
+            batch["pixel_values"] = batch_cat([_pad_patches(it["pixel_values"], P) for it in with_images])
             batch["image_sizes"] = torch.cat([it["image_sizes"] for it in with_images], dim=0)  # (images, 2)
             if self.family == "llava_onevision":
                 batch["batch_num_images"] = torch.cat([it["batch_num_images"] for it in with_images], dim=0)
@@ -438,7 +438,7 @@ class LlavaAdapter(FamilyAdapter):
         if videos and len({tuple(v.shape[1:]) for v in videos}) > 1:
             raise ValueError(f"videos of {sorted({int(v.shape[1]) for v in videos})} frames in one batch: the "
                              f"model stacks a batch's videos, give them one length")
-        batch["pixel_values_videos"] = torch.cat(videos, dim=0) if videos else None
+        batch["pixel_values_videos"] = batch_cat(videos) if videos else None
         for key in items[0]:
             if key not in batch:
                 batch[key] = [it.get(key) for it in items]

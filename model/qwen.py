@@ -32,7 +32,7 @@ from transformers import Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 from transformers.processing_utils import ProcessorMixin
 
-from data.adapter import CellGrid, FamilyAdapter
+from data.adapter import CellGrid, FamilyAdapter, batch_cat
 
 PROMPT = "Two views of the same scene."
 """The user turn's text after the two images of a pair (no question, no answer); a clip of K
@@ -507,7 +507,7 @@ class QwenAdapter(FamilyAdapter):
                                  "mm_token_type_ids": mm_token_type_ids, "labels": labels}
         for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
             parts = [it[key] for it in items if it.get(key) is not None]
-            batch[key] = torch.cat(parts, dim=0) if parts else None
+            batch[key] = batch_cat(parts) if parts else None
         for key in items[0]:
             if key not in batch:
                 batch[key] = [it.get(key) for it in items]

@@ -262,6 +262,31 @@ def test_pixel_dtype_casts_in_the_workers_only(tiny_shards, adapter):
                 assert torch.equal(h[k], r[k]), k
 
 
+class _CatInWorker(torch.utils.data.IterableDataset):
+    """Yields batch_cat of two pixel-like tensors and whether it was allocated in shared memory."""
+
+    def __iter__(self):
+        from data.adapter import batch_cat
+
+        out = batch_cat([torch.arange(12.0).reshape(3, 4), -torch.arange(8.0).reshape(2, 4)])
+        yield {"out": out, "shared": out.is_shared()}
+
+
+def test_batch_media_are_concatenated_into_shared_memory_inside_a_worker():
+    """In a DataLoader worker the batch's media are concatenated straight into shared memory (as torch's
+    default_collate does), so handing the batch to the trainer copies nothing; in the trainer's own
+    process (num_workers=0) it is a plain torch.cat."""
+    from data.adapter import batch_cat
+
+    want = torch.cat([torch.arange(12.0).reshape(3, 4), -torch.arange(8.0).reshape(2, 4)])
+    (got,) = list(torch.utils.data.DataLoader(_CatInWorker(), batch_size=None, num_workers=1))
+    assert got["shared"] and torch.equal(got["out"], want)
+    (here,) = list(_CatInWorker())
+    assert not here["shared"] and torch.equal(here["out"], want)
+    with pytest.raises(ValueError, match="at least one"):
+        batch_cat([])
+
+
 def test_seeded_shuffle_changes_per_epoch_and_seed(tiny_shards, adapter):
     def keys(seed, epochs=2):
         s = SampleStream([tiny_shards], adapter, batch_size=2, seed=seed)
