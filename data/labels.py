@@ -22,6 +22,13 @@ cell block), never a Python loop over cells or pixels.
   pixels whose centres fall in that cell (same mapping rule); the cell is valid when at
   least half of its pixels have depth. An invalid cell gets depth 0.
 
+- Look-alike anchors (clips with per-pixel object ids, synthetic data): the anchor's object is
+  the most frequent id among the stored pixels of its cell of A (`cell_objects`); the anchor is
+  a look-alike anchor when B shows another object of the same look-alike group (some cell of B
+  whose most frequent id it is, with valid D_b) at another depth: that cell's D_b differs from
+  the anchor's z_b by more than `LOOKALIKE_REL_DEPTH` of z_b. Those are the anchors where a
+  match by appearance alone can land on the wrong object.
+
 Medians are the mean of the two middle values for an even count (`np.median`),
 computed in float64 and returned as float32.
 """
@@ -37,6 +44,8 @@ from data.shardformat import PairSample
 
 MIN_CORR = 4
 """A cell of A needs at least this many correspondences to be an anchor."""
+LOOKALIKE_REL_DEPTH = 0.1
+"""A look-alike in B counts when its cell's depth differs from the anchor's z_b by more than this fraction."""
 
 
 @dataclass
@@ -130,6 +139,44 @@ def cell_depth(depth: np.ndarray, grid: CellGrid) -> tuple[np.ndarray, np.ndarra
                  + np.take_along_axis(vals, hi[:, None], 1)[:, 0].astype(np.float64))
     valid = (n_pix > 0) & (n_valid > 0) & (2 * n_valid >= n_pix)
     return np.where(valid, med, 0.0).astype(np.float32), valid
+
+
+def cell_objects(ids: np.ndarray, grid: CellGrid) -> np.ndarray:
+    """The most frequent object id among the stored pixels of each cell (ties: the smaller id; 0, "no
+    object", counts like any id). ids (H, W) uint16 at the stored resolution -> (N,) int64."""
+    H, W = ids.shape
+    col_of_u = _axis_cells(W, grid.size[0], grid.cell_px, grid.cols)  # (W,)
+    row_of_v = _axis_cells(H, grid.size[1], grid.cell_px, grid.rows)  # (H,)
+    cell = row_of_v[:, None] * grid.cols + col_of_u[None, :]  # (H, W)
+    inside = (row_of_v[:, None] >= 0) & (col_of_u[None, :] >= 0)
+    n_ids = int(ids.max(initial=0)) + 1
+    counts = np.bincount(cell[inside] * n_ids + ids[inside].astype(np.int64), minlength=grid.n_cells * n_ids)
+    return counts.reshape(grid.n_cells, n_ids).argmax(1).astype(np.int64)
+
+
+def lookalike_anchors(objects_a: np.ndarray, objects_b: np.ndarray, depth_b: np.ndarray, valid_b: np.ndarray,
+                      anchor_a: np.ndarray, z_b: np.ndarray, groups: list[list[int]],
+                      rel: float = LOOKALIKE_REL_DEPTH) -> np.ndarray:
+    """(M,) bool: which anchors of a pair are look-alike anchors (module docstring).
+
+    objects_a / objects_b: `cell_objects` of A and B; depth_b, valid_b: D_b of B; groups: the clip's
+    `object_groups`.
+    """
+    own = objects_a[anchor_a]  # (M,) each anchor's object
+    z = np.asarray(z_b, dtype=np.float64)
+    out = np.zeros(len(anchor_a), dtype=bool)
+    for group in groups:
+        for o in group:
+            mine = (own == o) & (z > 0)
+            if not mine.any():
+                continue
+            for other in group:
+                shown = (objects_b == other) & valid_b
+                if other == o or not shown.any():
+                    continue
+                d = depth_b[shown].astype(np.float64)
+                out |= mine & ((d.max() > (1 + rel) * z) | (d.min() < (1 - rel) * z))
+    return out
 
 
 # ----------------------------------------------------------------------- anchors
@@ -246,6 +293,8 @@ class ClipPairLabels:
     """(M,) float32 median depth in j's camera of the anchor's majority (0: none had depth)."""
     dt: int
     """Frame distance index_j - index_i."""
+    lookalike: np.ndarray | None = None
+    """(M,) bool look-alike anchors (`lookalike_anchors`) when the clip has object ids, else None."""
 
     @property
     def n_anchors(self) -> int:
@@ -355,9 +404,21 @@ def clip_labels(sample, grids: list[CellGrid], pairs: list[tuple[int, int]] | No
     z_med, _ = _group_median(maj_slot[has], z[has], len(anc_g))
     z_med = z_med.astype(np.float32)
     bounds = np.searchsorted(anc_g // NA, np.arange(P + 1))  # anchors of pair q: bounds[q]:bounds[q + 1]
+    ids = getattr(sample, "objects", None)
+    groups = sample.meta.get("object_groups") or []
+    cell_obj: dict[int, np.ndarray] = {}
+
+    def objects_of(k: int) -> np.ndarray:
+        if k not in cell_obj:
+            cell_obj[k] = cell_objects(ids[k], grids[k])
+        return cell_obj[k]
+
     out = []
     for q, (i, j) in enumerate(todo):
         s, e = bounds[q], bounds[q + 1]
-        out.append(ClipPairLabels(i, j, (anc_g[s:e] % NA).astype(np.int64), anc_b[s:e].astype(np.int64),
-                                  z_med[s:e], sample.index(j) - sample.index(i)))
+        a = (anc_g[s:e] % NA).astype(np.int64)
+        alike = (lookalike_anchors(objects_of(i), objects_of(j), depth[j], valid[j], a, z_med[s:e], groups)
+                 if ids is not None else None)
+        out.append(ClipPairLabels(i, j, a, anc_b[s:e].astype(np.int64), z_med[s:e], sample.index(j) - sample.index(i),
+                                  alike))
     return ClipLabels([(g.rows, g.cols) for g in grids], depth, valid, out)

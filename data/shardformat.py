@@ -5,6 +5,9 @@ order. Members of a sample (key `{shard:06d}_{index:05d}`):
 
 - `f00.jpg` ... `f{K-1:02d}.jpg`: RGB of each frame at the stored resolution;
 - `f00.depth.png` ...: uint16 depth in units of 1/depth_scale, pixel-aligned with that frame;
+- `f00.objects.png` ... (optional, synthetic data): uint16 id of the object each pixel shows (0: none),
+  pixel-aligned with that frame; present exactly when the json says `objects` true, with
+  `object_groups` (lists of ids that look alike: same shape, size and texture);
 - `corr.npy`: float32 (N, 6) rows `i, j, u_i, v_i, u_j, v_j` for the frame pairs i < j of the
   clip, grouped by (i, j) ascending;
 - `json`: metadata (`META_KEYS_V2`): `version` 2, `kind` "clip", `dataset`, `scene`, `frames`
@@ -57,6 +60,33 @@ def sample_key(shard: int, index: int) -> str:
 
 def shard_name(split: str, shard: int) -> str:
     return f"{split}-{shard:06d}.tar"
+
+
+def objects_member(k: int) -> str:
+    """The optional member of frame k holding its per-pixel object ids."""
+    return f"f{k:02d}.objects.png"
+
+
+def encode_objects_png(ids: np.ndarray) -> bytes:
+    """uint16 (H, W) object ids -> 16-bit PNG bytes (lossless)."""
+    ids = np.asarray(ids)
+    if ids.dtype != np.uint16 or ids.ndim != 2:
+        raise ValueError(f"object ids must be uint16 (H, W), got {ids.dtype} {ids.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(ids).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_objects_png(data: bytes) -> np.ndarray:
+    """16-bit PNG bytes -> uint16 (H, W) object ids (0: no object)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+            raise FormatError(f"objects PNG has mode {im.mode}, expected 16-bit")
+        arr = np.asarray(im)
+    if arr.min(initial=0) < 0 or arr.max(initial=0) > UINT16_MAX:
+        raise FormatError("objects PNG holds ids outside 0..65535")
+    return arr.astype(np.uint16)
 
 
 def frame_members(k: int) -> tuple[str, str]:
@@ -158,10 +188,13 @@ def encode_json(meta: dict[str, Any]) -> bytes:
 
 def make_clip_sample(key: str, rgbs: Sequence[np.ndarray], depths: Sequence[np.ndarray], corr: np.ndarray,
                      meta: dict[str, Any], *, jpgs: Sequence[bytes] | None = None,
-                     pngs: Sequence[bytes] | None = None) -> dict[str, Any]:
+                     pngs: Sequence[bytes] | None = None,
+                     objects: Sequence[bytes] | None = None) -> dict[str, Any]:
     """A version-2 sample dict of bytes ready for `webdataset.TarWriter` (encoder off).
 
     `jpgs` / `pngs`: already encoded members (a frame shared by clips is encoded once).
+    `objects`: each frame's encoded object ids (`encode_objects_png`), written as the optional
+    `fKK.objects.png` members; then `meta` must say `objects` true and give `object_groups`.
     """
     missing = [k for k in META_KEYS_V2 if k not in meta]
     if missing:
@@ -169,6 +202,11 @@ def make_clip_sample(key: str, rgbs: Sequence[np.ndarray], depths: Sequence[np.n
     n = len(rgbs)
     if not MIN_FRAMES <= n <= MAX_FRAMES or len(depths) != n:
         raise ValueError(f"sample {key}: a clip needs {MIN_FRAMES}-{MAX_FRAMES} frames with depth, got {n}")
+    if (objects is not None) != bool(meta.get("objects")) or (objects is not None and len(objects) != n):
+        raise ValueError(f"sample {key}: object members ({'none' if objects is None else len(objects)}) and "
+                         f"json 'objects' ({meta.get('objects')!r}) disagree for {n} frames")
+    if objects is not None and not isinstance(meta.get("object_groups"), list):
+        raise ValueError(f"sample {key}: json 'objects' is true but 'object_groups' is not a list")
     corr = np.ascontiguousarray(corr, dtype=np.float32).reshape(-1, 6)
     scale = float(meta["depth_scale"])
     out: dict[str, Any] = {"__key__": key}
@@ -176,6 +214,8 @@ def make_clip_sample(key: str, rgbs: Sequence[np.ndarray], depths: Sequence[np.n
         rgb_name, depth_name = frame_members(k)
         out[rgb_name] = jpgs[k] if jpgs is not None else encode_jpeg(rgbs[k])
         out[depth_name] = pngs[k] if pngs is not None else encode_depth_png(depths[k], scale)
+        if objects is not None:
+            out[objects_member(k)] = objects[k]
     out["corr.npy"] = encode_npy(corr)
     out["json"] = encode_json(meta)
     return out
@@ -226,6 +266,8 @@ class ClipSample:
     corr: np.ndarray  # (N, 6) float32: i, j, u_i, v_i, u_j, v_j, grouped by (i, j) ascending
     meta: dict[str, Any]
     version: int = FORMAT_VERSION
+    objects: list[np.ndarray] | None = None
+    """K x (H_k, W_k) uint16 object id per pixel (0: none) where the shard stores them (synthetic data)."""
 
     @property
     def n_frames(self) -> int:
@@ -289,7 +331,8 @@ def members_of(meta: dict[str, Any], where: str) -> tuple[str, ...]:
     n = len(meta.get("frames") or ())
     if not MIN_FRAMES <= n <= MAX_FRAMES:
         raise FormatError(f"{where}: a clip lists {n} frames (expected {MIN_FRAMES}-{MAX_FRAMES})")
-    return tuple(m for k in range(n) for m in frame_members(k)) + ("corr.npy", "json")
+    objects = tuple(objects_member(k) for k in range(n)) if meta.get("objects") else ()
+    return tuple(m for k in range(n) for m in frame_members(k)) + objects + ("corr.npy", "json")
 
 
 def decode_pair(sample: dict[str, Any]) -> PairSample:
@@ -359,11 +402,17 @@ def decode_sample(sample: dict[str, Any]) -> ClipSample:
         scale = float(meta["depth_scale"])
         rgb = [_decode_rgb(sample[frame_members(k)[0]]) for k in range(n)]
         depth = [decode_depth_png(sample[frame_members(k)[1]], scale) for k in range(n)]
+        objects = ([decode_objects_png(sample[objects_member(k)]) for k in range(n)] if meta.get("objects")
+                   else None)
         corr = decode_npy(sample["corr.npy"])
     except FormatError as e:
         raise FormatError(f"{where}: {e}") from None
     except Exception as e:
         raise FormatError(f"{where}: corrupt member ({type(e).__name__}: {e})") from None
+    if objects is not None and any(o.shape != r.shape[:2] for r, o in zip(rgb, objects)):
+        raise FormatError(f"{where}: object ids and rgb sizes differ")
+    if objects is not None and not isinstance(meta.get("object_groups"), list):
+        raise FormatError(f"{where}: json 'objects' is true but 'object_groups' is not a list")
     if corr.dtype != np.float32 or corr.ndim != 2 or corr.shape[1] != 6:
         raise FormatError(f"{where}: corr.npy is {corr.dtype} {corr.shape}, expected float32 (N, 6)")
     if any(d.shape != r.shape[:2] for r, d in zip(rgb, depth)):
@@ -375,4 +424,4 @@ def decode_sample(sample: dict[str, Any]) -> ClipSample:
         i, j = corr[:, 0], corr[:, 1]
         if not (np.all(i == np.round(i)) and np.all(i >= 0) and np.all(j > i) and np.all(j < n)):
             raise FormatError(f"{where}: corr.npy frame indices are not pairs i < j of the {n} frames")
-    return ClipSample(str(sample.get("__key__", "?")), rgb, depth, corr, meta, version=2)
+    return ClipSample(str(sample.get("__key__", "?")), rgb, depth, corr, meta, version=2, objects=objects)

@@ -95,7 +95,8 @@ The batch (B clips of K_b frames, F = sum K_b frames, P supervised pairs; `losse
     cols), depth (F, N) float32 and depth_valid (F, N) bool (D_b of the frame's cells);
     per pair: pair_frames (P, 2) long (frames A, B in the batch numbering), pair_clip (P,)
     long, dt (P,) long (index_B - index_A), anchor_a / target_b (P, M) long, z_b (P, M)
-    float32, anchor_mask (P, M) bool, n_anchors (P,) long;
+    float32, anchor_mask (P, M) bool, n_anchors (P,) long, lookalike (P, M) bool (look-alike
+    anchors, `data.labels`) and objects_known (P,) bool (the clip stores object ids: synthetic);
     per clip: n_frames (B,) long, keys, datasets (lists of B). Padding is 0 / False; M may be 0.
 """
 from __future__ import annotations
@@ -505,7 +506,7 @@ def collate_clips(items: Sequence[PreparedClip | PreparedConversation], adapter:
     batch = adapter.collate(encoded)
     cell_pos = batch.pop("cell_pos")  # B lists of K LongTensors
     frame_clip, positions, grids, depth, valid = [], [], [], [], []
-    pair_frames, pair_clip, dt, anchor_a, target_b, z_b = [], [], [], [], [], []
+    pair_frames, pair_clip, dt, anchor_a, target_b, z_b, alike, known = [], [], [], [], [], [], [], []
     first = 0
     for b, it in enumerate(items):
         if it.kind != "clip":
@@ -524,6 +525,8 @@ def collate_clips(items: Sequence[PreparedClip | PreparedConversation], adapter:
             anchor_a.append(p.anchor_a)
             target_b.append(p.target_b)
             z_b.append(p.z_b)
+            known.append(p.lookalike is not None)
+            alike.append(p.lookalike if p.lookalike is not None else np.zeros(len(p.anchor_a), dtype=bool))
         first += len(cell_pos[b])
     batch["frame_clip"] = torch.tensor(frame_clip, dtype=torch.long)  # (F,)
     batch["cell_pos"], batch["cell_mask"] = _pad(positions, torch.long)  # (F, N)
@@ -537,6 +540,8 @@ def collate_clips(items: Sequence[PreparedClip | PreparedConversation], adapter:
     batch["anchor_a"], batch["anchor_mask"] = _pad(anchor_a, torch.long)  # (P, M)
     batch["target_b"], _ = _pad(target_b, torch.long)  # (P, M)
     batch["z_b"], _ = _pad(z_b, torch.float32)  # (P, M)
+    batch["lookalike"], _ = _pad(alike, torch.bool)  # (P, M) look-alike anchors (clips with object ids)
+    batch["objects_known"] = torch.tensor(known, dtype=torch.bool)  # (P,) the pair's clip has object ids
     batch["n_anchors"] = torch.tensor([len(a) for a in anchor_a], dtype=torch.long)  # (P,)
     batch["n_frames"] = torch.tensor([len(c) for c in cell_pos], dtype=torch.long)  # (B,)
     batch["n_lm"] = torch.tensor(lm_items(batch["labels"]), dtype=torch.long)  # () labelled positions used

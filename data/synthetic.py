@@ -567,8 +567,9 @@ def make_trajectory(room: Room, n_frames: int, seed: int, step: float | None = N
 # ----------------------------------------------------------------------------- rendering
 
 def render(room: Room, K: np.ndarray, cam2world: np.ndarray, width: int, height: int,
-           rays: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Ray-cast one view: rgb (H, W, 3) uint8 and z-depth (H, W) float32 in metres (0 = no hit).
+           rays: np.ndarray | None = None, return_ids: bool = False):
+    """Ray-cast one view: rgb (H, W, 3) uint8 and z-depth (H, W) float32 in metres (0 = no hit);
+    with `return_ids` also the object id of each pixel, uint16 (H, W): `object_id(prim)`, 0 = no hit.
 
     rays: camera-frame rays (H*W, 3) with z = 1, row-major (default `pixel_rays(K, ...)`, a
     pinhole; a lens model passes its own).
@@ -583,7 +584,20 @@ def render(room: Room, K: np.ndarray, cam2world: np.ndarray, width: int, height:
     rgb = np.zeros((height * width, 3), dtype=np.uint8)
     rgb[hit] = np.clip(np.round(colour), 0, 255).astype(np.uint8)
     depth = np.where(hit, t, 0.0).astype(np.float32)
+    if return_ids:
+        ids = np.where(hit, prim_id + 1, 0).astype(np.uint16)
+        return rgb.reshape(height, width, 3), depth.reshape(height, width), ids.reshape(height, width)
     return rgb.reshape(height, width, 3), depth.reshape(height, width)
+
+
+def object_id(prim: int) -> int:
+    """The id a scene's object files give primitive `prim` of its room (0 is 'no object')."""
+    return int(prim) + 1
+
+
+def object_groups(room: Room) -> list[list[int]]:
+    """The look-alike pairs of a room as lists of object ids (same shape, size and texture)."""
+    return [[object_id(a), object_id(b)] for a, b in room.lookalikes]
 
 
 # ----------------------------------------------------------------------------- posed layout
@@ -597,23 +611,27 @@ def depth_to_png_mm(depth: np.ndarray) -> np.ndarray:
 
 def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 60, width: int = 320,
                 height: int = 240, depth_format: str = "png", lookalikes: bool = True,
-                step: float | None = None) -> str:
+                step: float | None = None, objects: bool = False) -> str:
     """Render one room along its trajectory into the `posed` layout (DESIGN section 3)
     at root/name; cameras.json is written last. Returns the scene path.
 
     step: metres the camera moves per frame (default random 3-5 cm); its turning rate
-    scales with it (a faster camera gives wider-baseline pairs at the same frame gap)."""
+    scales with it (a faster camera gives wider-baseline pairs at the same frame gap).
+    objects: also write objects/NNNNNN.png (uint16 object id of each pixel, `object_id`; 0 = none),
+    name it in each frame entry, and list the look-alike pairs as `object_groups`."""
     if depth_format not in ("png", "npy"):
         raise ValueError(f"depth_format must be 'png' or 'npy', got {depth_format!r}")
     scene = pathlib.Path(root) / name
     (scene / "rgb").mkdir(parents=True, exist_ok=True)
     (scene / "depth").mkdir(parents=True, exist_ok=True)
+    if objects:
+        (scene / "objects").mkdir(parents=True, exist_ok=True)
     room = make_room(seed, lookalikes)
     traj_seed = derive_seed(seed, 1)
     K = default_intrinsics(width, height)
     frames = []
     for i, cam2world in enumerate(make_trajectory(room, n_frames, traj_seed, step=step)):
-        rgb, depth = render(room, K, cam2world, width, height)
+        rgb, depth, ids = render(room, K, cam2world, width, height, return_ids=True)
         fname = f"{i:06d}"
         Image.fromarray(rgb).save(scene / "rgb" / f"{fname}.jpg", "JPEG", quality=95)
         if depth_format == "png":
@@ -622,9 +640,14 @@ def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 6
             np.save(scene / "depth" / f"{fname}.npy", depth.astype(np.float32))
         frames.append({"name": fname, "rgb": f"rgb/{fname}.jpg", "depth": f"depth/{fname}.{depth_format}",
                        "K": K.tolist(), "cam2world": cam2world.tolist()})
+        if objects:
+            Image.fromarray(ids).save(scene / "objects" / f"{fname}.png")
+            frames[-1]["objects"] = f"objects/{fname}.png"
     meta = {"depth_scale": 1000.0, "metric_depth": True, "frames": frames,
             "synthetic": {"seed": int(seed), "generator": GENERATOR, "lookalikes": bool(lookalikes),
                           "trajectory_seed": traj_seed, "step": step}}
+    if objects:
+        meta["object_groups"] = object_groups(room)
     (scene / "cameras.json").write_text(json.dumps(meta, indent=1))
     return str(scene)
 

@@ -65,7 +65,11 @@ def summary(res: dict[str, Any] | None, layer: int | None) -> dict[str, Any] | N
     if layer is None or not res["layers"] or layer >= len(res["layers"]):
         return {"layer": None, **unscored_layer()}
     d = res["layers"][layer]
+    la = res.get("lookalike")
     return {"layer": layer, "pck0": d["pck0"], "pck1": d["pck1"], "pck2patch": d["pck2patch"],
+            "lookalike": None if not la else {"n_anchors": la["n_anchors"], "of_anchors": la["of_anchors"],
+                                              "pck2patch": la["pck2patch"][layer], "chance2": la["chance2"],
+                                              "same_cell_pck2patch": la["same_cell_pck2patch"]},
             "conf_acc_corr": d["conf_acc_corr"], "conf_acc_corr_null_reason": d["conf_acc_corr_null_reason"],
             "temporal": {name: {"robustness": c["robustness"], "robustness_dt": c["robustness_dt"],
                                 "robustness_null_reason": c["robustness_null_reason"],
@@ -249,6 +253,14 @@ def format_table(result: dict[str, Any]) -> str:
                                           else "")
         lines.append(f"reported layer ({n}): {b['layer'] if b['layer'] is not None else 'n/a'} (chosen on "
                      f"{chosen})   PCK@2patch {_f(b['pck2patch'])}   PCK@1 {_f(b['pck1'])}   corr {corr}")
+    for n in ("head", "raw"):
+        b = result["best"][n]
+        la = (b or {}).get("lookalike")
+        if la:
+            lines.append(f"look-alike subset ({n}, layer {b['layer']}; anchors whose B shows a look-alike of their "
+                         f"object at another depth): {la['n_anchors']} of {la['of_anchors']} anchors with object ids"
+                         f"   PCK@2patch {_f(la['pck2patch'])}   chance {_f(la['chance2'])}   same-cell "
+                         f"{_f(la['same_cell_pck2patch'])}")
     for n in ("head", "raw"):
         b = result["best"][n]
         if b is None:

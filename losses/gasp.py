@@ -67,7 +67,7 @@ def pair_view(batch: Batch) -> dict[str, torch.Tensor]:
     out = {"cell_mask_a": batch["cell_mask"][a], "cell_mask_b": batch["cell_mask"][b],  # (P, N)
            "anchor_a": batch["anchor_a"], "target_b": batch["target_b"], "anchor_mask": batch["anchor_mask"],
            "z_b": batch["z_b"], "depth_b": batch["depth"][b], "depth_b_valid": batch["depth_valid"][b]}
-    for key in ("grid", "dt", "pair_clip"):
+    for key in ("grid", "dt", "pair_clip", "lookalike", "objects_known"):
         if key in batch:
             if key == "grid":
                 out["grid_a"], out["grid_b"] = batch["grid"][a], batch["grid"][b]

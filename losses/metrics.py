@@ -72,6 +72,15 @@ class MatchStats:
     dataset: torch.Tensor
     """(K,) long: index into `datasets`."""
     datasets: tuple[str, ...] = ("?",)
+    lookalike: torch.Tensor | None = None
+    """(K,) bool: a look-alike anchor (`data.labels`: B shows a look-alike of its object at another depth)."""
+    objects_known: torch.Tensor | None = None
+    """(K,) bool: the anchor's clip stores object ids, so `lookalike` is known for it."""
+
+    def __post_init__(self) -> None:
+        for name in ("lookalike", "objects_known"):  # not given: no anchor's objects are known
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(self.dist.shape[-1], dtype=torch.bool, device=self.dist.device))
 
     def cpu(self) -> "MatchStats":
         return replace(self, **{f.name: getattr(self, f.name).cpu() for f in fields(self)
@@ -141,8 +150,12 @@ def match_stats(s: torch.Tensor, batch: Batch, datasets: Sequence[str] | None = 
     k = m.anchor.to(dev)  # (P, M) -> K real anchors, flattened in (pair, m) order
     uniq = tuple(dict.fromkeys(names))
     remap = torch.tensor([uniq.index(n) for n in names], dtype=torch.long, device=dev)
+    alike = batch["lookalike"].bool().to(dev) if "lookalike" in batch else torch.zeros(P, M, dtype=torch.bool,
+                                                                                         device=dev)
+    known = (batch["objects_known"].bool().to(dev)[:, None].expand(P, M) if "objects_known" in batch
+             else torch.zeros(P, M, dtype=torch.bool, device=dev))
     return MatchStats(dist[:, k], near2[:, k], max_prob[:, k], chance0[k], chance1[k], chance2[k], same_dist[k],
-                      same_near2[k], dt[k], remap[ds[k]], uniq)
+                      same_near2[k], dt[k], remap[ds[k]], uniq, alike[k], known[k])
 
 
 def pearson(x: Sequence[float] | torch.Tensor, y: Sequence[float] | torch.Tensor) -> float | None:
@@ -251,11 +264,15 @@ class MatchMetrics:
     def compute(self) -> dict[str, Any]:
         """Top level: n_anchors, chance0/1/2, same_cell {pck0, pck1, pck2patch}, datasets, best_layer and
         best_pck2patch (by PCK@2patch, on THIS split), layers (per layer: pck0, pck1, pck2patch,
-        conf_acc_corr (+ null reason), temporal {dataset: curve (see `temporal_curve`)})."""
+        conf_acc_corr (+ null reason), temporal {dataset: curve (see `temporal_curve`)}), and lookalike:
+        None unless some scored clip stores object ids, else {n_anchors (look-alike anchors), of_anchors
+        (anchors whose clips store ids), chance2, same_cell_pck2patch, pck2patch (per layer)} over the
+        look-alike anchors."""
         if not self._stats:
             return {"n_anchors": 0, "chance0": None, "chance1": None, "chance2": None,
                     "same_cell": {"pck0": None, "pck1": None, "pck2patch": None}, "datasets": [],
-                    "anchors_by_dataset": {}, "best_layer": None, "best_pck2patch": None, "layers": []}
+                    "anchors_by_dataset": {}, "best_layer": None, "best_pck2patch": None, "layers": [],
+                    "lookalike": None}
         t, names = self._cat()
         L, K = t["dist"].shape
         layers = []
@@ -272,6 +289,13 @@ class MatchMetrics:
                            "conf_acc_corr": corr, "conf_acc_corr_null_reason": why, "temporal": temporal})
         scored = [(d["pck2patch"], d["layer"]) for d in layers if d["pck2patch"] is not None]
         best = max(scored, key=lambda x: (x[0], -x[1])) if scored else (None, None)
+        lookalike = None
+        if "objects_known" in t and bool(t["objects_known"].any()):
+            sel = t["lookalike"] & t["objects_known"]  # (K,)
+            lookalike = {"n_anchors": int(sel.sum()), "of_anchors": int(t["objects_known"].sum()),
+                         "chance2": _mean(t["chance2"][sel]),
+                         "same_cell_pck2patch": _mean(t["same_near2"][sel].double()),
+                         "pck2patch": [_mean(t["near2"][l][sel].double()) for l in range(L)]}
         return {"n_anchors": K, "chance0": _mean(t["chance0"]), "chance1": _mean(t["chance1"]),
                 "chance2": _mean(t["chance2"]),
                 "same_cell": {"pck0": _mean((t["same_dist"] == 0).double()),
@@ -279,7 +303,7 @@ class MatchMetrics:
                               "pck2patch": _mean(t["same_near2"].double())},
                 "datasets": list(names),
                 "anchors_by_dataset": {n: int((t["dataset"] == i).sum()) for i, n in enumerate(names)},
-                "best_layer": best[1], "best_pck2patch": best[0], "layers": layers}
+                "best_layer": best[1], "best_pck2patch": best[0], "layers": layers, "lookalike": lookalike}
 
     def raw(self) -> dict[str, torch.Tensor]:
         """The concatenated per-anchor tensors (for plots such as the reliability diagram)."""
@@ -307,6 +331,15 @@ def flatten_metrics(result: dict[str, Any], prefix: str) -> dict[str, float]:
         for name, curve in d["temporal"].items():
             if curve["robustness"] is not None:
                 flat[f"{prefix}/temporal_robustness/{mlflow_key(name)}/layer_{l:02d}"] = float(curve["robustness"])
+    la = result.get("lookalike")
+    if la:
+        flat[f"{prefix}/lookalike/n_anchors"] = float(la["n_anchors"])
+        for key in ("chance2", "same_cell_pck2patch"):
+            if la[key] is not None:
+                flat[f"{prefix}/lookalike/{key}"] = float(la[key])
+        for l, v in enumerate(la["pck2patch"]):
+            if v is not None:
+                flat[f"{prefix}/lookalike/pck2patch/layer_{l:02d}"] = float(v)
     return flat
 
 

@@ -308,6 +308,8 @@ class View:
     frame: Any
     jpg: bytes | None = None
     png: dict[float, tuple[np.ndarray, bytes]] = field(default_factory=dict)  # scale -> (quantised, bytes)
+    objects: np.ndarray | None = None  # (H, W) uint16 object ids at the stored size, where the scene has them
+    objects_png: bytes | None = None
 
 
 def quantize_depth(depth: np.ndarray, depth_scale: float) -> np.ndarray:
@@ -374,13 +376,16 @@ class ShardContext:
             return FrameError(scene.name, str(index), "frame vanished (the corpus changed since plan.json)")
         try:
             rgb, depth = scene.load(fr)
+            objects = scene.load_objects(fr, rgb.shape[:2])
         except FrameError as e:
             return e
         t1 = time.perf_counter()
         self.timings["read"] += t1 - t
         rgb, depth, K = fit_view(rgb, depth, fr.K, self.cfg.max_side)
+        if objects is not None and objects.shape != depth.shape:  # ids resize as depth does: nearest-exact
+            objects = geometry.resize_depth_nearest(objects, (depth.shape[1], depth.shape[0]))
         self.timings["resize"] += time.perf_counter() - t1
-        return View(rgb, depth, K, fr)
+        return View(rgb, depth, K, fr, objects=objects)
 
 
 def _encoded(view: View, depth_scale: float, timings: dict[str, float]) -> tuple[bytes, np.ndarray, bytes]:
@@ -445,9 +450,16 @@ def render_clip(item: dict[str, Any], cfg: JobConfig, key: str, timings: dict[st
         "n_corr": n_corr, "depth_scale": scale, "metric_depth": bool(scene.metric_depth),
         "photo_err": errs, "photo_err_shuffled": errs_sh, "source": public_url(cfg.scene_url(item["scene"])),
     }
+    objects = None
+    if scene.object_groups is not None and all(v.objects is not None for v in views):
+        for v in views:
+            if v.objects_png is None:
+                v.objects_png = shardformat.encode_objects_png(v.objects)
+        objects = [v.objects_png for v in views]
+        meta["objects"], meta["object_groups"] = True, [list(g) for g in scene.object_groups]
     corr = np.concatenate(rows, axis=0) if rows else np.zeros((0, 6), np.float32)
     sample = shardformat.make_clip_sample(key, [v.rgb for v in views], [v.depth for v in views], corr, meta,
-                                          jpgs=[e[0] for e in enc], pngs=[e[2] for e in enc])
+                                          jpgs=[e[0] for e in enc], pngs=[e[2] for e in enc], objects=objects)
     timings["encode"] += time.perf_counter() - t4
     return sample, meta
 

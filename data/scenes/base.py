@@ -130,6 +130,9 @@ class Scene(abc.ABC):
         self.skipped: list[tuple[str, str]] = []
         self.metric_depth: bool = True
         self.source: str = self.url
+        self.object_groups: list[list[int]] | None = None
+        """Per-pixel object ids are available (`load_objects`) when this is a list: the groups of ids
+        that look alike (synthetic rooms; DESIGN §4.1's optional `fKK.objects.png`). None: no ids."""
 
     # -- readers implement these two ------------------------------------------------
     @abc.abstractmethod
@@ -191,6 +194,21 @@ class Scene(abc.ABC):
         depth = self._guarded("depth", self._read_depth, frame)
         self._check_depth(frame, rgb.shape[:2], depth)
         return rgb, depth
+
+    def _read_objects(self, frame: Frame) -> np.ndarray:
+        """uint16 (H, W) object id per pixel (0: none), aligned with depth; readers with ids implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no per-pixel object ids")
+
+    def load_objects(self, frame: Frame, rgb_hw: tuple[int, int]) -> np.ndarray | None:
+        """A frame's object ids, checked against its RGB's (H, W); None when the scene has none
+        (`object_groups` is None). FrameError for a missing, broken or misaligned file."""
+        if self.object_groups is None:
+            return None
+        ids = self._guarded("objects", self._read_objects, frame)
+        if ids.shape != tuple(rgb_hw) or ids.dtype != np.uint16:
+            raise FrameError(self.name, frame.name, f"object ids are {ids.dtype} {ids.shape[1::-1]}, rgb is "
+                             f"{rgb_hw[1]}x{rgb_hw[0]}: they must be uint16 and aligned")
+        return ids
 
     def load_depth(self, frame: Frame) -> np.ndarray:
         """A frame's depth, with every check of `load` (the RGB too, through `_rgb_shape`).

@@ -6,9 +6,14 @@ SCENE/cameras.json   {"depth_scale": 1000.0, "metric_depth": true,
                                   "depth": "depth/000000.png",
                                   "K": [[fx,0,cx],[0,fy,cy],[0,0,1]],
                                   "cam2world": [[...4x4...]],
-                                  "timestamp": 0.0 (optional)}, ...]}
+                                  "timestamp": 0.0 (optional),
+                                  "objects": "objects/000000.png" (optional)}, ...],
+                      "object_groups": [[3, 9], ...] (optional, with "objects")}
 SCENE/rgb/...  SCENE/depth/...  (uint16 PNG divided by depth_scale, or float32 .npy)
+SCENE/objects/...  (optional: uint16 PNG, the id of the object each pixel shows, 0 = none)
 ```
+Object ids are read only when every frame entry names an `objects` file and `object_groups`
+(lists of ids that look alike) is a list; the shard job then stores them per frame.
 Frame order is list order; RGB and depth of a frame are pixel-aligned and share K
 (OpenCV axes, pixel centres at integer coordinates).
 """
@@ -80,13 +85,25 @@ class PosedScene(Scene):
             if f"{base}/{depth_rel}" not in existing:
                 self.skip(name, "missing depth file")
                 continue
+            extra = {"rgb": rgb_rel, "depth": depth_rel}
+            if "objects" in fr:
+                if f"{base}/{fr['objects']}" not in existing:
+                    self.skip(name, "missing objects file")
+                    continue
+                extra["objects"] = str(fr["objects"])
             size = fr.get("size", meta.get("size"))
             self.frames.append(Frame(index=index, name=name, K=K, cam2world=cam2world,
                                      size=tuple(int(x) for x in size) if size else (0, 0),
                                      timestamp=fr.get("timestamp"),
-                                     extra={"rgb": rgb_rel, "depth": depth_rel}))
+                                     extra=extra))
         if self.frames and self.frames[0].size == (0, 0):
             self._fill_sizes()
+        groups = meta.get("object_groups")
+        if self.frames and all("objects" in f.extra for f in self.frames) and groups is not None:
+            if not (isinstance(groups, list) and all(isinstance(g, list) and all(isinstance(i, int) for i in g)
+                                                     for g in groups)):
+                raise SceneError(f"{cam_url}: 'object_groups' must be a list of lists of object ids")
+            self.object_groups = [list(g) for g in groups]
 
     def _fill_sizes(self) -> None:
         """Nominal size from the first readable RGB header (one request, no decode).
@@ -112,6 +129,11 @@ class PosedScene(Scene):
     def _read_depth(self, frame: Frame) -> np.ndarray:
         rel = frame.extra["depth"]
         return decode_depth(read_bytes(url_join(self.url, rel)), rel, self.depth_scale)
+
+    def _read_objects(self, frame: Frame) -> np.ndarray:
+        from data.shardformat import decode_objects_png
+
+        return decode_objects_png(read_bytes(url_join(self.url, frame.extra["objects"])))
 
 
 def list_posed_scenes(root: str) -> list[str]:
