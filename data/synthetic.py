@@ -517,6 +517,7 @@ def look_at(eye: np.ndarray, forward: np.ndarray) -> np.ndarray:
 _sin = np.vectorize(math.sin, otypes=[np.float64])
 _cos = np.vectorize(math.cos, otypes=[np.float64])
 _atan2 = np.vectorize(math.atan2, otypes=[np.float64])
+_asin = np.vectorize(math.asin, otypes=[np.float64])
 
 
 def _smooth_periodic(rng, theta: np.ndarray, amplitude: float, harmonics: int = 3) -> np.ndarray:
@@ -536,14 +537,30 @@ def make_trajectory(room: Room, n_frames: int, seed: int, step: float | None = N
     degrees, no full turn per loop) about the direction of one room corner, so it
     turns ~0.4-1.4 degrees per frame on average (at most ~3) and frames 40 apart
     still share much of the view. Every camera centre is at least CAMERA_CLEARANCE from every primitive."""
+    return _band_trajectory(room, n_frames, seed, step, (0.03, 0.05), None)
+
+
+def _band_trajectory(room: Room, n_frames: int, seed: int, step: float | None,
+                     step_range: tuple[float, float],
+                     sway_range: tuple[tuple[float, float], tuple[float, float]] | None) -> list[np.ndarray]:
+    """The path of make_trajectory, `step` drawn from step_range when None.
+
+    sway_range None is make_trajectory's path bit for bit (same draws, same operations).
+    Otherwise ((amp_lo, amp_hi) degrees, (period_lo, period_hi) metres): the yaw gets an extra
+    sinusoid of the distance travelled, amplitude and period drawn from those ranges after all
+    of the walk's draws that precede its retry loop, so the camera looks left and right as it goes."""
     rng = np.random.Generator(np.random.PCG64(seed))
     cx, cy, a, b = room.path
-    step = rng.uniform(0.03, 0.05) if step is None else step
+    step = rng.uniform(*step_range) if step is None else step
     theta = np.linspace(0.0, 2 * np.pi, 4097)
     corner = rng.choice([-1.0, 1.0], size=2) * room.size[:2] / 2       # face a random corner
     psi0 = _atan2(corner[1], corner[0]) + np.deg2rad(rng.uniform(-10, 10))
     amp = np.deg2rad(rng.uniform(30, 60))
     theta0 = _atan2(a * _sin(psi0), b * _cos(psi0))   # path point nearest the faced side
+    if sway_range is not None:
+        sway_amp = np.deg2rad(rng.uniform(*sway_range[0]))
+        sway_phase = 2 * np.pi * step * np.arange(n_frames) / rng.uniform(*sway_range[1]) + rng.uniform(0, 2 * np.pi)
+        sway = sway_amp * _sin(sway_phase)            # (n_frames,) radians
     for attempt in range(21):
         calm = attempt == 20                          # last resort: the plain ellipse
         scale = 1.0 + (0 if calm else _smooth_periodic(rng, theta, 0.9 * (_BAND[1] - 1)))
@@ -557,11 +574,182 @@ def make_trajectory(room: Room, n_frames: int, seed: int, step: float | None = N
         th = np.interp(s, arc, theta)
         eye = np.stack([np.interp(th, theta, curve[:, i]) for i in range(3)], -1)
         yaw = psi0 - amp * _sin(th - theta0) + np.interp(th, theta, yaw_off)
+        if sway_range is not None:
+            yaw = yaw + sway
         pt = np.interp(th, theta, pitch)
         fwd = np.stack([_cos(pt) * _cos(yaw), _cos(pt) * _sin(yaw), _sin(pt)], -1)
         if distance_to_prims(room, eye).min() >= CAMERA_CLEARANCE:
             return [look_at(e, f) for e, f in zip(eye, fwd)]
     raise RuntimeError(f"room seed {room.seed}: no camera path keeps {CAMERA_CLEARANCE} m clearance")
+
+
+MOTIONS = ("walk", "orbit", "sweep")
+_SWEEP_STEP = (0.08, 0.12)         # metres a frame
+_SWEEP_SWAY = ((20.0, 35.0), (3.0, 5.0))   # extra yaw sinusoid: amplitude degrees, period metres
+_ORBIT_RADIUS = (1.2, 2.5)         # metres from the orbited object's vertical axis
+_ORBIT_HEIGHT = (1.2, 1.8)         # camera height range, metres
+_ORBIT_BOB = 0.12                  # max height variation about the orbit's mean height, metres
+_ORBIT_RATE = (2.0, 4.0)           # degrees of orbit per frame
+_ORBIT_FALLBACK_RADII = (1.1, 1.0, 0.9, 0.8, 0.7, 0.6)   # tried, in this order, when nothing fits at 1.2-2.5 m
+_ORBIT_GRID = 720                  # feasibility samples around a circle
+_ORBIT_MIN_ARC = 100.0             # degrees: shortest clear arc the camera goes back and forth along
+_ORBIT_GOOD_ARC = 150.0            # degrees: arcs this long (or the whole path) preferred to look-alikes
+_ORBIT_LOOK = 0.3                  # max distance of the look point from the object's centre, x radius
+_ORBIT_SOFTNESS = 0.97             # k of the soft triangle wave: closer to 1, sharper turns
+
+
+def _check_motion(motion: str) -> None:
+    """ValueError naming MOTIONS unless `motion` is one of them."""
+    if motion not in MOTIONS:
+        raise ValueError(f"motion must be one of {', '.join(MOTIONS)}, got {motion!r}")
+
+
+def make_motion_trajectory(room: Room, n_frames: int, seed: int, motion: str,
+                           step: float | None = None) -> list[np.ndarray]:
+    """Camera path of kind `motion` (one of MOTIONS): cam2world (4, 4) float64 per frame, roll 0.
+
+    walk:  make_trajectory(room, n_frames, seed, step), bit for bit: 3-5 cm a frame, ~0.9 degrees
+           of turn a frame on average (60-frame paths, 40 rooms).
+    sweep: the walk's band path at `step` metres a frame (random 8-12 cm when None) with an extra
+           yaw swing (+-20-35 degrees, period 3-5 m travelled): ~3.6 degrees of turn a frame on
+           average, ~11 at most, so frames 24 apart share ~1/3 of the view.
+    orbit: circles one object at 1.2-2.5 m from its vertical axis (1.1 ... 0.6 m only when nothing
+           fits there), camera 1.2-1.8 m high, looking at the object's centre plus a smooth offset
+           of norm <= 0.3 x radius (the centre stays within ~17 degrees of the optical axis), 2-4
+           degrees of orbit a frame (`step`, if given: metres of arc a frame). Where no clear arc
+           is as long as the path, it goes back and forth along the longest (>= 100 degrees),
+           starting at rest at one end and slowing to turn at the other. Look-alike pairs' objects
+           are preferred among objects with an arc of >= 150 degrees (or the whole path) in view
+           (_orbit_trajectory states the order). RuntimeError naming the room seed if no object fits.
+    Every camera centre is inside the room and at least CAMERA_CLEARANCE from every primitive;
+    the same (room, n_frames, seed, motion, step) gives the same poses on every machine. For orbit
+    the first frames of a longer path are not the shorter path (the arc is chosen for n_frames)."""
+    _check_motion(motion)
+    if motion == "walk":
+        return make_trajectory(room, n_frames, seed, step)
+    if motion == "sweep":
+        return _band_trajectory(room, n_frames, seed, step, _SWEEP_STEP, _SWEEP_SWAY)
+    return _orbit_trajectory(room, n_frames, seed, step)
+
+
+def _orbit_eyes(centre: np.ndarray, radius: float, phi: np.ndarray, height: np.ndarray) -> np.ndarray:
+    """Camera centres (N, 3) on the circle of `radius` about centre's vertical axis at angles phi (N,)."""
+    return np.stack([centre[0] + radius * _cos(phi), centre[1] + radius * _sin(phi), height], -1)
+
+
+def _orbit_clear(room: Room, eyes: np.ndarray) -> np.ndarray:
+    """(N,) bool: inside the room by CAMERA_CLEARANCE and CAMERA_CLEARANCE from every primitive."""
+    inside = np.all((eyes >= CAMERA_CLEARANCE) & (eyes <= room.size - CAMERA_CLEARANCE), axis=1)
+    return inside & (distance_to_prims(room, eyes) >= CAMERA_CLEARANCE)
+
+
+def _clear_runs(clear: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal circular runs of True in clear (G,) as (first index, length), longest first;
+    [(0, G)] when all of it is True."""
+    n = len(clear)
+    if clear.all():
+        return [(0, n)]
+    if not clear.any():
+        return []
+    shift = int(np.flatnonzero(~clear)[0])            # start scanning just after a blocked sample
+    rolled = np.roll(clear, -shift).astype(np.int8)
+    edges = np.diff(np.concatenate([[0], rolled, [0]]))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    runs = [((int(lo) + shift) % n, int(hi - lo)) for lo, hi in zip(starts, ends)]
+    return sorted(runs, key=lambda r: -r[1])
+
+
+def _orbit_trajectory(room: Room, n_frames: int, seed: int, step: float | None) -> list[np.ndarray]:
+    """The "orbit" motion of make_motion_trajectory (its docstring states the contract).
+
+    Candidates are every object at 4 seeded radii in 1.2-2.5 m. At a radius the camera uses the
+    longest arc of the circle whose camera centres are clear (0.5-degree grid, 1 degree trimmed at
+    each end, exact frame positions checked again): the whole circle (it goes round), an arc at
+    least as long as the path (one pass at constant speed, seeded start), or an arc of at least
+    _ORBIT_MIN_ARC degrees (back and forth: a soft triangle wave whose mid-leg speed is the orbit
+    rate, slowing to a stop at the arc's ends). The chosen candidate maximises, in this order: the
+    object is the first thing hit from the camera towards its centre in >= 3/4 of the frames; the
+    path's arc (capped at the arc it would sweep in one pass) reaches min(that pass, _ORBIT_GOOD_ARC);
+    it is one of a look-alike pair; that capped arc; ties go to the seeded object order. Only if no
+    candidate exists are the fallback radii tried, the first that gives one taken."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    twins = sorted({i for pair in room.lookalikes for i in pair})
+    others = [i for i in range(6, len(room.prims)) if i not in twins]
+    order = [twins[k] for k in rng.permutation(len(twins))] + [others[k] for k in rng.permutation(len(others))]
+    if not order:
+        raise RuntimeError(f"room seed {room.seed}: no object to orbit")
+    rate = np.deg2rad(rng.uniform(*_ORBIT_RATE))      # radians a frame unless step is given
+    sense = 1.0 if rng.random() < 0.5 else -1.0
+    mean_height = rng.uniform(_ORBIT_HEIGHT[0] + _ORBIT_BOB, _ORBIT_HEIGHT[1] - _ORBIT_BOB)
+    radii = {i: rng.uniform(*_ORBIT_RADIUS, size=4) for i in order}
+    bob_w = rng.normal(size=(3, 2))                   # height and look-offset shapes, drawn once
+    look_w = rng.normal(size=(3, 3, 2))
+    cell = 2 * np.pi / _ORBIT_GRID
+    grid = np.arange(_ORBIT_GRID) * cell
+    frames = np.arange(n_frames, dtype=np.float64)
+
+    def periodic(w, phi, amplitude):                  # as _smooth_periodic, weights given: |value| <= amplitude
+        k = np.arange(1, 4)[:, None]
+        w = w / k
+        return amplitude * (w[:, :1] * _cos(k * phi) + w[:, 1:] * _sin(k * phi)).sum(0) / np.abs(w).sum()
+
+    def height(phi):
+        return mean_height + periodic(bob_w, phi, _ORBIT_BOB)
+
+    def angles(lo, arc, span, per_frame):             # orbit angles (n_frames,) inside [lo, lo + arc]
+        if arc >= 2 * np.pi:                          # the whole circle: go round
+            return lo + rng.uniform(0, 2 * np.pi) + sense * per_frame * frames
+        if arc >= span:                               # one pass, constant speed
+            start = lo + rng.uniform(0, arc - span)
+            return start + per_frame * frames if sense > 0 else start + span - per_frame * frames
+        # back and forth: s = asin(k sin psi) / asin(k) in [-1, 1], psi advancing pi a leg, so that
+        # d(angle)/d(frame) = per_frame at mid-leg
+        k = _ORBIT_SOFTNESS
+        leg = 0.5 * arc * np.pi * k / math.asin(k) / per_frame      # frames a leg
+        s = _asin(k * _sin(-0.5 * np.pi + np.pi * frames / leg)) / math.asin(k)
+        return lo + 0.5 * arc * (1 + s) if sense > 0 else lo + arc - 0.5 * arc * (1 + s)
+
+    def candidate(i, radius):                         # (preference key, i, radius, eyes, phi) about prim i, or None
+        c = room.prims[i].centre
+        per_frame = rate if step is None else step / radius
+        span = per_frame * (n_frames - 1)             # radians one pass would sweep
+        runs = _clear_runs(_orbit_clear(room, _orbit_eyes(c, radius, grid, height(grid))))
+        if not runs:
+            return None
+        first, length = runs[0]
+        if length == _ORBIT_GRID:
+            lo, arc = 0.0, 2 * np.pi
+        else:
+            lo, arc = (first + 2) * cell, (length - 5) * cell       # trimmed 1 degree at each end
+        if arc < span and arc < np.deg2rad(_ORBIT_MIN_ARC):
+            return None
+        phi = angles(lo, arc, span, per_frame)
+        eyes = _orbit_eyes(c, radius, phi, height(phi))
+        if not _orbit_clear(room, eyes).all():
+            return None
+        _, hit = raycast(room, eyes, c - eyes)
+        used = min(arc, span)
+        key = (bool((hit == i).mean() >= 0.75), bool(used >= min(span, np.deg2rad(_ORBIT_GOOD_ARC)) - 1e-9),
+               i in twins, used)
+        return key, i, radius, eyes, phi
+
+    best = None
+    for i in order:
+        for radius in radii[i]:
+            got = candidate(i, float(radius))
+            if got is not None and (best is None or got[0] > best[0]):
+                best = got
+    if best is None:                                  # fallback radii: the first candidate found
+        best = next((got for radius in _ORBIT_FALLBACK_RADII for i in order
+                     if (got := candidate(i, radius)) is not None), None)
+    if best is None:
+        raise RuntimeError(f"room seed {room.seed}: no object has a clear orbit arc of {_ORBIT_MIN_ARC:.0f} "
+                           f"degrees (or of the whole {n_frames}-frame path) keeping {CAMERA_CLEARANCE} m clearance")
+    _, i, radius, eyes, phi = best
+    c = room.prims[i].centre
+    # look point: the centre plus a smooth offset of norm <= _ORBIT_LOOK * radius (<= ~17 degrees off axis)
+    look = c + np.stack([periodic(look_w[a], phi, _ORBIT_LOOK * radius) for a in range(3)], -1) / math.sqrt(3)
+    return [look_at(e, t - e) for e, t in zip(eyes, look)]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -611,16 +799,19 @@ def depth_to_png_mm(depth: np.ndarray) -> np.ndarray:
 
 def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 60, width: int = 320,
                 height: int = 240, depth_format: str = "png", lookalikes: bool = True,
-                step: float | None = None, objects: bool = False) -> str:
+                step: float | None = None, motion: str = "walk", objects: bool = False) -> str:
     """Render one room along its trajectory into the `posed` layout (DESIGN section 3)
     at root/name; cameras.json is written last. Returns the scene path.
 
     step: metres the camera moves per frame (default random 3-5 cm); its turning rate
     scales with it (a faster camera gives wider-baseline pairs at the same frame gap).
+    motion: the kind of camera path, one of MOTIONS (make_motion_trajectory; "walk" is
+    make_trajectory's path); recorded as cameras.json's synthetic "motion".
     objects: also write objects/NNNNNN.png (uint16 object id of each pixel, `object_id`; 0 = none),
     name it in each frame entry, and list the look-alike pairs as `object_groups`."""
     if depth_format not in ("png", "npy"):
         raise ValueError(f"depth_format must be 'png' or 'npy', got {depth_format!r}")
+    _check_motion(motion)
     scene = pathlib.Path(root) / name
     (scene / "rgb").mkdir(parents=True, exist_ok=True)
     (scene / "depth").mkdir(parents=True, exist_ok=True)
@@ -630,7 +821,7 @@ def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 6
     traj_seed = derive_seed(seed, 1)
     K = default_intrinsics(width, height)
     frames = []
-    for i, cam2world in enumerate(make_trajectory(room, n_frames, traj_seed, step=step)):
+    for i, cam2world in enumerate(make_motion_trajectory(room, n_frames, traj_seed, motion, step=step)):
         rgb, depth, ids = render(room, K, cam2world, width, height, return_ids=True)
         fname = f"{i:06d}"
         Image.fromarray(rgb).save(scene / "rgb" / f"{fname}.jpg", "JPEG", quality=95)
@@ -645,7 +836,7 @@ def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 6
             frames[-1]["objects"] = f"objects/{fname}.png"
     meta = {"depth_scale": 1000.0, "metric_depth": True, "frames": frames,
             "synthetic": {"seed": int(seed), "generator": GENERATOR, "lookalikes": bool(lookalikes),
-                          "trajectory_seed": traj_seed, "step": step}}
+                          "trajectory_seed": traj_seed, "step": step, "motion": motion}}
     if objects:
         meta["object_groups"] = object_groups(room)
     (scene / "cameras.json").write_text(json.dumps(meta, indent=1))
