@@ -583,9 +583,10 @@ def _band_trajectory(room: Room, n_frames: int, seed: int, step: float | None,
     raise RuntimeError(f"room seed {room.seed}: no camera path keeps {CAMERA_CLEARANCE} m clearance")
 
 
-MOTIONS = ("walk", "orbit", "sweep")
+MOTIONS = ("walk", "orbit", "sweep", "scan")
 _SWEEP_STEP = (0.08, 0.12)         # metres a frame
 _SWEEP_SWAY = ((20.0, 35.0), (3.0, 5.0))   # extra yaw sinusoid: amplitude degrees, period metres
+_SCAN_SWAY = ((40.0, 55.0), (1.2, 2.0))    # scan: the sweep with a wide, quick look left and right
 _ORBIT_RADIUS = (1.2, 2.5)         # metres from the orbited object's vertical axis
 _ORBIT_HEIGHT = (1.2, 1.8)         # camera height range, metres
 _ORBIT_BOB = 0.12                  # max height variation about the orbit's mean height, metres
@@ -613,6 +614,9 @@ def make_motion_trajectory(room: Room, n_frames: int, seed: int, motion: str,
     sweep: the walk's band path at `step` metres a frame (random 8-12 cm when None) with an extra
            yaw swing (+-20-35 degrees, period 3-5 m travelled): ~3.6 degrees of turn a frame on
            average, ~11 at most, so frames 24 apart share ~1/3 of the view.
+    scan:  the sweep with a wider, quicker look left and right (+-40-55 degrees, period 1.2-2 m
+           travelled, so 10-25 frames): scene points cross the image between most frames that
+           still share a view, where a guess of "the same place in the image" fails.
     orbit: circles one object at 1.2-2.5 m from its vertical axis (1.1 ... 0.6 m only when nothing
            fits there), camera 1.2-1.8 m high, looking at the object's centre plus a smooth offset
            of norm <= 0.3 x radius (the centre stays within ~17 degrees of the optical axis), 2-4
@@ -627,8 +631,9 @@ def make_motion_trajectory(room: Room, n_frames: int, seed: int, motion: str,
     _check_motion(motion)
     if motion == "walk":
         return make_trajectory(room, n_frames, seed, step)
-    if motion == "sweep":
-        return _band_trajectory(room, n_frames, seed, step, _SWEEP_STEP, _SWEEP_SWAY)
+    if motion in ("sweep", "scan"):
+        return _band_trajectory(room, n_frames, seed, step, _SWEEP_STEP,
+                                _SWEEP_SWAY if motion == "sweep" else _SCAN_SWAY)
     return _orbit_trajectory(room, n_frames, seed, step)
 
 

@@ -56,3 +56,17 @@ def test_bench_syncs_and_lens_accuracy_print_their_tables():
     assert after < before, out
     out = _stdout(["tests/benchmarks/lens_accuracy.py"])
     assert "RGB error vs the pinhole view" in out and "pair photo error" in out, out
+
+
+def test_position_baseline_measures_each_motion(tmp_path):
+    """The data measurement of [9 of 12] (how much position alone predicts correspondence per camera motion)
+    runs end to end on a tiny setting: every motion measured, look-alike anchors counted."""
+    out = tmp_path / "pb.json"
+    text = _stdout(["tests/benchmarks/position_baseline.py", "--motions", "walk,orbit", "--scenes", "1",
+                    "--frames", "12", "--width", "96", "--height", "72", "--clip-frames", "3", "--clip-window", "8",
+                    "--clips-per-scene", "2", "--max-pixels", str(112 * 84), "--work", str(tmp_path / "work"),
+                    "--json", str(out)])
+    res = json.loads(out.read_text())["motions"]
+    assert set(res) == {"walk", "orbit"} and "same-cell" in text
+    for r in res.values():
+        assert r["anchors"] > 0 and 0 <= r["same_cell"]["pck2patch"] <= 1 and r["lookalike_anchors"] is not None

@@ -231,6 +231,16 @@ def test_sweep_moves_and_turns_much_more_than_walk(paths):
     assert np.mean(ratio_r) >= 3.0
 
 
+def test_scan_is_the_sweep_path_looking_around_faster(paths):
+    """scan: the sweep's camera centres exactly, with a wider and quicker yaw swing (per-frame turn at
+    least 1.5x the sweep's in every room)."""
+    for s in ROOMS:
+        sweep, scan = paths[s, "sweep"], paths[s, "scan"]
+        assert np.array_equal(sweep[:, :3, 3], scan[:, :3, 3])
+        turn = {m: rotation_deg(p[:-1, :3, :3], p[1:, :3, :3]).mean() for m, p in (("sweep", sweep), ("scan", scan))}
+        assert turn["scan"] >= 1.5 * turn["sweep"], (s, turn)
+
+
 # ----------------------------------------------------------------------------- what a render sees
 
 def test_frames_24_apart_share_less_of_the_view_than_walk(rooms, paths):
