@@ -804,7 +804,8 @@ def depth_to_png_mm(depth: np.ndarray) -> np.ndarray:
 
 def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 60, width: int = 320,
                 height: int = 240, depth_format: str = "png", lookalikes: bool = True,
-                step: float | None = None, motion: str = "walk", objects: bool = False) -> str:
+                step: float | None = None, motion: str = "walk", objects: bool = False,
+                hfov: float = 70.0) -> str:
     """Render one room along its trajectory into the `posed` layout (DESIGN section 3)
     at root/name; cameras.json is written last. Returns the scene path.
 
@@ -813,7 +814,8 @@ def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 6
     motion: the kind of camera path, one of MOTIONS (make_motion_trajectory; "walk" is
     make_trajectory's path); recorded as cameras.json's synthetic "motion".
     objects: also write objects/NNNNNN.png (uint16 object id of each pixel, `object_id`; 0 = none),
-    name it in each frame entry, and list the look-alike pairs as `object_groups`."""
+    name it in each frame entry, and list the look-alike pairs as `object_groups`.
+    hfov: horizontal field of view in degrees (`default_intrinsics`)."""
     if depth_format not in ("png", "npy"):
         raise ValueError(f"depth_format must be 'png' or 'npy', got {depth_format!r}")
     _check_motion(motion)
@@ -824,7 +826,9 @@ def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 6
         (scene / "objects").mkdir(parents=True, exist_ok=True)
     room = make_room(seed, lookalikes)
     traj_seed = derive_seed(seed, 1)
-    K = default_intrinsics(width, height)
+    if not 10.0 <= hfov <= 150.0:
+        raise ValueError(f"hfov must be 10-150 degrees, got {hfov}")
+    K = default_intrinsics(width, height, hfov)
     frames = []
     for i, cam2world in enumerate(make_motion_trajectory(room, n_frames, traj_seed, motion, step=step)):
         rgb, depth, ids = render(room, K, cam2world, width, height, return_ids=True)

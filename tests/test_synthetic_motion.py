@@ -292,3 +292,11 @@ def test_write_scene_records_and_uses_the_motion(tmp_path):
     walk = json.loads((tmp_path / "walk" / "cameras.json").read_text())["frames"]
     orbit = json.loads((tmp_path / "orbit" / "cameras.json").read_text())["frames"]
     assert walk[0]["cam2world"] != orbit[0]["cam2world"]
+
+
+def test_write_scene_field_of_view(tmp_path):
+    path = pathlib.Path(syn.write_scene(tmp_path, "narrow", seed=3, n_frames=2, width=W, height=H, hfov=50.0))
+    K = np.array(json.loads((path / "cameras.json").read_text())["frames"][0]["K"])
+    assert np.allclose(K, syn.default_intrinsics(W, H, 50.0)) and K[0, 0] > syn.default_intrinsics(W, H)[0, 0]
+    with pytest.raises(ValueError, match="hfov must be 10-150 degrees"):
+        syn.write_scene(tmp_path, "bad", seed=3, n_frames=2, width=W, height=H, hfov=5.0)

@@ -34,14 +34,14 @@ def build(work: str, motion: str, args) -> str:
     from pipeline import stages
 
     tag = (f"{motion}_s{args.scenes}_f{args.frames}_{args.width}x{args.height}_k{args.clip_frames}"
-           f"_w{args.clip_window}_c{args.clips_per_scene}_o{args.max_overlap}")
+           f"_w{args.clip_window}_c{args.clips_per_scene}_o{args.max_overlap}_fov{args.hfov:g}")
     corpus, out = os.path.join(work, tag, "corpus"), os.path.join(work, tag, "shards")
     if glob.glob(os.path.join(out, "train-*.tar")):
         return out
     for i in range(args.scenes):
         if not os.path.isfile(os.path.join(corpus, f"scene_{i:04d}", "cameras.json")):
             synthetic.write_scene(corpus, f"scene_{i:04d}", seed=7000 + i, n_frames=args.frames, width=args.width,
-                                  height=args.height, motion=motion, objects=True)
+                                  height=args.height, motion=motion, objects=True, hfov=args.hfov)
         print(f"[baseline] {motion}: rendered {i + 1}/{args.scenes} scenes", flush=True)
     cfg = stages.JobConfig(input=corpus, format="synthetic", output=out,
                            clips=ClipConfig(clip_frames=args.clip_frames, clip_window=args.clip_window,
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-window", type=int, default=48)
     ap.add_argument("--clips-per-scene", type=int, default=4)
     ap.add_argument("--max-overlap", type=float, default=0.98, help="the shard job's --max-overlap (near-duplicates)")
+    ap.add_argument("--hfov", type=float, default=70.0, help="horizontal field of view of the rendered rooms, degrees")
     ap.add_argument("--max-pixels", type=int, default=448 * 336, help="per-view budget (448x336: 16x12 cells)")
     ap.add_argument("--work", default=os.path.join(ROOT, "runs", "position_baseline"))
     ap.add_argument("--json", default="")
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[m] = measure(shards, os.path.join(args.work, f"probe_{m}"), args.max_pixels)
     f = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     print(f"\nPosition alone on synthetic clips (K = {args.clip_frames}, window {args.clip_window}, max overlap "
-          f"{args.max_overlap}, {args.scenes} rooms "
+          f"{args.max_overlap}, hfov {args.hfov:g}, {args.scenes} rooms "
           f"x {args.frames} frames at {args.width}x{args.height}, {args.max_pixels} px views)")
     print("motion  clips  pairs  anchors  dt max | chance @0/@1/@2p        | same-cell @0/@1/@2p     | "
           "look-alike anchors, same-cell @2p, chance @2p")
