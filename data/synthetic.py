@@ -845,7 +845,7 @@ def write_scene(root: str | os.PathLike, name: str, seed: int, n_frames: int = 6
             frames[-1]["objects"] = f"objects/{fname}.png"
     meta = {"depth_scale": 1000.0, "metric_depth": True, "frames": frames,
             "synthetic": {"seed": int(seed), "generator": GENERATOR, "lookalikes": bool(lookalikes),
-                          "trajectory_seed": traj_seed, "step": step, "motion": motion}}
+                          "trajectory_seed": traj_seed, "step": step, "motion": motion, "hfov": hfov}}
     if objects:
         meta["object_groups"] = object_groups(room)
     (scene / "cameras.json").write_text(json.dumps(meta, indent=1))
