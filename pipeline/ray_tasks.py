@@ -92,12 +92,13 @@ def write_task(entry: dict[str, Any], cfg: stages.JobConfig, shell_refs: dict[st
     return {**stages.write_shard(entry, cfg, shells), "node": _node_id()}
 
 
-def synthetic_task(root: str, name: str, seed: int, n_frames: int) -> dict[str, Any]:
+def synthetic_task(root: str, name: str, seed: int, n_frames: int, motion: str = "walk", hfov: float = 70.0,
+                   objects: bool = False) -> dict[str, Any]:
     """Render one scene of the embedded default corpus (data.synthetic, posed layout)."""
     from data import synthetic
 
     try:
-        synthetic.write_scene(root, name, seed=seed, n_frames=n_frames)
+        synthetic.write_scene(root, name, seed=seed, n_frames=n_frames, motion=motion, hfov=hfov, objects=objects)
         return {"ok": True, "name": name}
     except Exception as e:
         return {"ok": False, "name": name, "error": stages.one_line(f"{type(e).__name__}: {e}")}

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # `python pipeline/shard.py`: make the repo impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import collections
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from data.pairs import ClipConfig
 from data.progress import Progress
 from data.scenes import FORMATS, SceneError, list_scenes
 from data.storage import open_fs, url_join
+from data.synthetic import MOTIONS
 from pipeline import instruct, job, stages
 
 DEFAULT_ROOT = "runs"
@@ -50,7 +52,8 @@ class ShardArgs:
     """Flags of pipeline/shard.py."""
 
     input: str = opt("", "corpus root (local path or s3://), one folder per scene; empty: build the "
-                         "embedded synthetic corpus under runs/synthetic")
+                         "embedded synthetic corpus under runs/synthetic (runs/synthetic_<motion>_fov<deg>[_objects] "
+                         "for other --synthetic-* settings)")
     format: str = opt("synthetic", "corpus layout; llava-json: LLaVA instruction data (pipeline/instruct.py)",
                       choices=sorted([*FORMATS, instruct.FORMAT]))
     output: str = opt(DEFAULT_OUTPUT, "output folder or s3:// prefix for shards, plan.json and manifest.json")
@@ -81,6 +84,11 @@ class ShardArgs:
     num_cpus: int = opt(0, "CPUs of the local in-process Ray (0: all); ignored when joining a cluster")
     synthetic_scenes: int = opt(8, "embedded default only: scenes in the synthetic corpus")
     synthetic_frames: int = opt(60, "embedded default only: frames per synthetic scene")
+    synthetic_motion: str = opt("walk", "embedded default only: camera motion of the synthetic rooms "
+                                        "(data/synthetic.py MOTIONS)", choices=list(MOTIONS))
+    synthetic_hfov: float = opt(70.0, "embedded default only: horizontal field of view of the rooms, degrees")
+    synthetic_objects: bool = opt(False, "embedded default only: also write per-pixel object ids (the probe's "
+                                         "look-alike subset)")
     mlflow: bool = opt(False, "record the job in MLflow (MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     experiment: str = opt("gasp", "MLflow experiment name")
     quiet: bool = opt(False, "no progress lines (the summary is still printed)")
@@ -103,6 +111,8 @@ class ShardArgs:
             raise ValueError("--retries and --num-cpus must be >= 0")
         if self.synthetic_scenes < 1 or self.synthetic_frames < 2:
             raise ValueError("--synthetic-scenes must be >= 1 and --synthetic-frames >= 2")
+        if not 10.0 <= self.synthetic_hfov <= 150.0:
+            raise ValueError(f"--synthetic-hfov must be in [10, 150] degrees (got {self.synthetic_hfov})")
         if self.media_root and self.format != instruct.FORMAT:
             raise ValueError(f"--media-root is only for --format {instruct.FORMAT}")
         if not 1 <= self.frames <= instruct.MAX_FRAMES:
@@ -162,11 +172,51 @@ def check_args(args: ShardArgs) -> None:
                        f"choose a folder you can write to") from None
 
 
+def synthetic_settings(args: ShardArgs) -> dict[str, Any]:
+    """What the embedded corpus's scenes are rendered with (besides their seeds)."""
+    return {"frames": args.synthetic_frames, "motion": args.synthetic_motion, "hfov": float(args.synthetic_hfov),
+            "objects": bool(args.synthetic_objects)}
+
+
+def default_corpus_root(args: ShardArgs) -> str:
+    """runs/synthetic for the default rendering; another motion, field of view or object ids render into a
+    folder of their own (runs/synthetic_<motion>_fov<deg>[_objects]), so each corpus keeps its own plan."""
+    st = synthetic_settings(args)
+    if (st["motion"], st["hfov"], st["objects"]) == ("walk", 70.0, False):
+        return os.path.abspath(DEFAULT_SYNTHETIC)
+    return os.path.abspath(f"{DEFAULT_SYNTHETIC}_{st['motion']}_fov{st['hfov']:g}{'_objects' if st['objects'] else ''}")
+
+
+def _rendered_with(cameras: dict[str, Any]) -> dict[str, Any]:
+    syn = cameras.get("synthetic") or {}
+    return {"frames": len(cameras.get("frames") or ()), "motion": syn.get("motion", "walk"),
+            "hfov": float(syn.get("hfov", 70.0)), "objects": "object_groups" in cameras}
+
+
 def default_corpus_todo(args: ShardArgs) -> tuple[str, list[str]]:
-    """The embedded default corpus (runs/synthetic): its root and the scenes still to render."""
-    root = os.path.abspath(DEFAULT_SYNTHETIC)
-    todo = [f"scene_{i:04d}" for i in range(args.synthetic_scenes)
-            if not os.path.exists(os.path.join(root, f"scene_{i:04d}", "cameras.json"))]  # written last
+    """The embedded default corpus (`default_corpus_root`): its root and the scenes still to render.
+
+    A scene already there that was rendered with other settings (frames, motion, field of view, object
+    ids) is refused in one line rather than reused."""
+    root = default_corpus_root(args)
+    want = synthetic_settings(args)
+    todo = []
+    for i in range(args.synthetic_scenes):
+        cam = os.path.join(root, f"scene_{i:04d}", "cameras.json")  # written last
+        if not os.path.exists(cam):
+            todo.append(f"scene_{i:04d}")
+            continue
+        try:
+            with open(cam) as f:
+                got = _rendered_with(json.load(f))
+        except (OSError, ValueError) as e:
+            raise JobError(f"{cam}: unreadable ({type(e).__name__}: {e}); delete {root} (the embedded corpus is "
+                           f"rendered again)") from None
+        diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+        if diff:
+            what = ", ".join(f"{k} {a} (asked {b})" for k, (a, b) in diff.items())
+            raise JobError(f"{os.path.dirname(cam)} was rendered with {what}: delete {root} to render it again, "
+                           f"or pass the --synthetic-* flags it was made with")
     return root, todo
 
 
@@ -174,11 +224,14 @@ def build_default_corpus(args: ShardArgs, root: str, todo: list[str]) -> None:
     """Render the missing synthetic scenes, one Ray task each (seed 1000 + i for scene i)."""
     from pipeline import ray_tasks
 
-    print(f"[synthetic] rendering {len(todo)} scenes x {args.synthetic_frames} frames into {root}", flush=True)
+    print(f"[synthetic] rendering {len(todo)} scenes x {args.synthetic_frames} frames ({args.synthetic_motion}, "
+          f"{args.synthetic_hfov:g} degrees{', object ids' if args.synthetic_objects else ''}) into {root}", flush=True)
     os.makedirs(root, exist_ok=True)
     prog = Progress("synthetic", len(todo), "scenes", args.quiet)
+    st = synthetic_settings(args)
     out = ray_tasks.run_tasks(ray_tasks.synthetic_task, todo,
-                              lambda n: (root, n, 1000 + int(n.split("_")[1]), args.synthetic_frames), prog,
+                              lambda n: (root, n, 1000 + int(n.split("_")[1]), st["frames"], st["motion"], st["hfov"],
+                                         st["objects"]), prog,
                               args.retries, label=lambda n: n, name="synthetic_scene")
     bad = [r for _, r, _ in out if not r.get("ok")]
     if bad:

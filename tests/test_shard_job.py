@@ -768,3 +768,32 @@ def test_embedded_default_without_arguments(tmp_path):
     assert m["complete"] and m["counts"]["scenes"] == 8 and m["counts"]["clips"] >= 40 and m["counts"]["pairs"] > 500
     assert "[ray] local Ray in this process" in p.stdout and "shard job summary" in p.stdout
     assert "[scan]" in p.stdout and "[write]" in p.stdout and "ETA" in p.stdout  # progress per stage
+
+
+def test_embedded_corpus_of_other_synthetic_settings_renders_apart_and_is_never_silently_reused(tmp_path):
+    """--synthetic-motion / --synthetic-hfov / --synthetic-objects render into a corpus folder of their own
+    (with object ids stored in the clips); a folder rendered with other settings is refused in one line."""
+    flags = ["--synthetic-scenes", "2", "--synthetic-frames", "12", "--synthetic-motion", "scan", "--synthetic-hfov",
+             "50", "--synthetic-objects", "--clip-frames", "3", "--clip-window", "8", "--clips-per-scene", "2",
+             "--max-side", "160", "--val-fraction", "0", "--num-cpus", "2", "--quiet"]
+    p = subprocess.run([sys.executable, SHARD, *flags], cwd=tmp_path, capture_output=True, text=True, timeout=400,
+                       start_new_session=True)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    root = tmp_path / "runs" / "synthetic_scan_fov50_objects"
+    cams = json.loads((root / "scene_0000" / "cameras.json").read_text())
+    assert cams["synthetic"]["motion"] == "scan" and cams["synthetic"]["hfov"] == 50.0 and "object_groups" in cams
+    assert not (tmp_path / "runs" / "synthetic").exists()
+    from data.shardformat import decode_sample
+    from data.stream import tar_samples
+
+    url = sorted(glob.glob(str(tmp_path / "runs" / "shards" / "train-*.tar")))[0]
+    clip = decode_sample(next(iter(tar_samples(url, lambda reason, msg: pytest.fail(msg)))))
+    assert clip.meta["objects"] is True and clip.objects is not None
+    bad = [("--synthetic-frames", "14")]
+    for flag, value in bad:
+        again = [*flags]
+        again[again.index(flag) + 1] = value
+        p = subprocess.run([sys.executable, SHARD, *again, "--output", str(tmp_path / "other")], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=200, start_new_session=True)
+        assert p.returncode == 2 and "was rendered with frames 12 (asked 14)" in p.stderr, p.stderr[-2000:]
+        assert len(p.stderr.strip().splitlines()) == 1
