@@ -257,10 +257,12 @@ def format_table(result: dict[str, Any]) -> str:
         b = result["best"][n]
         la = (b or {}).get("lookalike")
         if la:
-            lines.append(f"look-alike subset ({n}, layer {b['layer']}; anchors whose B shows a look-alike of their "
-                         f"object at another depth): {la['n_anchors']} of {la['of_anchors']} anchors with object ids"
-                         f"   PCK@2patch {_f(la['pck2patch'])}   chance {_f(la['chance2'])}   same-cell "
-                         f"{_f(la['same_cell_pck2patch'])}")
+            head_line = (f"look-alike subset ({n}, layer {b['layer']}; anchors whose B shows a look-alike of their "
+                         f"object at another depth): ")
+            lines.append(head_line + (f"{la['n_anchors']} of {la['of_anchors']} anchors with object ids   PCK@2patch "
+                                      f"{_f(la['pck2patch'])}   chance {_f(la['chance2'])}   same-cell "
+                                      f"{_f(la['same_cell_pck2patch'])}" if la["n_anchors"] else
+                                      f"none among the {la['of_anchors']} anchors with object ids"))
     for n in ("head", "raw"):
         b = result["best"][n]
         if b is None:

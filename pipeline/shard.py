@@ -84,8 +84,9 @@ class ShardArgs:
     num_cpus: int = opt(0, "CPUs of the local in-process Ray (0: all); ignored when joining a cluster")
     synthetic_scenes: int = opt(8, "embedded default only: scenes in the synthetic corpus")
     synthetic_frames: int = opt(60, "embedded default only: frames per synthetic scene")
-    synthetic_motion: str = opt("walk", "embedded default only: camera motion of the synthetic rooms "
-                                        "(data/synthetic.py MOTIONS)", choices=list(MOTIONS))
+    synthetic_motion: str = opt("walk", "embedded default only: camera motion of the synthetic rooms (data/synthetic.py "
+                                        f"MOTIONS: {', '.join(MOTIONS)}); a comma list cycles over the scenes "
+                                        "(e.g. scan,orbit: scene i gets the (i mod 2)-th)")
     synthetic_hfov: float = opt(70.0, "embedded default only: horizontal field of view of the rooms, degrees")
     synthetic_objects: bool = opt(False, "embedded default only: also write per-pixel object ids (the probe's "
                                          "look-alike subset)")
@@ -111,6 +112,10 @@ class ShardArgs:
             raise ValueError("--retries and --num-cpus must be >= 0")
         if self.synthetic_scenes < 1 or self.synthetic_frames < 2:
             raise ValueError("--synthetic-scenes must be >= 1 and --synthetic-frames >= 2")
+        bad = [m for m in self.synthetic_motion.split(",") if m not in MOTIONS]
+        if bad or not self.synthetic_motion:
+            raise ValueError(f"--synthetic-motion: unknown {', '.join(bad) or 'empty'}; choose from "
+                             f"{', '.join(MOTIONS)} (or a comma list of them)")
         if not 10.0 <= self.synthetic_hfov <= 150.0:
             raise ValueError(f"--synthetic-hfov must be in [10, 150] degrees (got {self.synthetic_hfov})")
         if self.media_root and self.format != instruct.FORMAT:
@@ -184,7 +189,14 @@ def default_corpus_root(args: ShardArgs) -> str:
     st = synthetic_settings(args)
     if (st["motion"], st["hfov"], st["objects"]) == ("walk", 70.0, False):
         return os.path.abspath(DEFAULT_SYNTHETIC)
-    return os.path.abspath(f"{DEFAULT_SYNTHETIC}_{st['motion']}_fov{st['hfov']:g}{'_objects' if st['objects'] else ''}")
+    motion = st["motion"].replace(",", "+")
+    return os.path.abspath(f"{DEFAULT_SYNTHETIC}_{motion}_fov{st['hfov']:g}{'_objects' if st['objects'] else ''}")
+
+
+def scene_motion(args: ShardArgs, i: int) -> str:
+    """The camera motion of embedded scene i (`--synthetic-motion`'s list, cycled)."""
+    motions = args.synthetic_motion.split(",")
+    return motions[i % len(motions)]
 
 
 def _rendered_with(cameras: dict[str, Any]) -> dict[str, Any]:
@@ -212,7 +224,8 @@ def default_corpus_todo(args: ShardArgs) -> tuple[str, list[str]]:
         except (OSError, ValueError) as e:
             raise JobError(f"{cam}: unreadable ({type(e).__name__}: {e}); delete {root} (the embedded corpus is "
                            f"rendered again)") from None
-        diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+        want_i = {**want, "motion": scene_motion(args, i)}
+        diff = {k: (got[k], want_i[k]) for k in want_i if got[k] != want_i[k]}
         if diff:
             what = ", ".join(f"{k} {a} (asked {b})" for k, (a, b) in diff.items())
             raise JobError(f"{os.path.dirname(cam)} was rendered with {what}: delete {root} to render it again, "
@@ -230,7 +243,8 @@ def build_default_corpus(args: ShardArgs, root: str, todo: list[str]) -> None:
     prog = Progress("synthetic", len(todo), "scenes", args.quiet)
     st = synthetic_settings(args)
     out = ray_tasks.run_tasks(ray_tasks.synthetic_task, todo,
-                              lambda n: (root, n, 1000 + int(n.split("_")[1]), st["frames"], st["motion"], st["hfov"],
+                              lambda n: (root, n, 1000 + int(n.split("_")[1]), st["frames"],
+                                         scene_motion(args, int(n.split("_")[1])), st["hfov"],
                                          st["objects"]), prog,
                               args.retries, label=lambda n: n, name="synthetic_scene")
     bad = [r for _, r, _ in out if not r.get("ok")]
@@ -251,6 +265,14 @@ def prepare(args: ShardArgs) -> tuple[stages.JobConfig, list[str], dict[str, Any
             raise JobError(f"--input is required with --format {args.format}")
         args.input, synthetic_todo = default_corpus_todo(args)
         os.makedirs(args.input, exist_ok=True)
+    else:
+        defaults = ShardArgs.__dataclass_fields__
+        given = [f"--{k.replace('_', '-')}" for k in ("synthetic_scenes", "synthetic_frames", "synthetic_motion",
+                                                      "synthetic_hfov", "synthetic_objects")
+                 if getattr(args, k) != defaults[k].default]
+        if given:
+            print(f"[shard] warning: {', '.join(given)} apply to the embedded synthetic corpus only; with --input "
+                  f"they are ignored", file=sys.stderr, flush=True)
     check_args(args)
     cfg = args.job_config(read_exclusions(args.exclude_scenes) if args.exclude_scenes else ())
     scenes, dropped = ([], []) if synthetic_todo else kept_scenes(list_scenes(cfg.input, cfg.format), cfg)

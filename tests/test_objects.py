@@ -234,6 +234,10 @@ def test_probe_reports_the_look_alike_subset(object_shards, tiny_shards, tmp_pat
     assert res["best"]["head"]["lookalike"]["pck2patch"] == 1.0
     table = open(tmp_path / "out" / "probe_table.txt").read()
     assert "look-alike subset (head" in table
+    from launch.probe_lib import format_table
+
+    res["best"]["head"]["lookalike"]["n_anchors"] = 0  # shards with ids but no look-alike anchor: said so
+    assert f"none among the {la['of_anchors']} anchors with object ids" in format_table(res)
     monkeypatch.undo()  # the real model on clips of 4 frames
     assert main(_flags(tiny_shards, tmp_path / "plain", "--no-head", "--split", "train")) == 0
     assert _load(tmp_path / "plain")["raw"]["lookalike"] is None

@@ -773,15 +773,16 @@ def test_embedded_default_without_arguments(tmp_path):
 def test_embedded_corpus_of_other_synthetic_settings_renders_apart_and_is_never_silently_reused(tmp_path):
     """--synthetic-motion / --synthetic-hfov / --synthetic-objects render into a corpus folder of their own
     (with object ids stored in the clips); a folder rendered with other settings is refused in one line."""
-    flags = ["--synthetic-scenes", "2", "--synthetic-frames", "12", "--synthetic-motion", "scan", "--synthetic-hfov",
+    flags = ["--synthetic-scenes", "2", "--synthetic-frames", "12", "--synthetic-motion", "scan,orbit", "--synthetic-hfov",
              "50", "--synthetic-objects", "--clip-frames", "3", "--clip-window", "8", "--clips-per-scene", "2",
              "--max-side", "160", "--val-fraction", "0", "--num-cpus", "2", "--quiet"]
     p = subprocess.run([sys.executable, SHARD, *flags], cwd=tmp_path, capture_output=True, text=True, timeout=400,
                        start_new_session=True)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
-    root = tmp_path / "runs" / "synthetic_scan_fov50_objects"
+    root = tmp_path / "runs" / "synthetic_scan+orbit_fov50_objects"
     cams = json.loads((root / "scene_0000" / "cameras.json").read_text())
     assert cams["synthetic"]["motion"] == "scan" and cams["synthetic"]["hfov"] == 50.0 and "object_groups" in cams
+    assert json.loads((root / "scene_0001" / "cameras.json").read_text())["synthetic"]["motion"] == "orbit"
     assert not (tmp_path / "runs" / "synthetic").exists()
     from data.shardformat import decode_sample
     from data.stream import tar_samples
@@ -797,3 +798,11 @@ def test_embedded_corpus_of_other_synthetic_settings_renders_apart_and_is_never_
                            capture_output=True, text=True, timeout=200, start_new_session=True)
         assert p.returncode == 2 and "was rendered with frames 12 (asked 14)" in p.stderr, p.stderr[-2000:]
         assert len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run([sys.executable, SHARD, "--input", str(root), "--synthetic-motion", "sweep", "--output",
+                        str(tmp_path / "x"), *flags[flags.index("--clip-frames"):]], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=200, start_new_session=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "--synthetic-motion apply to the embedded synthetic corpus only" in p.stderr, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, SHARD, "--synthetic-motion", "scan,spin"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=200)
+    assert p.returncode == 2 and "--synthetic-motion: unknown spin" in p.stderr, p.stderr[-2000:]
