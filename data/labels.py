@@ -196,6 +196,30 @@ def _group_median(groups: np.ndarray, values: np.ndarray, n_groups: int) -> tupl
     return med, count
 
 
+def _majority(ca: np.ndarray, cb: np.ndarray, keep: np.ndarray, n_a: int, n_b: int,
+              min_corr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The anchor rule on correspondences with cell ca (in [0, n_a)) of A and cb (in [0, n_b)) of B, rows
+    `keep`: (anchor cells of A ascending, their targets in B, rows in some anchor's majority, that anchor's
+    slot). Callers number several pairs' cells of A apart to decide them all in one pass."""
+    codes, counts = np.unique(ca[keep] * n_b + cb[keep], return_counts=True)  # sorted by (A, B)
+    cell_a, cell_b = codes // n_b, codes % n_b
+    total = np.bincount(ca[keep], minlength=n_a)  # correspondences per cell of A
+    order = np.lexsort((counts, cell_a))  # the most populated B cell of each A cell: its group's last
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = cell_a[order][1:] != cell_a[order][:-1]
+    best = order[last]
+    best_a, best_b, best_n = cell_a[best], cell_b[best], counts[best]
+    is_anchor = (total[best_a] >= min_corr) & (2 * best_n > total[best_a])
+    anchor_a, target_b = best_a[is_anchor], best_b[is_anchor]
+    slot_of = np.full(n_a, -1, dtype=np.int64)
+    slot_of[anchor_a] = np.arange(len(anchor_a))
+    idx = np.nonzero(keep)[0]
+    m = slot_of[ca[idx]]
+    hit = m >= 0
+    hit[hit] = target_b[m[hit]] == cb[idx[hit]]
+    return anchor_a.astype(np.int64), target_b.astype(np.int64), idx[hit], m[hit]
+
+
 def anchors(corr: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int], grid_a: CellGrid,
             grid_b: CellGrid, min_corr: int = MIN_CORR) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Anchor cells of A, their targets in B, and which correspondences are each anchor's majority.
@@ -208,28 +232,9 @@ def anchors(corr: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int], 
     ca, in_a = point_cells(corr[:, :2], size_a, grid_a)  # (N,)
     cb, in_b = point_cells(corr[:, 2:], size_b, grid_b)  # (N,)
     keep = in_a & in_b
-    Nb = grid_b.n_cells
-    pair = ca[keep] * Nb + cb[keep]  # (K,) joint code of (cell A, cell B)
-    codes, counts = np.unique(pair, return_counts=True)  # sorted codes, (U,)
-    cell_a, cell_b = codes // Nb, codes % Nb
-    total = np.bincount(ca[keep], minlength=grid_a.n_cells)  # (Na,) correspondences per cell of A
-    # the most populated B cell of each A cell: sort by (A cell, count), take each group's last
-    order = np.lexsort((counts, cell_a))
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = cell_a[order][1:] != cell_a[order][:-1]
-    best = order[last]  # (distinct A cells,) index into codes
-    best_a, best_b, best_n = cell_a[best], cell_b[best], counts[best]
-    is_anchor = (total[best_a] >= min_corr) & (2 * best_n > total[best_a])
-    anchor_a, target_b = best_a[is_anchor], best_b[is_anchor]  # ascending in A (codes were sorted)
-    # slot of each correspondence in its anchor's majority
-    slot_of_code = np.full(grid_a.n_cells, -1, dtype=np.int64)
-    slot_of_code[anchor_a] = np.arange(len(anchor_a))
+    anchor_a, target_b, idx, m = _majority(ca, cb, keep, grid_a.n_cells, grid_b.n_cells, min_corr)
     majority = np.full(len(corr), -1, dtype=np.int64)
-    idx = np.nonzero(keep)[0]
-    m = slot_of_code[ca[idx]]  # (K,)
-    hit = (m >= 0)
-    hit[hit] = target_b[m[hit]] == cb[idx[hit]]
-    majority[idx[hit]] = m[hit]
+    majority[idx] = m
     return anchor_a.astype(np.int64), target_b.astype(np.int64), majority
 
 
@@ -366,24 +371,8 @@ def clip_labels(sample, grids: list[CellGrid], pairs: list[tuple[int, int]] | No
             cb[b] = point_cells(corr[b, 4:6], sample.size(k), grids[k])[0]
     keep = (ca >= 0) & (cb >= 0)
     NA = NB = max(g.n_cells for g in grids)
-    group = slot * NA + ca  # (R,) the pair's cell of A, numbered apart per pair
-    codes, counts = np.unique(group[keep] * NB + cb[keep], return_counts=True)  # sorted by (pair, A, B)
-    g_a, g_b = codes // NB, codes % NB
-    total = np.bincount(group[keep], minlength=P * NA)  # correspondences per (pair, cell of A)
-    order = np.lexsort((counts, g_a))  # the most populated B cell of each (pair, A cell): its group's last
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = g_a[order][1:] != g_a[order][:-1]
-    best = order[last]
-    best_g, best_b, best_n = g_a[best], g_b[best], counts[best]
-    is_anchor = (total[best_g] >= min_corr) & (2 * best_n > total[best_g])
-    anc_g, anc_b = best_g[is_anchor], best_b[is_anchor]  # ascending: by pair, then cell of A
-    slot_of_g = np.full(P * NA, -1, dtype=np.int64)
-    slot_of_g[anc_g] = np.arange(len(anc_g))
-    idx = np.nonzero(keep)[0]
-    m = slot_of_g[group[idx]]
-    hit = m >= 0
-    hit[hit] = anc_b[m[hit]] == cb[idx[hit]]
-    maj, maj_slot = idx[hit], m[hit]  # rows of some anchor's majority, and that anchor
+    group = np.where(keep, slot * NA + ca, -1)  # (R,) the pair's cell of A, numbered apart per pair
+    anc_g, anc_b, maj, maj_slot = _majority(group, cb, keep, P * NA, NB, min_corr)  # by pair, then cell of A
     # z_b: A's pixel with A's stored depth, to the world by A's pose, into B's camera
     z = np.zeros(len(maj))
     has = np.zeros(len(maj), dtype=bool)
