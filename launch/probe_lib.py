@@ -513,7 +513,12 @@ def lm_retention(plan: Plan, loaded: Loaded, emit: Callable[[str], None]) -> dic
     args = plan.args
     if not plan.lm_sources:
         return None
-    stream = SampleStream(plan.lm_sources, loaded.adapter, batch_size=args.batch_size, rank=0, world_size=1,
+    from data.stream import resolve_source
+
+    # a held-out set smaller than one batch is still scored, in one smaller batch
+    held_out = sum(resolve_source(s, args.split).n_samples for s in plan.lm_sources)
+    stream = SampleStream(plan.lm_sources, loaded.adapter, batch_size=max(1, min(args.batch_size, held_out)),
+                          rank=0, world_size=1,
                           num_workers=0, seed=0, split=args.split, batches_per_epoch=args.lm_batches or None,
                           video_frames=args.video_frames)
     total = n = correct = 0.0

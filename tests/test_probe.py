@@ -453,6 +453,19 @@ def test_lm_retention_on_held_out_conversations_equals_the_models_own_loss(tiny_
     assert lm["loss"] == pytest.approx(total / n, rel=1e-5)
 
 
+def test_lm_retention_scores_a_held_out_set_smaller_than_one_batch(tiny_shards, tiny_instruct_shards, tmp_path):
+    """--batch-size above the number of val conversations: all of them are scored in one smaller batch (it
+    failed with a traceback: 'N samples make no full batch')."""
+    from data.stream import resolve_source
+
+    held_out = resolve_source(tiny_instruct_shards, "val").n_samples
+    out = tmp_path / "out"
+    assert main(_flags(tiny_shards, out, "--no-head", "--max-clips", "2", "--batch-size", str(held_out + 5),
+                       "--lm-shards", tiny_instruct_shards)) == 0
+    lm = _load(out)["lm_retention"]
+    assert lm["samples"] == held_out and lm["tokens"] > 0
+
+
 def test_lm_shards_of_clips_fail_in_one_line(tiny_shards, tmp_path, capsys, no_model_build):
     assert main(_flags(tiny_shards, tmp_path / "out", "--lm-shards", tiny_shards)) == 2
     line = _one_line_error(capsys)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -27,3 +29,75 @@ def test_results_file_summarises_the_committed_probe_files():
         assert summarise(json.load(open(os.path.join(d, f"probe-{name}.json")))) == summary, name
     # three seeds for the main result, the two ablations
     assert set(results["runs"]) == {"main-s0", "main-s1", "main-s2", "no-depth", "last-layer"}
+
+
+# ----------------------------------------------------------------------------- v2 (launch/reproduce2.py)
+
+V2 = os.path.join(ROOT, "docs", "reproduction", "v2")
+
+
+def test_v2_tables_come_from_the_committed_results_file():
+    out = subprocess.run([sys.executable, "-m", "launch.reproduce2", "--report", os.path.join(V2, "results.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    doc = open(os.path.join(ROOT, "REPRODUCTION.md")).read()
+    embedded = doc.split("<!-- v2:tables:begin -->\n", 1)[1].split("\n<!-- v2:tables:end -->", 1)[0]
+    assert embedded.strip() == out.stdout.strip()
+
+
+def test_v2_results_summarise_the_committed_probe_files_of_the_default_command():
+    """Every run's summary is recomputed from its committed val and test probe.json; the results were made by
+    the plain command (`python -m launch.reproduce2`, every setting at its default) with every run."""
+    from dataclasses import asdict
+
+    from launch.reproduce2 import RUNS, Repro2Args, summarise_pair
+
+    results = json.load(open(os.path.join(V2, "results.json")))
+    defaults = asdict(Repro2Args())
+    assert {k: v for k, v in results["config"].items() if k != "output"} == \
+        {k: v for k, v in defaults.items() if k != "output"}
+    assert set(results["runs"]) == set(RUNS)
+
+    def load(name, split):
+        return json.load(open(os.path.join(V2, f"probe-{name}-{split}.json")))
+
+    assert summarise_pair(load("start", "val"), load("start", "test")) == results["untrained"]
+    for name, summary in results["runs"].items():
+        assert summarise_pair(load(name, "val"), load(name, "test")) == summary, name
+        # each test probe reports the layer its own val probe chose
+        assert summary["head_layer"] == summary["val_layer"]["head"], name
+
+
+def test_v2_figure_is_drawn_from_the_committed_probe_files(tmp_path):
+    import shutil
+
+    for name in ("start", "corr-only", "full-s0"):
+        shutil.copy(os.path.join(V2, f"probe-{name}-test.json"), tmp_path)
+    out = subprocess.run([sys.executable, "-m", "launch.reproduce2", "--figure", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert os.path.getsize(tmp_path / "three_panels.png") > 10_000
+    assert os.path.isfile(os.path.join(V2, "three_panels.png"))
+
+
+@pytest.mark.parametrize("flags,want", [
+    (["--runs", "full-s0,bogus"], "--runs: unknown bogus"),
+    (["--scenes", "4"], "leaves a split without scenes"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--report", "/nonexistent/results.json"], "no such file"),
+])
+def test_v2_bad_flags_fail_in_one_line(flags, want):
+    out = subprocess.run([sys.executable, "-m", "launch.reproduce2", *flags], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2
+    assert want in out.stderr and "Traceback" not in out.stderr
+
+
+def test_v2_refuses_a_work_folder_of_other_settings(tmp_path):
+    """Results made under other settings are never reused: the command refuses before any work."""
+    (tmp_path / "repro2_args.json").write_text(json.dumps({"steps": 1}))
+    out = subprocess.run([sys.executable, "-m", "launch.reproduce2", "--output", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "holds results of other settings" in out.stderr and "steps 1 -> 450" in out.stderr
+    assert sorted(os.listdir(tmp_path)) == ["repro2_args.json"]
