@@ -38,11 +38,12 @@ if __package__ in (None, ""):
 import json
 import shutil
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 
 from data.cli import opt, parse_into
-from launch.demo import ROOT, _free_port, claim_folder, run
+from launch.demo import ROOT, _free_port, check_run_sizes, claim_folder, run
 
 GEOMETRY = ("corr-only", "full-s0", "full-s1", "full-s2", "last-layer", "linear")
 RUNS = {
@@ -95,8 +96,8 @@ class Repro2Args:
         unknown = [r for r in self.runs.split(",") if r and r not in RUNS]
         if unknown:
             raise ValueError(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-        for flag in ("scenes", "frames", "clips_per_scene", "clip_frames", "clip_window", "rooms", "start_steps",
-                     "steps", "batch_size", "ranks"):
+        check_run_sizes(self)  # the size flags the demo and v1 share
+        for flag in ("clip_window", "rooms", "start_steps"):
             if getattr(self, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(self, flag)})")
         if self.clip_frames < 2:
@@ -107,8 +108,6 @@ class Repro2Args:
                              f"{self.test_fraction} leaves a split without scenes; raise --scenes or the fractions")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0 (got {self.lr})")
-        if self.max_pixels < 56 * 56:
-            raise ValueError(f"--max-pixels must be >= {56 * 56} (2x2 cells; got {self.max_pixels})")
 
 
 # ----------------------------------------------------------------------------- summaries of probe.json
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                str(args.clips_per_scene), "--val-fraction", str(args.val_fraction), "--test-fraction",
                str(args.test_fraction), "--samples-per-shard", "16", "--no-mlflow", "--quiet"]
         print("$ (cd " + out + ") " + " ".join(cmd), flush=True)
-        rc = __import__("subprocess").run(cmd, env=env, cwd=out).returncode
+        rc = subprocess.run(cmd, env=env, cwd=out).returncode
         if rc != 0:
             raise SystemExit(f"python -m launch.reproduce2: error: the clip shard job failed (exit {rc})")
         timed("clip_shards", t0)
