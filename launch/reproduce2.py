@@ -4,6 +4,9 @@
     python -m launch.reproduce2 --report FILE      # REPRODUCTION.md's v2 tables from a results file
     python -m launch.reproduce2 --figure FOLDER    # the three-panel figure from the probe files in FOLDER
 
+The pretrained part (the assembled DINOv2 + SmolLM2 VLM before and after GASP, on these same clips) is
+launch/reproduce2_pretrained.py; it shares Repro2Data, build_data, train_cmd and probe_splits with this file.
+
 Data: the shard job's embedded synthetic corpus with `--synthetic-motion scan,orbit` (lateral scans
 past look-alike furniture alternating with orbits around the room), a 50 degree field of view,
 per-pixel object ids (`--synthetic-objects`, so the probe reports the look-alike subset) and
@@ -61,10 +64,9 @@ LM_RUNS = ("start", "sft-only", "joint")
 
 
 @dataclass
-class Repro2Args:
-    output: str = opt(os.path.join("runs", "repro2"), "work folder")
-    report: str = opt("", "only print the markdown tables of this results.json")
-    figure: str = opt("", "only draw the three-panel figure from the probe-*.json files in this folder")
+class Repro2Data:
+    """The data settings both parts share (the pretrained part, launch/reproduce2_pretrained.py, reads the same
+    clips by default)."""
     scenes: int = opt(32, "synthetic scenes (split by scene into train / val / test)")
     frames: int = opt(60, "frames per scene")
     motion: str = opt("scan,orbit", "camera motions, cycled over the scenes (data/synthetic.py MOTIONS)")
@@ -76,6 +78,27 @@ class Repro2Args:
     val_fraction: float = opt(0.125, "fraction of the scenes in val (chooses the layer)")
     test_fraction: float = opt(0.375, "fraction of the scenes in test (reports)")
     rooms: int = opt(60, "rooms of the generated instruction set")
+
+    def check_data(self) -> None:
+        """ValueError (one line) naming the data flag that is out of range."""
+        if self.scenes < 2:
+            raise ValueError("--scenes must be >= 2 (one is held out)")
+        for flag in ("frames", "clips_per_scene", "clip_window", "rooms"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(self, flag)})")
+        if self.clip_frames < 2:
+            raise ValueError(f"--clip-frames must be >= 2 (got {self.clip_frames})")
+        if round(self.scenes * self.val_fraction) < 1 or round(self.scenes * self.test_fraction) < 1 or \
+                self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"--scenes {self.scenes} with --val-fraction {self.val_fraction} and --test-fraction "
+                             f"{self.test_fraction} leaves a split without scenes; raise --scenes or the fractions")
+
+
+@dataclass
+class Repro2Args(Repro2Data):
+    output: str = opt(os.path.join("runs", "repro2"), "work folder")
+    report: str = opt("", "only print the markdown tables of this results.json")
+    figure: str = opt("", "only draw the three-panel figure from the probe-*.json files in this folder")
     start_steps: int = opt(150, "L_LM-only steps of the starting checkpoint")
     steps: int = opt(450, "training steps of every geometry run (joint: twice as many)")
     batch_size: int = opt(4, "samples per micro-batch per rank")
@@ -87,27 +110,26 @@ class Repro2Args:
     fresh: bool = opt(False, "delete the work folder first (a folder made with other settings is refused)")
 
     def __post_init__(self) -> None:
-        for flag in ("report", "figure"):
-            path = getattr(self, flag)
-            if path and not os.path.exists(path):
-                raise ValueError(f"--{flag} {path}: no such file or folder")
-        if self.report or self.figure:
+        if check_paths(self):
             return
         unknown = [r for r in self.runs.split(",") if r and r not in RUNS]
         if unknown:
             raise ValueError(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
         check_run_sizes(self)  # the size flags the demo and v1 share
-        for flag in ("clip_window", "rooms", "start_steps"):
-            if getattr(self, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(self, flag)})")
-        if self.clip_frames < 2:
-            raise ValueError(f"--clip-frames must be >= 2 (got {self.clip_frames})")
-        if round(self.scenes * self.val_fraction) < 1 or round(self.scenes * self.test_fraction) < 1 or \
-                self.val_fraction + self.test_fraction >= 1:
-            raise ValueError(f"--scenes {self.scenes} with --val-fraction {self.val_fraction} and --test-fraction "
-                             f"{self.test_fraction} leaves a split without scenes; raise --scenes or the fractions")
+        if self.start_steps < 1:
+            raise ValueError(f"--start-steps must be >= 1 (got {self.start_steps})")
+        self.check_data()
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0 (got {self.lr})")
+
+
+def check_paths(args) -> bool:
+    """--report / --figure must name something that exists; True when one is given (nothing else runs)."""
+    for flag in ("report", "figure"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            raise ValueError(f"--{flag} {path}: no such file or folder")
+    return bool(args.report or args.figure)
 
 
 # ----------------------------------------------------------------------------- summaries of probe.json
@@ -160,58 +182,44 @@ def summarise_pair(val: dict, test: dict) -> dict:
 # ----------------------------------------------------------------------------- the runs
 
 
-def _train_cmd(py: str, args: Repro2Args, name: str, out_dir: str, shards: list[str], steps: int, seed: int,
-               extra: list[str]) -> list[str]:
-    return [os.path.join(os.path.dirname(py), "deepspeed"), "--num_gpus", str(args.ranks), "--master_port",
-            str(_free_port()), os.path.join(ROOT, "launch", "train.py"), "--ds_config",
-            os.path.join(ROOT, "launch", "zero3.json"), "--shards", *shards, "--max-pixels", str(args.max_pixels),
-            "--steps", str(steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps",
-            str(max(1, steps // 20)), "--val-every", "0", "--val-batches", "8", "--log-every", "50", "--save-every",
-            str(max(50, steps // 2)), "--run-name", f"repro2-{name}", "--output-dir", out_dir, "--experiment",
-            args.experiment, "--no-build-shards", "--seed", str(seed), "--data-seed", str(seed), "--trainable",
-            "full", "--no-freeze-vision", *extra]
+class WorkFolder:
+    """A reproduction's work folder (args.output): emptied first with args.fresh, claimed for the settings of
+    `args` less `ignore` (another command's settings are refused in one line, exit 2, before any work), and
+    its results.json, started from `empty` or the earlier run's, saved atomically with each step's seconds."""
+
+    def __init__(self, args, record: str, ignore: tuple[str, ...], empty: dict, prog: str) -> None:
+        self.out = os.path.abspath(args.output)
+        if args.fresh and os.path.isdir(self.out):
+            shutil.rmtree(self.out)
+        os.makedirs(self.out, exist_ok=True)
+        settings = {k: v for k, v in asdict(args).items() if k not in ignore}
+        refused = claim_folder(os.path.join(self.out, record), settings)
+        if refused:
+            print(f"{prog}: error: {self.out} holds results of other settings ({refused}); pass --fresh to start "
+                  f"over there, or --output another folder", file=sys.stderr)
+            raise SystemExit(2)
+        self.env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
+        self.path = os.path.join(self.out, "results.json")
+        self.results = json.load(open(self.path)) if os.path.isfile(self.path) else empty
+        self.results["config"] = asdict(args)
+
+    def save(self) -> None:
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(self.results, f, indent=1)
+        os.replace(self.path + ".tmp", self.path)
+
+    def timed(self, key: str, t0: float) -> None:
+        self.results["timing_s"][key] = round(time.time() - t0, 1)
+        self.save()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_into(Repro2Args, argv, "python -m launch.reproduce2",
-                      "GASP reproduction v2: clips with real motion, look-alikes, joint training (synthetic).")
-    if args.report:
-        print(report(json.load(open(args.report))))
-        return 0
-    if args.figure:
-        print(figure(args.figure, os.path.join(args.figure, "three_panels.png")))
-        return 0
+def build_data(args: Repro2Data, out: str, env: dict, timed, prog: str) -> tuple[str, str]:
+    """The clip shards (the shard job's embedded corpus under the --synthetic-* settings of `args`) and the
+    instruction shards (the generated instruction set), in out/shards and out/sft; kept when they exist.
+    `timed(key, t0)` records each step's seconds. Returns (clips, sft)."""
     from data import synthetic_instruct
-    from launch.probe_lib import ProbeArgs, ProbeError, run_probe
 
-    out = os.path.abspath(args.output)
-    if args.fresh and os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-    settings = {k: v for k, v in asdict(args).items() if k not in ("report", "figure", "runs", "experiment", "fresh")}
-    refused = claim_folder(os.path.join(out, "repro2_args.json"), settings)
-    if refused:
-        print(f"python -m launch.reproduce2: error: {out} holds results of other settings ({refused}); pass --fresh "
-              f"to start over there, or --output another folder", file=sys.stderr)
-        return 2
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
     py = sys.executable
-    t_start = time.time()
-    res_path = os.path.join(out, "results.json")
-    results: dict = {"runs": {}, "timing_s": {}}
-    if os.path.isfile(res_path):
-        results = json.load(open(res_path))
-    results["config"] = asdict(args)
-
-    def save() -> None:
-        with open(res_path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(res_path + ".tmp", res_path)
-
-    def timed(key: str, t0: float) -> None:
-        results["timing_s"][key] = round(time.time() - t0, 1)
-        save()
-
     # 1. clip shards: the shard job's embedded corpus under other --synthetic-* settings, rendered in `out`
     clips, sft = os.path.join(out, "shards"), os.path.join(out, "sft")
     if not os.path.isfile(os.path.join(clips, "manifest.json")):
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         print("$ (cd " + out + ") " + " ".join(cmd), flush=True)
         rc = subprocess.run(cmd, env=env, cwd=out).returncode
         if rc != 0:
-            raise SystemExit(f"python -m launch.reproduce2: error: the clip shard job failed (exit {rc})")
+            raise SystemExit(f"{prog}: error: the clip shard job failed (exit {rc})")
         timed("clip_shards", t0)
     # 2. instruction shards of the generated instruction set
     if not os.path.isfile(os.path.join(sft, "manifest.json")):
@@ -238,34 +246,82 @@ def main(argv: list[str] | None = None) -> int:
              "16", "--no-mlflow", "--quiet"], env)
         timed("instruct_shards", t0)
 
+    return clips, sft
+
+
+def probe_splits(out: str, name: str, model: str, clips: str, lm_shards: list[str], prog: str, run_prefix: str,
+                 **kw) -> tuple[dict, dict]:
+    """`launch/probe.py` of one model on val (chooses the layer; LM retention on `lm_shards` when given) and then
+    on test at the layer val chose, into out/probe/<name>_<split>; a probe whose probe.json exists is kept.
+    `kw`: further ProbeArgs. Returns the two probe.json dicts."""
+    from launch.probe_lib import ProbeArgs, ProbeError, run_probe
+
+    paths = {}
+    for split in ("val", "test"):
+        folder = os.path.join(out, "probe", f"{name}_{split}")
+        paths[split] = os.path.join(folder, "probe.json")
+        if os.path.isfile(paths[split]):
+            continue
+        args = dict(model=model, shards=[clips], split=split, batch_size=4, output=folder,
+                    run_name=f"{run_prefix}-{name}-{split}", **kw)
+        if split == "test":
+            args["layer_from"] = paths["val"]
+        elif lm_shards:
+            args["lm_shards"] = lm_shards
+        try:
+            run_probe(ProbeArgs(**args))
+        except ProbeError as e:
+            raise SystemExit(f"{prog}: error: probe {name} ({split}): {e}") from None
+    return json.load(open(paths["val"])), json.load(open(paths["test"]))
+
+
+def train_cmd(*, ranks: int, run_name: str, out_dir: str, shards: list[str], steps: int, batch_size: int,
+              lr: float, seed: int, experiment: str, extra: list[str]) -> list[str]:
+    """`deepspeed launch/train.py` (ZeRO-3) of one reproduction run: no validation during training, a
+    checkpoint halfway, the export at the end."""
+    return [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(ranks), "--master_port",
+            str(_free_port()), os.path.join(ROOT, "launch", "train.py"), "--ds_config",
+            os.path.join(ROOT, "launch", "zero3.json"), "--shards", *shards, "--steps", str(steps), "--batch-size",
+            str(batch_size), "--lr", str(lr), "--warmup-steps", str(max(1, steps // 20)), "--val-every", "0",
+            "--val-batches", "8", "--log-every", "50", "--save-every", str(max(50, steps // 2)), "--run-name",
+            run_name, "--output-dir", out_dir, "--experiment", experiment, "--no-build-shards", "--seed", str(seed),
+            "--data-seed", str(seed), *extra]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_into(Repro2Args, argv, "python -m launch.reproduce2",
+                      "GASP reproduction v2: clips with real motion, look-alikes, joint training (synthetic).")
+    if args.report:
+        print(report(json.load(open(args.report))))
+        return 0
+    if args.figure:
+        print(figure(args.figure, os.path.join(args.figure, "three_panels.png")))
+        return 0
+    work = WorkFolder(args, "repro2_args.json", ("report", "figure", "runs", "experiment", "fresh"),
+                      {"runs": {}, "timing_s": {}}, "python -m launch.reproduce2")
+    out, env, results, save, timed = work.out, work.env, work.results, work.save, work.timed
+    clips, sft = build_data(args, out, env, timed, "python -m launch.reproduce2")
+
     def probe(name: str, model: str, heads: str | None, lm: bool) -> dict:
-        """Val probe (layer choice, LM retention) then test probe at the val layer; returns the test summary."""
-        paths = {}
-        for split in ("val", "test"):
-            folder = os.path.join(out, "probe", f"{name}_{split}")
-            paths[split] = os.path.join(folder, "probe.json")
-            if os.path.isfile(paths[split]):
-                continue
-            kw = dict(model=model, shards=[clips], split=split, max_pixels=args.max_pixels, batch_size=4,
-                      output=folder, run_name=f"repro2-probe-{name}-{split}", experiment=args.experiment)
-            if heads:
-                kw["heads"] = heads
-            if split == "test":
-                kw["layer_from"] = paths["val"]
-            elif lm:
-                kw["lm_shards"] = [sft]
-            try:
-                run_probe(ProbeArgs(**kw))
-            except ProbeError as e:
-                raise SystemExit(f"python -m launch.reproduce2: error: probe {name} ({split}): {e}") from None
-        return summarise_pair(json.load(open(paths["val"])), json.load(open(paths["test"])))
+        """Val probe (layer choice, LM retention) then test probe at the val layer; returns the test summary.
+        Timed only when a probe ran (a rerun that keeps both keeps their earlier time)."""
+        t0, done = time.time(), os.path.isfile(os.path.join(out, "probe", f"{name}_test", "probe.json"))
+        val, test = probe_splits(out, name, model, clips, [sft] if lm else [], "python -m launch.reproduce2",
+                                 max_pixels=args.max_pixels, run_prefix="repro2-probe",
+                                 experiment=args.experiment, **({"heads": heads} if heads else {}))
+        if not done:
+            timed(f"probe_{name}", t0)
+        return summarise_pair(val, test)
 
     def train(name: str, shards: list[str], steps: int, seed: int, extra: list[str], model: str | None) -> str:
         d = os.path.join(out, "train", name)
         if not os.path.isfile(os.path.join(d, "export", "model", "config.json")):
             src = ["--model", model] if model else ["--preset", "tiny"]
             t0 = time.time()
-            run(_train_cmd(py, args, name, d, shards, steps, seed, [*src, *extra]), env)
+            run(train_cmd(ranks=args.ranks, run_name=f"repro2-{name}", out_dir=d, shards=shards, steps=steps,
+                          batch_size=args.batch_size, lr=args.lr, seed=seed, experiment=args.experiment,
+                          extra=["--max-pixels", str(args.max_pixels), "--trainable", "full", "--no-freeze-vision",
+                                 *src, *extra]), env)
             timed(f"train_{name}", t0)
         return os.path.join(d, "export")
 
@@ -273,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     start = train("start", [sft], args.start_steps, 0,
                   ["--lambda-lm", "1", "--lambda-corr", "0", "--lambda-depth", "0"], None)
     start_model = os.path.join(start, "model")
-    t0 = time.time()
     results["untrained"] = probe("start", start_model, None, lm=True)
-    timed("probe_start", t0)
     for name in [r for r in args.runs.split(",") if r]:
         spec = RUNS[name]
         extra = ["--lambda-lm", str(spec["lambda_lm"])]
@@ -285,15 +339,19 @@ def main(argv: list[str] | None = None) -> int:
         shards = {"clips": [clips], "sft": [sft], "mix": [f"{clips}:1", f"{sft}:1"]}[spec["data"]]
         steps = args.steps * (2 if spec["data"] == "mix" else 1)
         export = train(name, shards, steps, spec["seed"], extra, start_model)
-        t0 = time.time()
         results["runs"][name] = probe(name, os.path.join(export, "model"), export, lm=name in LM_RUNS)
-        timed(f"probe_{name}", t0)
+        save()
     results["timing_s"].pop("total", None)
     results["timing_s"]["total"] = round(sum(results["timing_s"].values()), 1)
     save()
-    print(figure(os.path.join(out, "probe"), os.path.join(out, "three_panels.png")))
+    missing = [name for _, name in FIGURE_RUNS if name != "start" and name not in results["runs"]]
+    if missing:
+        print(f"no three-panel figure: it draws untrained vs L_corr only vs full (seed 0), and --runs left out "
+              f"{', '.join(missing)}")
+    else:
+        print(figure(os.path.join(out, "probe"), os.path.join(out, "three_panels.png")))
     print(report(results))
-    print(f"\nresults: {res_path}")
+    print(f"\nresults: {work.path}")
     return 0
 
 
@@ -335,12 +393,12 @@ def _ms(xs) -> tuple[float | None, float | None]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def _best(r: dict, key: str):
-    return (r.get("head_best") or {}).get(key)
+def _best(r: dict, key: str, kind: str = "head"):
+    return (r.get(f"{kind}_best") or {}).get(key)
 
 
-def _rob(r: dict) -> str:
-    b = r.get("head_best") or {}
+def _rob(r: dict, kind: str = "head") -> str:
+    b = r.get(f"{kind}_best") or {}
     if b.get("robustness") is not None:
         return f"{b['robustness']:.3f} (dt {b.get('robustness_dt')})"
     tail = (f"; at dt {b['largest_dt']}, the largest measured: {b['largest_dt_normalised']:.3f} "
@@ -348,8 +406,8 @@ def _rob(r: dict) -> str:
     return f"null: {b.get('robustness_null')}{tail}"
 
 
-def _look(r: dict) -> str:
-    look = _best(r, "lookalike") or {}
+def _look(r: dict, kind: str = "head") -> str:
+    look = _best(r, "lookalike", kind) or {}
     if not look.get("n_anchors"):
         return "none"
     return f"{_f(look.get('pck2patch'))} ({look['n_anchors']})"
