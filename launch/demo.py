@@ -101,11 +101,12 @@ class Stage:
         print(f"\n=== [{self.i}/{self.n}] {title}  (demo time {time.time() - self.t0:.0f}s)", flush=True)
 
 
-def run(cmd: list[str], env: dict | None = None) -> None:
+def run(cmd: list[str], env: dict | None = None, prog: str = "demo") -> None:
+    """Print and run one step; a failure ends `prog` (the command the user ran) in one line naming the step."""
     print("$ " + " ".join(cmd), flush=True)
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
-        raise SystemExit(f"demo: step failed (exit {rc}): {' '.join(cmd)}")
+        raise SystemExit(f"{prog}: step failed (exit {rc}): {' '.join(cmd)}")
 
 
 def comparison_table(before: dict, after: dict) -> str:

@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[repro] corpus {i + 1}/{args.scenes} scenes ({time.time() - t_start:.0f}s)", flush=True)
     run([py, os.path.join(ROOT, "pipeline", "shard.py"), "--input", corpus, "--format", "synthetic", "--output",
          shards, "--clip-frames", str(args.clip_frames), "--clip-window", str(args.clip_window), "--clips-per-scene",
-         str(args.clips_per_scene), "--val-fraction", "0.25", "--samples-per-shard", "16", "--quiet"], env)
+         str(args.clips_per_scene), "--val-fraction", "0.25", "--samples-per-shard", "16", "--quiet"], env,
+        "python -m launch.reproduce")
     common = dict(shards=[shards], max_pixels=args.max_pixels, experiment=args.experiment, batch_size=4)
     results: dict = {"config": asdict(args), "runs": {}, "timing_s": {}}
     res_path = os.path.join(out, "results.json")
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--head-layers", spec["head_layers"]]
         t0 = time.time()
         if not os.path.isdir(os.path.join(train_dir, "export", "model")):
-            run(cmd, env)
+            run(cmd, env, "python -m launch.reproduce")
             results["timing_s"][f"train_{name}"] = round(time.time() - t0, 1)
         export = os.path.join(train_dir, "export")
         t0 = time.time()

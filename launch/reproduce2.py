@@ -243,7 +243,7 @@ def build_data(args: Repro2Data, out: str, env: dict, timed, prog: str) -> tuple
                                                 video_frames=16)
         run([py, os.path.join(ROOT, "pipeline", "shard.py"), "--format", "llava-json", "--input", info["annotations"],
              "--media-root", data, "--output", sft, "--frames", "8", "--val-fraction", "0.25", "--samples-per-shard",
-             "16", "--no-mlflow", "--quiet"], env)
+             "16", "--no-mlflow", "--quiet"], env, prog)
         timed("instruct_shards", t0)
 
     return clips, sft
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             run(train_cmd(ranks=args.ranks, run_name=f"repro2-{name}", out_dir=d, shards=shards, steps=steps,
                           batch_size=args.batch_size, lr=args.lr, seed=seed, experiment=args.experiment,
                           extra=["--max-pixels", str(args.max_pixels), "--trainable", "full", "--no-freeze-vision",
-                                 *src, *extra]), env)
+                                 *src, *extra]), env, "python -m launch.reproduce2")
             timed(f"train_{name}", t0)
         return os.path.join(d, "export")
 

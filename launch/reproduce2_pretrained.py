@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(model, "config.json")):
         t0 = time.time()
         run([sys.executable, os.path.join(ROOT, "launch", "assemble.py"), "--out", model, "--image-size",
-             str(args.image_size), "--lm-layers", str(args.lm_layers), "--vision-layer", str(args.vision_layer)], env)
+             str(args.image_size), "--lm-layers", str(args.lm_layers), "--vision-layer", str(args.vision_layer)], env, PROG)
         timed("assemble", t0)
 
     def train(name: str, shards: list[str], steps: int, lr: float, extra: list[str], src: str) -> str:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             run(train_cmd(ranks=1, run_name=f"repro2-pretrained-{name}", out_dir=d, shards=shards, steps=steps,
                           batch_size=args.batch_size, lr=lr, seed=0, experiment=args.experiment,
-                          extra=["--model", src, "--video-frames", str(args.video_frames), *extra]), env)
+                          extra=["--model", src, "--video-frames", str(args.video_frames), *extra]), env, PROG)
             timed(f"train_{name}", t0)
         return os.path.join(d, "export")
 

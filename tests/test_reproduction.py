@@ -183,3 +183,16 @@ def test_v2_pretrained_refuses_a_work_folder_of_other_settings(tmp_path):
     assert out.returncode == 2
     assert "holds results of other settings" in out.stderr and "steps 1 -> 120" in out.stderr
     assert sorted(os.listdir(tmp_path)) == ["repro2_pretrained_args.json"]
+
+
+def test_a_failed_step_names_the_command_the_user_ran():
+    """The reproductions share the demo's step runner: a failing step ends the command in one line that
+    names that command (not "demo") and the step."""
+    from launch.demo import run
+
+    with pytest.raises(SystemExit) as e:
+        run([sys.executable, "-c", "import sys; sys.exit(3)"], prog="python -m launch.reproduce2_pretrained")
+    assert str(e.value).startswith("python -m launch.reproduce2_pretrained: step failed (exit 3): ")
+    with pytest.raises(SystemExit) as e:
+        run([sys.executable, "-c", "import sys; sys.exit(4)"])
+    assert str(e.value).startswith("demo: step failed (exit 4): ")
