@@ -188,6 +188,7 @@ class WorkFolder:
     its results.json, started from `empty` or the earlier run's, saved atomically with each step's seconds."""
 
     def __init__(self, args, record: str, ignore: tuple[str, ...], empty: dict, prog: str) -> None:
+        self.prog = prog
         self.out = os.path.abspath(args.output)
         if args.fresh and os.path.isdir(self.out):
             shutil.rmtree(self.out)
@@ -212,12 +213,30 @@ class WorkFolder:
         self.results["timing_s"][key] = round(time.time() - t0, 1)
         self.save()
 
+    def train(self, name: str, **kw) -> str:
+        """Run `train_cmd(**kw)` into out/train/<name> unless its export exists (timed as train_<name>);
+        returns the export folder."""
+        d = os.path.join(self.out, "train", name)
+        if not os.path.isfile(os.path.join(d, "export", "model", "config.json")):
+            t0 = time.time()
+            run(train_cmd(out_dir=d, **kw), self.env, self.prog)
+            self.timed(f"train_{name}", t0)
+        return os.path.join(d, "export")
 
-def build_data(args: Repro2Data, out: str, env: dict, timed, prog: str) -> tuple[str, str]:
+    def finish(self) -> None:
+        """The total of the step times, saved."""
+        self.results["timing_s"].pop("total", None)
+        self.results["timing_s"]["total"] = round(sum(self.results["timing_s"].values()), 1)
+        self.save()
+
+
+def build_data(args: Repro2Data, work: WorkFolder) -> tuple[str, str]:
     """The clip shards (the shard job's embedded corpus under the --synthetic-* settings of `args`) and the
-    instruction shards (the generated instruction set), in out/shards and out/sft; kept when they exist.
-    `timed(key, t0)` records each step's seconds. Returns (clips, sft)."""
+    instruction shards (the generated instruction set), in out/shards and out/sft; kept when they exist,
+    each step timed. Returns (clips, sft)."""
     from data import synthetic_instruct
+
+    out, env, timed, prog = work.out, work.env, work.timed, work.prog
 
     py = sys.executable
     # 1. clip shards: the shard job's embedded corpus under other --synthetic-* settings, rendered in `out`
@@ -249,16 +268,17 @@ def build_data(args: Repro2Data, out: str, env: dict, timed, prog: str) -> tuple
     return clips, sft
 
 
-def probe_splits(out: str, name: str, model: str, clips: str, lm_shards: list[str], prog: str, run_prefix: str,
+def probe_splits(work: WorkFolder, name: str, model: str, clips: str, lm_shards: list[str], run_prefix: str,
                  **kw) -> tuple[dict, dict]:
     """`launch/probe.py` of one model on val (chooses the layer; LM retention on `lm_shards` when given) and then
     on test at the layer val chose, into out/probe/<name>_<split>; a probe whose probe.json exists is kept.
+    Timed as probe_<name> only when a probe ran (a rerun that keeps both keeps their earlier time).
     `kw`: further ProbeArgs. Returns the two probe.json dicts."""
     from launch.probe_lib import ProbeArgs, ProbeError, run_probe
 
-    paths = {}
+    paths, t0, ran = {}, time.time(), False
     for split in ("val", "test"):
-        folder = os.path.join(out, "probe", f"{name}_{split}")
+        folder = os.path.join(work.out, "probe", f"{name}_{split}")
         paths[split] = os.path.join(folder, "probe.json")
         if os.path.isfile(paths[split]):
             continue
@@ -271,8 +291,27 @@ def probe_splits(out: str, name: str, model: str, clips: str, lm_shards: list[st
         try:
             run_probe(ProbeArgs(**args))
         except ProbeError as e:
-            raise SystemExit(f"{prog}: error: probe {name} ({split}): {e}") from None
+            raise SystemExit(f"{work.prog}: error: probe {name} ({split}): {e}") from None
+        ran = True
+    if ran:
+        work.timed(f"probe_{name}", t0)
     return json.load(open(paths["val"])), json.load(open(paths["test"]))
+
+
+def report_or_figure(args, report, figure) -> bool:
+    """--report FILE prints `report(results)`, --figure FOLDER draws `figure(FOLDER, FOLDER/three_panels.png)`;
+    True when one of them was asked (nothing else runs)."""
+    if args.report:
+        print(report(json.load(open(args.report))))
+    elif args.figure:
+        print(figure(args.figure, os.path.join(args.figure, "three_panels.png")))
+    return bool(args.report or args.figure)
+
+
+def wall_time_lines(results: dict) -> list[str]:
+    """The report's closing line: every step's seconds, as results.json recorded them."""
+    t = results.get("timing_s", {})
+    return ["\nWall time (s): " + ", ".join(f"{k} {v}" for k, v in t.items())] if t else []
 
 
 def train_cmd(*, ranks: int, run_name: str, out_dir: str, shards: list[str], steps: int, batch_size: int,
@@ -291,39 +330,26 @@ def train_cmd(*, ranks: int, run_name: str, out_dir: str, shards: list[str], ste
 def main(argv: list[str] | None = None) -> int:
     args = parse_into(Repro2Args, argv, "python -m launch.reproduce2",
                       "GASP reproduction v2: clips with real motion, look-alikes, joint training (synthetic).")
-    if args.report:
-        print(report(json.load(open(args.report))))
-        return 0
-    if args.figure:
-        print(figure(args.figure, os.path.join(args.figure, "three_panels.png")))
+    if report_or_figure(args, report, figure):
         return 0
     work = WorkFolder(args, "repro2_args.json", ("report", "figure", "runs", "experiment", "fresh"),
                       {"runs": {}, "timing_s": {}}, "python -m launch.reproduce2")
-    out, env, results, save, timed = work.out, work.env, work.results, work.save, work.timed
-    clips, sft = build_data(args, out, env, timed, "python -m launch.reproduce2")
+    results = work.results
+    clips, sft = build_data(args, work)
 
     def probe(name: str, model: str, heads: str | None, lm: bool) -> dict:
-        """Val probe (layer choice, LM retention) then test probe at the val layer; returns the test summary.
-        Timed only when a probe ran (a rerun that keeps both keeps their earlier time)."""
-        t0, done = time.time(), os.path.isfile(os.path.join(out, "probe", f"{name}_test", "probe.json"))
-        val, test = probe_splits(out, name, model, clips, [sft] if lm else [], "python -m launch.reproduce2",
-                                 max_pixels=args.max_pixels, run_prefix="repro2-probe",
-                                 experiment=args.experiment, **({"heads": heads} if heads else {}))
-        if not done:
-            timed(f"probe_{name}", t0)
+        """Val probe (layer choice, LM retention) then test probe at the val layer; returns the test summary."""
+        val, test = probe_splits(work, name, model, clips, [sft] if lm else [], "repro2-probe",
+                                 max_pixels=args.max_pixels, experiment=args.experiment,
+                                 **({"heads": heads} if heads else {}))
         return summarise_pair(val, test)
 
     def train(name: str, shards: list[str], steps: int, seed: int, extra: list[str], model: str | None) -> str:
-        d = os.path.join(out, "train", name)
-        if not os.path.isfile(os.path.join(d, "export", "model", "config.json")):
-            src = ["--model", model] if model else ["--preset", "tiny"]
-            t0 = time.time()
-            run(train_cmd(ranks=args.ranks, run_name=f"repro2-{name}", out_dir=d, shards=shards, steps=steps,
+        src = ["--model", model] if model else ["--preset", "tiny"]
+        return work.train(name, ranks=args.ranks, run_name=f"repro2-{name}", shards=shards, steps=steps,
                           batch_size=args.batch_size, lr=args.lr, seed=seed, experiment=args.experiment,
                           extra=["--max-pixels", str(args.max_pixels), "--trainable", "full", "--no-freeze-vision",
-                                 *src, *extra]), env, "python -m launch.reproduce2")
-            timed(f"train_{name}", t0)
-        return os.path.join(d, "export")
+                                 *src, *extra])
 
     # 3. the starting checkpoint: L_LM only
     start = train("start", [sft], args.start_steps, 0,
@@ -340,10 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps * (2 if spec["data"] == "mix" else 1)
         export = train(name, shards, steps, spec["seed"], extra, start_model)
         results["runs"][name] = probe(name, os.path.join(export, "model"), export, lm=name in LM_RUNS)
-        save()
-    results["timing_s"].pop("total", None)
-    results["timing_s"]["total"] = round(sum(results["timing_s"].values()), 1)
-    save()
+        work.save()
+    work.finish()
+    out = work.out
     missing = [name for _, name in FIGURE_RUNS if name != "start" and name not in results["runs"]]
     if missing:
         print(f"no three-panel figure: it draws untrained vs L_corr only vs full (seed 0), and --runs left out "
@@ -499,10 +524,7 @@ def report(results: dict) -> str:
                      f"{budget[0] * budget[1] * budget[2]} clip samples; joint {2 * budget[0]} steps (the same "
                      f"clips and as many conversations as sft-only's {budget[0] * budget[1] * budget[2]}); start "
                      f"{cfg.get('start_steps')} steps of L_LM.")
-    t = results.get("timing_s", {})
-    if t:
-        lines.append("\nWall time (s): " + ", ".join(f"{k} {v}" for k, v in t.items()))
-    return "\n".join(lines)
+    return "\n".join(lines + wall_time_lines(results))
 
 
 if __name__ == "__main__":

@@ -33,12 +33,12 @@ if __package__ in (None, ""):
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from data.cli import opt, parse_into
 from launch.demo import ROOT, run
 from launch.reproduce2 import (Repro2Data, WorkFolder, _f, _look, _rob, build_data, check_paths, probe_splits,
-                               summarise_pair, train_cmd)
+                               report_or_figure, summarise_pair, wall_time_lines)
 
 PROG = "python -m launch.reproduce2_pretrained"
 MODELS = {  # name -> (label, trained heads?)
@@ -97,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_into(PretrainedArgs, argv, PROG,
                       "GASP reproduction v2, pretrained part: the assembled DINOv2 + SmolLM2 VLM before and after "
                       "GASP joint training, on the tiny part's motion-rich clips.")
-    if args.report:
-        print(report(json.load(open(args.report))))
-        return 0
-    if args.figure:
-        print(figure(args.figure, os.path.join(args.figure, "three_panels.png")))
+    if report_or_figure(args, report, figure):
         return 0
     from model.pretrained import PretrainedError, require
 
@@ -112,24 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = WorkFolder(args, "repro2_pretrained_args.json", ("report", "figure", "experiment", "fresh"),
                       {"models": {}, "timing_s": {}}, PROG)
-    out, env, results, save, timed = work.out, work.env, work.results, work.save, work.timed
-    clips, sft = build_data(args, out, env, timed, PROG)
-    model = os.path.join(out, "model")
+    clips, sft = build_data(args, work)
+    model = os.path.join(work.out, "model")
     if not os.path.isfile(os.path.join(model, "config.json")):
         t0 = time.time()
         run([sys.executable, os.path.join(ROOT, "launch", "assemble.py"), "--out", model, "--image-size",
-             str(args.image_size), "--lm-layers", str(args.lm_layers), "--vision-layer", str(args.vision_layer)], env, PROG)
-        timed("assemble", t0)
+             str(args.image_size), "--lm-layers", str(args.lm_layers), "--vision-layer", str(args.vision_layer)],
+            work.env, PROG)
+        work.timed("assemble", t0)
 
     def train(name: str, shards: list[str], steps: int, lr: float, extra: list[str], src: str) -> str:
-        d = os.path.join(out, "train", name)
-        if not os.path.isfile(os.path.join(d, "export", "model", "config.json")):
-            t0 = time.time()
-            run(train_cmd(ranks=1, run_name=f"repro2-pretrained-{name}", out_dir=d, shards=shards, steps=steps,
+        return work.train(name, ranks=1, run_name=f"repro2-pretrained-{name}", shards=shards, steps=steps,
                           batch_size=args.batch_size, lr=lr, seed=0, experiment=args.experiment,
-                          extra=["--model", src, "--video-frames", str(args.video_frames), *extra]), env, PROG)
-            timed(f"train_{name}", t0)
-        return os.path.join(d, "export")
+                          extra=["--model", src, "--video-frames", str(args.video_frames), *extra])
 
     lm_only = ["--lambda-lm", "1", "--lambda-corr", "0", "--lambda-depth", "0"]
     warm = train("warmup", [sft], args.warmup_steps, args.warmup_lr, ["--trainable", "projector", *lm_only], model)
@@ -142,19 +133,14 @@ def main(argv: list[str] | None = None) -> int:
                   warm_model)
     exports["joint"] = (os.path.join(joint, "model"), joint)
     for name, (path, heads) in exports.items():
-        if name in results["models"]:
-            continue
-        t0 = time.time()
         kw = {"heads": heads} if heads else {"head": False}
-        val, test = probe_splits(out, name, path, clips, [sft], PROG, run_prefix="repro2-pretrained-probe",
+        val, test = probe_splits(work, name, path, clips, [sft], "repro2-pretrained-probe",
                                  experiment=args.experiment, video_frames=args.video_frames, **kw)
-        results["models"][name] = summarise_model(val, test)
-        timed(f"probe_{name}", t0)
-    results["timing_s"].pop("total", None)
-    results["timing_s"]["total"] = round(sum(results["timing_s"].values()), 1)
-    save()
-    print(figure(os.path.join(out, "probe"), os.path.join(out, "three_panels.png")))
-    print(report(results))
+        work.results["models"][name] = summarise_model(val, test)
+        work.save()
+    work.finish()
+    print(figure(os.path.join(work.out, "probe"), os.path.join(work.out, "three_panels.png")))
+    print(report(work.results))
     print(f"\nresults: {work.path}")
     return 0
 
@@ -256,10 +242,7 @@ def report(results: dict) -> str:
                      f"{cfg.get('warmup_lr')}); SFT only {cfg['steps']} steps x {b} conversations; joint "
                      f"{2 * cfg['steps']} steps, {cfg['steps'] * b} clips and {cfg['steps'] * b} conversations "
                      f"(lr {cfg.get('lr')}, LoRA on the LM plus the projector); one rank, ZeRO-3.")
-    t = results.get("timing_s", {})
-    if t:
-        lines.append("\nWall time (s): " + ", ".join(f"{k} {v}" for k, v in t.items()))
-    return "\n".join(lines)
+    return "\n".join(lines + wall_time_lines(results))
 
 
 if __name__ == "__main__":
