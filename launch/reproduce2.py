@@ -298,11 +298,21 @@ def probe_splits(work: WorkFolder, name: str, model: str, clips: str, lm_shards:
     return json.load(open(paths["val"])), json.load(open(paths["test"]))
 
 
-def report_or_figure(args, report, figure) -> bool:
+def report_or_figure(args, report, figure, key: str, prog: str) -> bool:
     """--report FILE prints `report(results)`, --figure FOLDER draws `figure(FOLDER, FOLDER/three_panels.png)`;
-    True when one of them was asked (nothing else runs)."""
+    True when one of them was asked (nothing else runs). A --report file that is not a results.json of this
+    command (no `key`) ends in one line."""
     if args.report:
-        print(report(json.load(open(args.report))))
+        try:
+            results = json.load(open(args.report))
+            bad = None if isinstance(results, dict) and key in results else f"not a results.json of {prog} (no " \
+                f"'{key}'); pass the results.json its run wrote"
+        except (OSError, ValueError) as e:
+            bad = f"not readable as JSON ({e})"
+        if bad:
+            print(f"{prog}: error: --report {args.report}: {bad}", file=sys.stderr)
+            raise SystemExit(2)
+        print(report(results))
     elif args.figure:
         print(figure(args.figure, os.path.join(args.figure, "three_panels.png")))
     return bool(args.report or args.figure)
@@ -330,7 +340,7 @@ def train_cmd(*, ranks: int, run_name: str, out_dir: str, shards: list[str], ste
 def main(argv: list[str] | None = None) -> int:
     args = parse_into(Repro2Args, argv, "python -m launch.reproduce2",
                       "GASP reproduction v2: clips with real motion, look-alikes, joint training (synthetic).")
-    if report_or_figure(args, report, figure):
+    if report_or_figure(args, report, figure, "untrained", "python -m launch.reproduce2"):
         return 0
     work = WorkFolder(args, "repro2_args.json", ("report", "figure", "runs", "experiment", "fresh"),
                       {"runs": {}, "timing_s": {}}, "python -m launch.reproduce2")

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_into(PretrainedArgs, argv, PROG,
                       "GASP reproduction v2, pretrained part: the assembled DINOv2 + SmolLM2 VLM before and after "
                       "GASP joint training, on the tiny part's motion-rich clips.")
-    if report_or_figure(args, report, figure):
+    if report_or_figure(args, report, figure, "models", PROG):
         return 0
     from model.pretrained import PretrainedError, require
 

@@ -196,3 +196,12 @@ def test_a_failed_step_names_the_command_the_user_ran():
     with pytest.raises(SystemExit) as e:
         run([sys.executable, "-c", "import sys; sys.exit(4)"])
     assert str(e.value).startswith("demo: step failed (exit 4): ")
+
+
+@pytest.mark.parametrize("module,other", [("launch.reproduce2", V2P), ("launch.reproduce2_pretrained", V2)])
+def test_report_of_the_other_parts_results_fails_in_one_line(module, other):
+    out = subprocess.run([sys.executable, "-m", module, "--report", os.path.join(other, "results.json")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert f"python -m {module}: error: --report" in out.stderr and "not a results.json" in out.stderr
+    assert "Traceback" not in out.stderr
