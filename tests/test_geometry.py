@@ -183,6 +183,27 @@ def test_fast_homography_alignment_agrees_with_the_numpy_reference():
     assert inner.max() <= 1, inner.max()
 
 
+def test_affine_alignment_is_byte_identical_to_the_perspective_warp():
+    """Two pinhole K's make the colour -> depth map affine, so the alignment uses PIL's affine warp: the
+    same bytes as the perspective warp it replaces (ScanNet's 1296x968 colour onto 640x480 depth), also
+    with a skewed K."""
+    from PIL import Image as PILImage
+
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 255, (968, 1296, 3), dtype=np.uint8)
+    K_d = np.array([[577.6, 0, 318.9], [0, 577.6, 238.5], [0, 0, 1]])
+    for skew in (0.0, 1.7):
+        K_c = np.array([[1170.2, skew, 647.8], [0, 1170.2, 483.8], [0, 0, 1]])
+        got = g.align_color_to_depth(rgb, K_c, K_d, (640, 480))
+        S = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+        M = S @ K_c @ np.linalg.inv(K_d) @ np.linalg.inv(S)
+        M = M / M[2, 2]
+        assert M[2, 0] == 0.0 and M[2, 1] == 0.0
+        want = np.asarray(PILImage.fromarray(rgb).transform((640, 480), PILImage.Transform.PERSPECTIVE,
+                                                            tuple(M.ravel()[:8]), PILImage.Resampling.BILINEAR))
+        assert got.shape == (480, 640, 3) and np.array_equal(got, want), skew
+
+
 def test_distortion_model_and_fold_back_radius():
     # OpenCV's radial-tangential model written out term by term
     k1, k2, k3, k4, p1, p2 = -0.12, 0.02, 0.003, -0.001, 0.001, -0.0015
