@@ -126,11 +126,14 @@ def sample_bilinear(img: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.nda
     u1 = np.minimum(u0 + 1, W - 1)
     v1 = np.minimum(v0 + 1, H - 1)
     du, dv = uc - u0, vc - v0
-    im = img.astype(np.float64)
-    if im.ndim == 3:
+    if img.ndim == 3:
         du, dv = du[:, None], dv[:, None]
-    top = im[v0, u0] * (1 - du) + im[v0, u1] * du
-    bot = im[v1, u0] * (1 - du) + im[v1, u1] * du
+
+    def at(vi: np.ndarray, ui: np.ndarray) -> np.ndarray:  # the 4 neighbours only, not the image, to float64
+        return img[vi, ui].astype(np.float64)
+
+    top = at(v0, u0) * (1 - du) + at(v0, u1) * du
+    bot = at(v1, u0) * (1 - du) + at(v1, u1) * du
     out = top * (1 - dv) + bot * dv
     out[~inside] = 0
     return out, inside
