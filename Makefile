@@ -26,21 +26,22 @@ pretrained: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m launch.demo $(DEMO_ARGS)
 
-# The whole test suite (what .ci/run runs), in two sessions: the in-process tests one at a time, then the
-# `slow` end-to-end ones (each runs DeepSpeed launchers, Ray clusters or servers in processes of their own,
-# and leaves the cores idle part of the time) TEST_WORKERS at a time, a file to a worker (pytest-xdist). The in-process tests
-# stay in one process: one of them forks DataLoader workers, and a worker forked from an xdist worker
-# process died once (SIGSEGV) where the plain process never has. Both sessions always run; the target
-# fails if either did.
+# The whole test suite (what .ci/run runs), in two sessions: the in-process tests one at a time, then
+# the `slow` end-to-end ones (each runs DeepSpeed launchers, Ray clusters or servers in processes of
+# their own, and leaves the cores idle part of the time) TEST_WORKERS at a time, a file to a worker
+# (pytest-xdist). The in-process tests stay in one process: one of them forks DataLoader workers, and
+# a worker forked from an xdist worker process died once (SIGSEGV) where the plain process never has.
+# Both sessions always run; the target fails if either did.
 TEST_WORKERS ?= 2
+FAST_TESTS := $(BIN)/python -m pytest -q -m "not slow"
 test: $(STAMP)
 	rc=0; \
-	$(BIN)/python -m pytest -q -m "not slow" || rc=$$?; \
+	$(FAST_TESTS) || rc=$$?; \
 	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile || rc=$$?; \
 	exit $$rc
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(FAST_TESTS)
 
 # Speed tables (run by hand; not part of the tests).
 bench: $(STAMP)

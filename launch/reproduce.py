@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from data.cli import opt, parse_into
 from launch.demo import ROOT, SYNTHETIC_STEP, _free_port, check_run_sizes, claim_folder, run
 
+PROG = "python -m launch.reproduce"
 RUNS = {"main-s0": dict(seed=0), "main-s1": dict(seed=1), "main-s2": dict(seed=2),
         "no-depth": dict(seed=0, lambda_depth=0.0), "last-layer": dict(seed=0, head_layers="last")}
 
@@ -94,7 +95,7 @@ def summarise(res: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_into(ReproArgs, argv, "python -m launch.reproduce", "GASP diagnostic reproduction (synthetic).")
+    args = parse_into(ReproArgs, argv, PROG, "GASP diagnostic reproduction (synthetic).")
     if args.report:
         print(report(json.load(open(args.report))))
         return 0
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in asdict(args).items() if k not in ("report", "runs", "experiment", "fresh")}
     refused = claim_folder(os.path.join(out, "repro_args.json"), settings)
     if refused:
-        print(f"python -m launch.reproduce: error: {out} holds results of other settings ({refused}); pass --fresh "
+        print(f"{PROG}: error: {out} holds results of other settings ({refused}); pass --fresh "
               f"to start over there, or --output another folder", file=sys.stderr)
         return 2
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
@@ -124,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[repro] corpus {i + 1}/{args.scenes} scenes ({time.time() - t_start:.0f}s)", flush=True)
     run([py, os.path.join(ROOT, "pipeline", "shard.py"), "--input", corpus, "--format", "synthetic", "--output",
          shards, "--clip-frames", str(args.clip_frames), "--clip-window", str(args.clip_window), "--clips-per-scene",
-         str(args.clips_per_scene), "--val-fraction", "0.25", "--samples-per-shard", "16", "--quiet"], env,
-        "python -m launch.reproduce")
+         str(args.clips_per_scene), "--val-fraction", "0.25", "--samples-per-shard", "16", "--quiet"], env, PROG)
     common = dict(shards=[shards], max_pixels=args.max_pixels, experiment=args.experiment, batch_size=4)
     results: dict = {"config": asdict(args), "runs": {}, "timing_s": {}}
     res_path = os.path.join(out, "results.json")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run_probe(ProbeArgs(run_name=f"repro-probe-{name}", output=os.path.dirname(path), **common, **kw))
         except ProbeError as e:
-            raise SystemExit(f"python -m launch.reproduce: error: probe {name}: {e}") from None
+            raise SystemExit(f"{PROG}: error: probe {name}: {e}") from None
 
     t0 = time.time()
     results["before"] = summarise(probe("before", preset="tiny"))
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--head-layers", spec["head_layers"]]
         t0 = time.time()
         if not os.path.isdir(os.path.join(train_dir, "export", "model")):
-            run(cmd, env, "python -m launch.reproduce")
+            run(cmd, env, PROG)
             results["timing_s"][f"train_{name}"] = round(time.time() - t0, 1)
         export = os.path.join(train_dir, "export")
         t0 = time.time()

@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass
 from data.cli import opt, parse_into
 from launch.demo import ROOT, _free_port, check_run_sizes, claim_folder, run
 
+PROG = "python -m launch.reproduce2"
 GEOMETRY = ("corr-only", "full-s0", "full-s1", "full-s2", "last-layer", "linear")
 RUNS = {
     "corr-only": dict(seed=0, lambda_depth=0.0, lambda_lm=0.0, data="clips"),
@@ -304,7 +305,8 @@ def report_or_figure(args, report, figure, key: str, prog: str) -> bool:
     command (no `key`) ends in one line."""
     if args.report:
         try:
-            results = json.load(open(args.report))
+            with open(args.report) as f:
+                results = json.load(f)
             bad = None if isinstance(results, dict) and key in results else f"not a results.json of {prog} (no " \
                 f"'{key}'); pass the results.json its run wrote"
         except (OSError, ValueError) as e:
@@ -338,12 +340,12 @@ def train_cmd(*, ranks: int, run_name: str, out_dir: str, shards: list[str], ste
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_into(Repro2Args, argv, "python -m launch.reproduce2",
+    args = parse_into(Repro2Args, argv, PROG,
                       "GASP reproduction v2: clips with real motion, look-alikes, joint training (synthetic).")
-    if report_or_figure(args, report, figure, "untrained", "python -m launch.reproduce2"):
+    if report_or_figure(args, report, figure, "untrained", PROG):
         return 0
     work = WorkFolder(args, "repro2_args.json", ("report", "figure", "runs", "experiment", "fresh"),
-                      {"runs": {}, "timing_s": {}}, "python -m launch.reproduce2")
+                      {"runs": {}, "timing_s": {}}, PROG)
     results = work.results
     clips, sft = build_data(args, work)
 
@@ -401,7 +403,7 @@ def _probe_file(folder: str, name: str) -> str:
     for p in (os.path.join(folder, f"{name}_test", "probe.json"), os.path.join(folder, f"probe-{name}-test.json")):
         if os.path.isfile(p):
             return p
-    raise SystemExit(f"python -m launch.reproduce2: error: no test probe of run {name} in {folder}")
+    raise SystemExit(f"{PROG}: error: no test probe of run {name} in {folder}")
 
 
 def figure(folder: str, path: str) -> str:
