@@ -96,16 +96,28 @@ def sample_nearest(img: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndar
     """Value of the pixel containing each point.
 
     img (H, W) or (H, W, C), uv (N, 2) -> values (N,) or (N, C), inside (N,) bool.
-    Points outside the image get 0.
+    Points outside the image (or not finite) get 0.
     """
     H, W = img.shape[:2]
-    finite = np.isfinite(uv).all(axis=1)
-    uvf = np.where(finite[:, None], uv, -1e9)
-    ui, vi = pixel_index(uvf[:, 0]), pixel_index(uvf[:, 1])
-    inside = finite & (ui >= 0) & (ui < W) & (vi >= 0) & (vi < H)
-    out = np.zeros((len(uv),) + img.shape[2:], dtype=img.dtype)
-    out[inside] = img[vi[inside], ui[inside]]
-    return out, inside
+    uv = np.asarray(uv, dtype=np.float64)
+    fu = np.floor(uv[:, 0] + 0.5)  # pixel_index, kept in float: nan and +-inf fail every comparison below
+    fv = np.floor(uv[:, 1] + 0.5)
+    with np.errstate(invalid="ignore"):
+        inside = (fu >= 0) & (fu < W) & (fv >= 0) & (fv < H)
+        flat = np.where(inside, fv * W + fu, 0.0).astype(np.intp)
+    return _gather(img, flat, inside), inside
+
+
+def _gather(img: np.ndarray, flat: np.ndarray, inside: np.ndarray | None = None) -> np.ndarray:
+    """img's pixels at flat indices v * W + u: (N,) or (N, C); rows not `inside` set to 0."""
+    H, W = img.shape[:2]
+    if img.flags.c_contiguous:  # one take from the flat view, not a 2-D fancy index
+        out = img.reshape((H * W,) + img.shape[2:]).take(flat, axis=0)
+    else:
+        out = img[flat // W, flat % W]
+    if inside is not None and not inside.all():
+        out[~inside] = 0
+    return out
 
 
 def sample_bilinear(img: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,31 +127,31 @@ def sample_bilinear(img: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.nda
     (inside: the point lies within [-0.5, W-0.5) x [-0.5, H-0.5); edges clamp).
     """
     H, W = img.shape[:2]
+    uv = np.asarray(uv, dtype=np.float64)
     finite = np.isfinite(uv).all(axis=1)
     u = np.where(finite, uv[:, 0], -10.0)
     v = np.where(finite, uv[:, 1], -10.0)
     inside = finite & (u >= -0.5) & (u < W - 0.5) & (v >= -0.5) & (v < H - 0.5)
-    uc = np.clip(u, 0, W - 1)
-    vc = np.clip(v, 0, H - 1)
-    u0 = np.clip(np.floor(uc).astype(np.int64), 0, max(W - 2, 0))
-    v0 = np.clip(np.floor(vc).astype(np.int64), 0, max(H - 2, 0))
+    uc = np.minimum(np.maximum(u, 0), W - 1)
+    vc = np.minimum(np.maximum(v, 0), H - 1)
+    u0 = np.minimum(np.floor(uc).astype(np.intp), max(W - 2, 0))  # uc >= 0: floor >= 0
+    v0 = np.minimum(np.floor(vc).astype(np.intp), max(H - 2, 0))
     u1 = np.minimum(u0 + 1, W - 1)
     v1 = np.minimum(v0 + 1, H - 1)
     du, dv = uc - u0, vc - v0
     if img.ndim == 3:
         du, dv = du[:, None], dv[:, None]
+    r0, r1 = v0 * W, v1 * W
 
-    def at(vi: np.ndarray, ui: np.ndarray) -> np.ndarray:  # the 4 neighbours only, not the image, to float64
-        return img[vi, ui].astype(np.float64)
+    def at(flat: np.ndarray) -> np.ndarray:  # the 4 neighbours only, not the image, to float64
+        return _gather(img, flat).astype(np.float64)
 
-    top = at(v0, u0) * (1 - du) + at(v0, u1) * du
-    bot = at(v1, u0) * (1 - du) + at(v1, u1) * du
+    top = at(r0 + u0) * (1 - du) + at(r0 + u1) * du
+    bot = at(r1 + u0) * (1 - du) + at(r1 + u1) * du
     out = top * (1 - dv) + bot * dv
     out[~inside] = 0
     return out, inside
 
-
-# ---------------------------------------------------------------------- visibility
 
 def visibility_tolerance(metric_depth: bool, median_depth: float | None = None,
                          abs_tol: float = DEFAULT_ABS_TOL) -> float:

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,18 +123,28 @@ def grid_points(size: tuple[int, int], stride: int, rng: np.random.Generator | N
 
     With rng, each cell's pixel is drawn uniformly inside the cell; else the cell centre.
     """
-    W, H = size
+    return np.stack(_grid_pixels(size, stride, rng), axis=-1).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=16)
+def _grid_cells(W: int, H: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-left pixel (x, y) of every stride x stride cell, row-major (read-only, shared)."""
     gy, gx = np.mgrid[0:H:stride, 0:W:stride]
     gx, gy = gx.ravel(), gy.ravel()
+    gx.flags.writeable = gy.flags.writeable = False
+    return gx, gy
+
+
+def _grid_pixels(size: tuple[int, int], stride: int, rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """grid_points as two int64 arrays (u, v); the same draws from rng."""
+    W, H = size
+    gx, gy = _grid_cells(int(W), int(H), int(stride))
     if rng is None:
-        ox = np.full(gx.shape, stride // 2)
-        oy = np.full(gy.shape, stride // 2)
+        ox = oy = stride // 2
     else:
         ox = rng.integers(0, stride, size=gx.shape)
         oy = rng.integers(0, stride, size=gy.shape)
-    u = np.minimum(gx + ox, W - 1)
-    v = np.minimum(gy + oy, H - 1)
-    return np.stack([u, v], axis=-1).astype(np.float64)
+    return np.minimum(gx + ox, W - 1), np.minimum(gy + oy, H - 1)
 
 
 def _overlap(a: ScanView, b: ScanView, stride: int, abs_tol: float, rel_tol: float) -> float:
@@ -231,17 +242,19 @@ def correspondences(depth_a: np.ndarray, K_a: np.ndarray, cam2world_a: np.ndarra
     visibility test in B. At most max_corr rows (a seeded random subset, in grid order).
     """
     H, W = depth_a.shape
-    uv_a = grid_points((W, H), stride, rng)
-    z_a = depth_a[uv_a[:, 1].astype(np.int64), uv_a[:, 0].astype(np.int64)].astype(np.float64)
-    keep = z_a > 0
-    uv_a, z_a = uv_a[keep], z_a[keep]
-    uv_b, z_b = geometry.reproject(uv_a, z_a, K_a, cam2world_a, K_b, cam2world_b)
-    vis = geometry.visible_in(uv_b, z_b, depth_b, abs_tol, rel_tol)
-    uv_a, uv_b = uv_a[vis], uv_b[vis]
-    if len(uv_a) > max_corr:
-        pick = np.sort(rng.choice(len(uv_a), size=max_corr, replace=False))
-        uv_a, uv_b = uv_a[pick], uv_b[pick]
-    return np.concatenate([uv_a, uv_b], axis=1).astype(np.float32)
+    u, v = _grid_pixels((W, H), stride, rng)
+    flat = v * W + u
+    z_a = (depth_a.reshape(-1).take(flat) if depth_a.flags.c_contiguous else depth_a[v, u]).astype(np.float64)
+    keep = np.flatnonzero(z_a > 0)  # index arrays and take: boolean masks of (N, 2) rows cost more
+    uv_a = np.stack([u.take(keep), v.take(keep)], axis=-1).astype(np.float64)
+    uv_b, z_b = geometry.reproject(uv_a, z_a.take(keep), K_a, cam2world_a, K_b, cam2world_b)
+    vis = np.flatnonzero(geometry.visible_in(uv_b, z_b, depth_b, abs_tol, rel_tol))
+    if len(vis) > max_corr:
+        vis = vis.take(np.sort(rng.choice(len(vis), size=max_corr, replace=False)))
+    out = np.empty((len(vis), 4), dtype=np.float32)
+    out[:, :2] = uv_a.take(vis, axis=0)
+    out[:, 2:] = uv_b.take(vis, axis=0)
+    return out
 
 
 def photo_check(rgb_a: np.ndarray, rgb_b: np.ndarray, corr: np.ndarray,
