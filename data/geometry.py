@@ -146,8 +146,9 @@ def sample_bilinear(img: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.nda
     def at(flat: np.ndarray) -> np.ndarray:  # the 4 neighbours only, not the image, to float64
         return _gather(img, flat).astype(np.float64)
 
-    top = at(r0 + u0) * (1 - du) + at(r0 + u1) * du
-    bot = at(r1 + u0) * (1 - du) + at(r1 + u1) * du
+    wu = 1 - du
+    top = at(r0 + u0) * wu + at(r0 + u1) * du
+    bot = at(r1 + u0) * wu + at(r1 + u1) * du
     out = top * (1 - dv) + bot * dv
     out[~inside] = 0
     return out, inside

@@ -269,9 +269,10 @@ def photo_check(rgb_a: np.ndarray, rgb_b: np.ndarray, corr: np.ndarray,
         return float("nan"), float("nan")
     ca, _ = geometry.sample_nearest(rgb_a, corr[:, :2].astype(np.float64))
     cb, _ = geometry.sample_bilinear(rgb_b, corr[:, 2:].astype(np.float64))
-    err = np.abs(ca.astype(np.float64) - cb).mean()
+    ca = ca.astype(np.float64)
+    err = np.abs(ca - cb).mean()
     perm = rng.permutation(len(corr))
-    err_sh = np.abs(ca.astype(np.float64) - cb[perm]).mean()
+    err_sh = np.abs(ca - cb[perm]).mean()
     return float(err), float(err_sh)
 
 
