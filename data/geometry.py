@@ -356,12 +356,12 @@ def color_to_depth_homography(K_color: np.ndarray, K_depth: np.ndarray) -> np.nd
     return K_depth @ np.linalg.inv(K_color)
 
 
-def align_color_to_depth(rgb: np.ndarray, K_color: np.ndarray, K_depth: np.ndarray,
+def align_color_to_depth(rgb, K_color: np.ndarray, K_depth: np.ndarray,
                          depth_size: tuple[int, int], depth: np.ndarray | None = None,
                          depth_to_color: np.ndarray | None = None) -> np.ndarray:
     """Resample a colour image onto the depth camera's pixel grid.
 
-    rgb (Hc, Wc, 3) uint8 -> (Hd, Wd, 3) uint8, sharing K_depth with the depth map.
+    rgb (Hc, Wc, 3) uint8, or an RGB PIL image -> (Hd, Wd, 3) uint8, sharing K_depth with the depth map.
     With no `depth_to_color` (4x4, depth-camera points to colour-camera points), the
     cameras share a centre and the homography inv(H) = K_c inv(K_d) gives the colour
     pixel of each depth pixel. With differing extrinsics, pixels that have depth go
@@ -370,10 +370,10 @@ def align_color_to_depth(rgb: np.ndarray, K_color: np.ndarray, K_depth: np.ndarr
     """
     if depth_to_color is None:
         return _align_homography_pil(rgb, K_color, K_depth, depth_size)
-    return align_color_to_depth_reference(rgb, K_color, K_depth, depth_size, depth, depth_to_color)
+    return align_color_to_depth_reference(np.asarray(rgb), K_color, K_depth, depth_size, depth, depth_to_color)
 
 
-def _align_homography_pil(rgb: np.ndarray, K_color: np.ndarray, K_depth: np.ndarray,
+def _align_homography_pil(rgb, K_color: np.ndarray, K_depth: np.ndarray,
                           depth_size: tuple[int, int]) -> np.ndarray:
     """Shared-centre alignment as one PIL perspective warp (bilinear, in C; ~6x the numpy path).
 
@@ -387,7 +387,10 @@ def _align_homography_pil(rgb: np.ndarray, K_color: np.ndarray, K_depth: np.ndar
     S = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])  # ours -> PIL's coordinates
     M = S @ Hinv @ np.linalg.inv(S)
     M = M / M[2, 2]
-    img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    if isinstance(rgb, Image.Image):  # already decoded by PIL (the ScanNet reader): warped as it is, no copies
+        img = rgb if rgb.mode == "RGB" else rgb.convert("RGB")
+    else:
+        img = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
     # Two pinhole K's give an affine map (last row [0, 0, 1]): PIL's affine warp samples the same points
     # as its perspective one (which divides by 1 there), the same bytes, ~20% faster.
     affine = M[2, 0] == 0.0 and M[2, 1] == 0.0

@@ -255,6 +255,8 @@ def test_affine_alignment_is_byte_identical_to_the_perspective_warp():
         want = np.asarray(PILImage.fromarray(rgb).transform((640, 480), PILImage.Transform.PERSPECTIVE,
                                                             tuple(M.ravel()[:8]), PILImage.Resampling.BILINEAR))
         assert got.shape == (480, 640, 3) and np.array_equal(got, want), skew
+        # the ScanNet reader hands over the decoder's PIL image, not an array: the same bytes
+        assert np.array_equal(g.align_color_to_depth(PILImage.fromarray(rgb), K_c, K_d, (640, 480)), want), skew
 
 
 def test_distortion_model_and_fold_back_radius():

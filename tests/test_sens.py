@@ -249,7 +249,8 @@ def test_wrong_version_and_unsupported_codecs_are_one_line(sens_scene):
 
 
 def test_raw_codecs_read_the_same_images(tmp_path):
-    """Colour codec 0 (raw RGB) and depth codec 0 (raw uint16), which the layout allows too."""
+    """Colour codec 0 (raw RGB) and depth codec 0 (raw uint16), which the layout allows too. (The JPEG colour
+    is warped from the decoder's PIL image, the raw one from its array: the same bytes.)"""
     truth = cw.write_scannet_sens_scene(tmp_path / "a", "scene0003_00", seed=8, n_frames=3)
     ref = ScanNetScene(str(tmp_path / "a" / "scene0003_00"))
     frames = []

@@ -70,9 +70,15 @@ def fit_view(rgb: np.ndarray, depth: np.ndarray, K: np.ndarray,
 
 def decode_rgb(data: bytes) -> np.ndarray:
     """JPEG/PNG bytes -> uint8 (H, W, 3). Raises OSError/ValueError on a broken image."""
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # forces a full decode: a truncated JPEG fails here
-        return np.asarray(im.convert("RGB"))
+    return np.asarray(decode_rgb_image(data))
+
+
+def decode_rgb_image(data: bytes) -> Image.Image:
+    """JPEG/PNG bytes -> the decoded RGB PIL image (no copy into an array: a PIL warp can take it as it
+    is). Raises what `decode_rgb` raises."""
+    im = Image.open(io.BytesIO(data))
+    im.load()  # forces a full decode: a truncated JPEG fails here
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def checked_image_size(data: bytes) -> tuple[int, int]:

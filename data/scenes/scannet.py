@@ -69,8 +69,8 @@ import numpy as np
 from PIL import Image
 
 from data import geometry
-from data.scenes.base import (Frame, FrameError, Scene, SceneError, decode_depth, decode_rgb, open_fs,
-                              read_bytes, url_join)
+from data.scenes.base import (Frame, FrameError, Scene, SceneError, decode_depth, decode_rgb, decode_rgb_image,
+                              open_fs, read_bytes, url_join)
 from data.scenes.ranges import RangeFile
 
 LAYOUT_HINT = ("expected SCENE/SCENE.sens or SensReader exports: SCENE/color/i.jpg, depth/i.png, pose/i.txt, "
@@ -411,7 +411,11 @@ class ScanNetScene(Scene):
 
     def _read_rgb(self, frame: Frame) -> np.ndarray:
         """Colour resampled onto the depth grid: uint8 (Hd, Wd, 3), sharing K_depth."""
-        rgb = self._decode_color(self._color_bytes(frame))
+        data = self._color_bytes(frame)
+        if self.depth_to_color is None and not (self.sens is not None and self.sens.color_codec == "raw"):
+            rgb = decode_rgb_image(data)  # one PIL warp from the decoder's image: no array of the full frame
+        else:
+            rgb = self._decode_color(data)
         depth = None
         if self.depth_to_color is not None:  # alignment through depth needs it first
             try:

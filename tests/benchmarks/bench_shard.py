@@ -13,7 +13,8 @@ and K (K - 1) / 2 supervised pairs.
 
 Table, seconds per clip (CPU time of this thread, so other load on the machine does not
 inflate it; best of --repeat passes, in this process, no Ray; BLAS/OpenMP pinned to 1 thread):
-  read+decode   read colour JPEG + depth PNG bytes, decode both (x K frames)
+  read+decode   read colour JPEG + depth PNG bytes, decode both (x K frames): the JPEG into the
+                decoder's PIL image (what the ScanNet reader warps), the PNG into an array
   align+resize  colour onto the depth grid (data.geometry.align_color_to_depth), fit to --max-side (x K)
   corr          quantise depth as stored (x K), correspondences of every pair i < j (data.pairs.correspondences)
   self-check    photo_err / photo_err_shuffled of every pair (data.pairs.photo_check)
@@ -68,7 +69,8 @@ def align_color_to_depth_pil(rgb, K_color, K_depth, depth_size, depth=None, dept
     S = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])  # ours -> PIL's coordinates
     M = S @ Hinv @ np.linalg.inv(S)
     M = M / M[2, 2]
-    return np.asarray(Image.fromarray(rgb).transform(tuple(depth_size), Image.Transform.PERSPECTIVE,
+    img = rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb)
+    return np.asarray(img.transform(tuple(depth_size), Image.Transform.PERSPECTIVE,
                                                      tuple(M.ravel()[:8]), Image.Resampling.BILINEAR))
 
 
@@ -138,7 +140,7 @@ def stage_times(items: list[dict], cfg, repeat: int) -> dict[str, float]:
 
     from data import geometry, pairs, shardformat
     from data.scenes import open_scene
-    from data.scenes.base import decode_depth, decode_rgb, read_bytes, url_join
+    from data.scenes.base import decode_depth, decode_rgb_image, read_bytes, url_join
     from pipeline import stages
 
     scenes = {}
@@ -157,7 +159,7 @@ def stage_times(items: list[dict], cfg, repeat: int) -> dict[str, float]:
                 for idx in it["indices"]:
                     fr = frames[idx]
                     t0 = clock()
-                    rgb = decode_rgb(read_bytes(url_join(sc.url, fr.extra["rgb"])))
+                    rgb = decode_rgb_image(read_bytes(url_join(sc.url, fr.extra["rgb"])))  # as the reader
                     depth = decode_depth(read_bytes(url_join(sc.url, fr.extra["depth"])), fr.extra["depth"],
                                          sc.depth_scale)
                     t1 = clock()
