@@ -154,6 +154,8 @@ def sample_bilinear(img: np.ndarray, uv: np.ndarray) -> tuple[np.ndarray, np.nda
     return out, inside
 
 
+# ---------------------------------------------------------------------- visibility
+
 def visibility_tolerance(metric_depth: bool, median_depth: float | None = None,
                          abs_tol: float = DEFAULT_ABS_TOL) -> float:
     """Absolute depth tolerance of the visibility test (DESIGN §4, §3).

@@ -69,7 +69,7 @@ import numpy as np
 from PIL import Image
 
 from data import geometry
-from data.scenes.base import (Frame, FrameError, Scene, SceneError, decode_depth, decode_rgb, decode_rgb_image,
+from data.scenes.base import (Frame, FrameError, Scene, SceneError, decode_depth, decode_rgb_image,
                               open_fs, read_bytes, url_join)
 from data.scenes.ranges import RangeFile
 
@@ -365,13 +365,15 @@ class ScanNetScene(Scene):
             return self._sens_bytes(frame)[0]
         return read_bytes(url_join(self.url, frame.extra["rgb"]))
 
-    def _decode_color(self, data: bytes) -> np.ndarray:
+    def _decode_color(self, data: bytes) -> np.ndarray | Image.Image:
+        """Raw colour as an array; JPEG as the decoder's PIL image, which the alignment warps as it is
+        (no array of the full frame)."""
         if self.sens is not None and self.sens.color_codec == "raw":
             W, H = self.sens.color_size
             if len(data) != W * H * 3:
                 raise ValueError(f"raw colour holds {len(data)} bytes, expected {W}x{H}x3")
             return np.frombuffer(data, dtype=np.uint8).reshape(H, W, 3)
-        return decode_rgb(data)
+        return decode_rgb_image(data)
 
     def _sens_depth(self, frame: Frame) -> np.ndarray:
         data = self._sens_bytes(frame)[1]
@@ -411,11 +413,7 @@ class ScanNetScene(Scene):
 
     def _read_rgb(self, frame: Frame) -> np.ndarray:
         """Colour resampled onto the depth grid: uint8 (Hd, Wd, 3), sharing K_depth."""
-        data = self._color_bytes(frame)
-        if self.depth_to_color is None and not (self.sens is not None and self.sens.color_codec == "raw"):
-            rgb = decode_rgb_image(data)  # one PIL warp from the decoder's image: no array of the full frame
-        else:
-            rgb = self._decode_color(data)
+        rgb = self._decode_color(self._color_bytes(frame))
         depth = None
         if self.depth_to_color is not None:  # alignment through depth needs it first
             try:

@@ -71,7 +71,7 @@ def align_color_to_depth_pil(rgb, K_color, K_depth, depth_size, depth=None, dept
     M = M / M[2, 2]
     img = rgb if isinstance(rgb, Image.Image) else Image.fromarray(rgb)
     return np.asarray(img.transform(tuple(depth_size), Image.Transform.PERSPECTIVE,
-                                                     tuple(M.ravel()[:8]), Image.Resampling.BILINEAR))
+                                    tuple(M.ravel()[:8]), Image.Resampling.BILINEAR))
 
 
 _ORIGINAL_ALIGN = None
